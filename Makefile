@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (see README):
+#   make demo  - create .venv, install the project with its experiment extras, run the main experiment
+#   make test  - create .venv, install .[dev,experiments], run ruff, ruff format, mypy and pytest
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.experiments: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[experiments]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,experiments]'
+	touch $@ $(VENV)/.experiments
+
+demo: $(VENV)/.experiments
+	$(BIN)/python -m experiments.demo
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy ema_jax
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,49 @@
+"""ema_jax: exponential moving averages of JAX/Flax model weights.
+
+tx = ema_jax.ema(0.999)                      # optax-style init / update
+state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-3), ema=tx)
+state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
+state.ema_params                             # the weights to evaluate and deploy
+"""
+
+from ema_jax import schedules
+from ema_jax.steps import (
+    evaluate_dataset,
+    make_eval_step,
+    make_paired_eval_step,
+    make_train_step,
+    train_with_ema,
+)
+from ema_jax.train_state import EmaTrainState
+from ema_jax.transform import Decay, EmaState, ema, num_averages, shadow
+from ema_jax.window import (
+    decay_for_window,
+    effective_window,
+    gamma_to_sigma_rel,
+    half_life,
+    scale_decay,
+    sigma_rel_to_gamma,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decay",
+    "EmaState",
+    "EmaTrainState",
+    "decay_for_window",
+    "effective_window",
+    "ema",
+    "evaluate_dataset",
+    "gamma_to_sigma_rel",
+    "half_life",
+    "make_eval_step",
+    "make_paired_eval_step",
+    "make_train_step",
+    "num_averages",
+    "scale_decay",
+    "schedules",
+    "shadow",
+    "sigma_rel_to_gamma",
+    "train_with_ema",
+]

@@ -1,0 +1,134 @@
+"""Decay schedules: ``t -> β_t``, pure and jit-safe.
+
+Every schedule is called with ``t``, the **1-based optimizer step** whose parameters
+are being averaged: the first call to ``ema(...).update`` (the params after the first
+optimizer step) sees ``t = 1``. ``t`` is an int32 array (traced under ``jit``); the
+result is a float32 scalar array. Schedules are ordinary functions, so any
+``Callable[[jax.Array], jax.Array]`` with that contract can be passed as ``decay``.
+
+=================  ==============================================================
+``constant``       ``β``
+``tf_warmup``      ``min(β, (1 + t) / (10 + t))``  (TensorFlow's ``num_updates``)
+``inverse_power``  ``clip(1 - (1 + t/inv_gamma)^(-power), min_decay, max_decay)``
+``power_function`` ``(1 - 1/t)^(γ + 1)``  (Karras et al. 2024; 0 for ``t <= 1``)
+``half_life``      ``0.5^(1/h)``  (constant; the average halves its weight every h steps)
+=================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ema_jax import window
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _check_decay(name: str, value: float) -> float:
+    """Returns ``value`` as a float, or raises if it is not a decay in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def _float(t: jax.Array) -> jax.Array:
+    return jnp.asarray(t, dtype=jnp.float32)
+
+
+def constant(decay: float) -> Schedule:
+    """``β_t = decay`` for every step."""
+    decay = _check_decay("decay", decay)
+
+    def schedule(t: jax.Array) -> jax.Array:
+        return jnp.full(jnp.shape(t), decay, dtype=jnp.float32)
+
+    return schedule
+
+
+def tf_warmup(decay: float = 0.9999) -> Schedule:
+    """TensorFlow's ``ExponentialMovingAverage(num_updates=t)``: ``min(decay, (1+t)/(10+t))``.
+
+    Short windows early in training, ``decay`` once ``t >= (10·decay - 1)/(1 - decay)``.
+    """
+    decay = _check_decay("decay", decay)
+
+    def schedule(t: jax.Array) -> jax.Array:
+        t = _float(t)
+        return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+    return schedule
+
+
+def inverse_power(
+    inv_gamma: float = 1.0,
+    power: float = 2.0 / 3.0,
+    min_decay: float = 0.0,
+    max_decay: float = 0.9999,
+) -> Schedule:
+    """The warm-up of timm / diffusers: ``clip(1 - (1 + t/inv_gamma)^(-power), min, max)``.
+
+    ``power = 2/3`` reaches 0.999 at ~31.6k steps and 0.9999 at ~1M steps;
+    ``power = 3/4`` reaches 0.999 at ~10k steps and 0.9999 at ~215k steps.
+    """
+    inv_gamma = _check_positive("inv_gamma", inv_gamma)
+    power = _check_positive("power", power)
+    min_decay = _check_decay("min_decay", min_decay)
+    max_decay = _check_decay("max_decay", max_decay)
+    if min_decay > max_decay:
+        raise ValueError(f"min_decay ({min_decay}) must be <= max_decay ({max_decay})")
+
+    def schedule(t: jax.Array) -> jax.Array:
+        value = 1.0 - (1.0 + _float(t) / inv_gamma) ** (-power)
+        return jnp.clip(value, min_decay, max_decay)
+
+    return schedule
+
+
+def power_function(gamma: float | None = None, *, sigma_rel: float | None = None) -> Schedule:
+    """Power-function EMA of Karras et al. 2024 (EDM2): ``β_t = (1 - 1/t)^(γ+1)``.
+
+    Averages the whole history with weights ``∝ τ^γ`` (τ = 1..t), so its width grows with
+    training; ``β_1 = 0`` (the first update copies the params). Give either ``gamma``
+    (> -1) or ``sigma_rel`` (the relative standard deviation of the averaging profile,
+    in (0, 0.3003]; see :func:`ema_jax.sigma_rel_to_gamma`).
+    """
+    if (gamma is None) == (sigma_rel is None):
+        raise ValueError("power_function needs exactly one of gamma or sigma_rel")
+    if sigma_rel is not None:
+        gamma = window.sigma_rel_to_gamma(sigma_rel)
+    assert gamma is not None
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float > -1, got {gamma!r}")
+    if not (gamma > -1.0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be finite and > -1, got {gamma!r}")
+    exponent = float(gamma) + 1.0
+
+    def schedule(t: jax.Array) -> jax.Array:
+        t = jnp.maximum(_float(t), 1.0)
+        # exp((γ+1)·log1p(-1/t)) keeps 1 - β accurate for large t.
+        value = jnp.exp(exponent * jnp.log1p(-1.0 / t))
+        return jnp.where(t <= 1.0, 0.0, value).astype(jnp.float32)
+
+    return schedule
+
+
+def half_life(steps: float) -> Schedule:
+    """Constant decay whose half-life is ``steps`` optimizer steps: ``β = 0.5^(1/steps)``."""
+    steps = _check_positive("steps", steps)
+    return constant(0.5 ** (1.0 / steps))

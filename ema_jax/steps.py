@@ -1,0 +1,230 @@
+"""Jitted train / eval steps for :class:`EmaTrainState`, and the seed's loop, functional.
+
+Function conventions (the same function can serve as loss and metric):
+
+* ``loss_fn(params, batch)`` or, when the step is given an ``rng``,
+  ``loss_fn(params, batch, rng)``; returns a scalar loss, or ``(loss, aux)`` with
+  ``has_aux=True``.
+* ``with_model_state=True`` (BatchNorm & co.): ``loss_fn(params, model_state, batch[, rng])``
+  returns ``(loss, new_model_state)``, or ``(loss, (aux, new_model_state))`` with ``has_aux``;
+  ``metric_fn(params, model_state, batch)``.
+* ``metric_fn(params, batch)`` returns a scalar or a dict of scalars (a pytree of arrays).
+
+Eval steps choose raw or EMA weights *inside* the jitted function (``use_ema`` is
+static): the state is never modified, so there is nothing to swap in or restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ema_jax.train_state import EmaTrainState
+
+Batch = Any
+Metrics = Any
+
+
+def _metrics_dict(loss: jax.Array, aux: Any) -> dict[str, Any]:
+    if aux is None:
+        return {"loss": loss}
+    if isinstance(aux, Mapping):
+        return {"loss": loss, **aux}
+    return {"loss": loss, "aux": aux}
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    with_model_state: bool = False,
+    donate: bool = True,
+) -> Callable[..., tuple[EmaTrainState, dict[str, Any]]]:
+    """``train_step(state, batch, rng=None) -> (state, metrics)``, jitted, donating ``state``.
+
+    Gradients are taken with respect to ``state.params`` only; the EMA is then updated by
+    ``state.apply_gradients``. ``rng`` (optional) is folded with ``state.step`` so one base
+    key can be passed to every step. ``metrics`` is ``{"loss": loss}`` plus ``aux`` (merged
+    when it is a dict).
+    """
+
+    def train_step(
+        state: EmaTrainState, batch: Batch, rng: jax.Array | None = None
+    ) -> tuple[EmaTrainState, dict[str, Any]]:
+        extra = () if rng is None else (jax.random.fold_in(rng, state.step),)
+
+        def objective(params: Any) -> tuple[jax.Array, tuple[Any, Any]]:
+            if with_model_state:
+                out = loss_fn(params, state.model_state, batch, *extra)
+                if has_aux:
+                    loss, (aux, model_state) = out
+                else:
+                    loss, model_state = out
+                    aux = None
+                return loss, (aux, model_state)
+            out = loss_fn(params, batch, *extra)
+            loss, aux = out if has_aux else (out, None)
+            return loss, (aux, None)
+
+        (loss, (aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
+        kwargs = {"model_state": model_state} if with_model_state else {}
+        return state.apply_gradients(grads=grads, **kwargs), _metrics_dict(loss, aux)
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def _evaluate(
+    metric_fn: Callable[..., Any],
+    state: EmaTrainState,
+    batch: Batch,
+    use_ema: bool,
+    ema_index: int | None,
+    with_model_state: bool,
+) -> Metrics:
+    params = state.select_params(use_ema, ema_index)
+    if with_model_state:
+        return metric_fn(params, state.select_model_state(use_ema, ema_index), batch)
+    return metric_fn(params, batch)
+
+
+def make_eval_step(
+    metric_fn: Callable[..., Any], *, with_model_state: bool = False
+) -> Callable[..., Metrics]:
+    """``eval_step(state, batch, use_ema=True, ema_index=None) -> metrics``, jitted.
+
+    ``use_ema`` and ``ema_index`` are static: each choice compiles once. With several
+    decays, ``ema_index`` picks one (default: the first).
+    """
+
+    def eval_step(
+        state: EmaTrainState, batch: Batch, use_ema: bool = True, ema_index: int | None = None
+    ) -> Metrics:
+        return _evaluate(metric_fn, state, batch, use_ema, ema_index, with_model_state)
+
+    return jax.jit(eval_step, static_argnames=("use_ema", "ema_index"))
+
+
+def make_paired_eval_step(
+    metric_fn: Callable[..., Any], *, with_model_state: bool = False
+) -> Callable[..., dict[str, Metrics]]:
+    """``paired_eval_step(state, batch) -> {"raw": m, "ema": m}`` in one jitted call.
+
+    With K decays ``"ema"`` is a K-tuple of metrics, one per decay.
+    """
+
+    def paired_eval_step(state: EmaTrainState, batch: Batch) -> dict[str, Metrics]:
+        raw = _evaluate(metric_fn, state, batch, False, None, with_model_state)
+        k = state.num_averages
+        if k is None:
+            averaged: Metrics = _evaluate(metric_fn, state, batch, True, None, with_model_state)
+        else:
+            averaged = tuple(
+                _evaluate(metric_fn, state, batch, True, i, with_model_state) for i in range(k)
+            )
+        return {"raw": raw, "ema": averaged}
+
+    return jax.jit(paired_eval_step)
+
+
+def _batch_size(batch: Batch) -> int:
+    leaves = jax.tree.leaves(batch)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1
+
+
+def _named(metrics: Metrics) -> dict[str, Any]:
+    return dict(metrics) if isinstance(metrics, Mapping) else {"loss": metrics}
+
+
+def evaluate_dataset(
+    paired_eval_step: Callable[..., dict[str, Metrics]],
+    state: EmaTrainState,
+    batches: Iterable[Batch],
+) -> dict[str, float | list[float]]:
+    """Batch-size-weighted means over ``batches`` of raw and EMA metrics.
+
+    Keys: ``val_<name>`` (raw) and ``val_<name>_ema`` (a list over decays when there are
+    several). One host transfer at the end, not one per batch.
+    """
+    totals: dict[str, Any] | None = None
+    count = 0
+    for batch in batches:
+        out = paired_eval_step(state, batch)
+        n = _batch_size(batch)
+        flat: dict[str, Any] = {"raw": _named(out["raw"])}
+        ema_out = out["ema"]
+        flat["ema"] = (
+            [_named(m) for m in ema_out] if isinstance(ema_out, tuple) else _named(ema_out)
+        )
+        scaled = jax.tree.map(lambda x, n=n: x * n, flat)
+        totals = scaled if totals is None else jax.tree.map(jnp.add, totals, scaled)
+        count += n
+    if totals is None:
+        raise ValueError("val_data yielded no batches")
+    means = jax.device_get(jax.tree.map(lambda x: x / count, totals))
+    result: dict[str, float | list[float]] = {}
+    for name, value in means["raw"].items():
+        result[f"val_{name}"] = float(value)
+        ema_means = means["ema"]
+        if isinstance(ema_means, list):
+            result[f"val_{name}_ema"] = [float(m[name]) for m in ema_means]
+        else:
+            result[f"val_{name}_ema"] = float(ema_means[name])
+    return result
+
+
+def train_with_ema(
+    state: EmaTrainState,
+    loss_fn: Callable[..., Any],
+    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    val_data: Iterable[Batch],
+    *,
+    epochs: int,
+    metric_fn: Callable[..., Any] | None = None,
+    rng: jax.Array | None = None,
+    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
+) -> tuple[dict[str, list[Any]], EmaTrainState]:
+    """The seed's ``train_with_ema`` loop, functional: train, then evaluate raw and EMA.
+
+    Args:
+      state: an :class:`EmaTrainState` (optimizer and EMA already configured).
+      loss_fn: ``loss_fn(params, batch[, rng])`` -> scalar; used for training, and for
+        validation (called without ``rng``) unless ``metric_fn`` is given.
+      train_data: an iterable of batches re-iterated every epoch, or ``epoch -> iterable``
+        (e.g. to reshuffle per epoch).
+      val_data: a re-iterable of batches.
+      epochs: number of epochs (>= 1).
+      metric_fn: ``metric_fn(params, batch)`` -> scalar (the loss) or dict of scalars.
+      rng: base key for stochastic layers (dropout); folded with the step.
+      callback: ``callback(epoch, record, state)`` after each epoch (print, progress bar).
+
+    Returns:
+      ``(history, state)``: ``history`` has ``train_loss``, ``val_loss``, ``val_loss_ema``
+      (one entry per epoch; plus ``val_<name>[_ema]`` for every metric), and ``state``'s
+      ``ema_params`` are the weights to deploy.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    train_step = make_train_step(loss_fn)
+    paired_eval = make_paired_eval_step(metric_fn if metric_fn is not None else loss_fn)
+    history: dict[str, list[Any]] = {"train_loss": []}
+    for epoch in range(epochs):
+        batches = train_data(epoch) if callable(train_data) else train_data
+        losses = []
+        for batch in batches:
+            state, metrics = train_step(state, batch, rng)
+            losses.append(metrics["loss"])
+        if not losses:
+            raise ValueError("train_data yielded no batches")
+        record: dict[str, Any] = {"train_loss": float(jnp.mean(jnp.stack(losses)))}
+        record.update(evaluate_dataset(paired_eval, state, val_data))
+        for key, value in record.items():
+            history.setdefault(key, []).append(value)
+        if callback is not None:
+            callback(epoch, record, state)
+    return history, state

@@ -1,0 +1,113 @@
+"""A Flax ``TrainState`` that carries an EMA of its params.
+
+``apply_gradients`` is one pure function: the optimizer step, then the EMA update from
+the *new* params. Training only ever differentiates ``params``; the shadow is read
+(``ema_params``), never trained.
+
+Non-param collections (e.g. BatchNorm's ``batch_stats``) live in ``model_state``. By
+default they are carried unchanged and shared by raw and EMA evaluation; with
+``average_model_state=True`` the EMA averages ``{"params", "model_state"}`` together
+(timm's ModelEma averages BN buffers the same way), and EMA evaluation uses the
+averaged statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+from flax import struct
+from flax.training import train_state
+
+from ema_jax.transform import EmaState, Params, num_averages, shadow
+
+
+class EmaTrainState(train_state.TrainState):
+    """``TrainState`` + ``ema_state`` (a pytree) + ``ema`` (the static transform)."""
+
+    ema_state: EmaState
+    ema: optax.GradientTransformation = struct.field(pytree_node=False)
+    model_state: Any = None
+    average_model_state: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def create(  # type: ignore[override]
+        cls,
+        *,
+        apply_fn: Any,
+        params: Params,
+        tx: optax.GradientTransformation,
+        ema: optax.GradientTransformation,
+        model_state: Any = None,
+        average_model_state: bool = False,
+        **kwargs: Any,
+    ) -> EmaTrainState:
+        """Like ``TrainState.create``; also initialises the EMA (a copy of ``params``)."""
+        if average_model_state and model_state is None:
+            raise ValueError("average_model_state=True needs a model_state to average")
+        target = {"params": params, "model_state": model_state} if average_model_state else params
+        return super().create(
+            apply_fn=apply_fn,
+            params=params,
+            tx=tx,
+            ema=ema,
+            ema_state=ema.init(target),
+            model_state=model_state,
+            average_model_state=average_model_state,
+            **kwargs,
+        )
+
+    def apply_gradients(self, *, grads: Params, **kwargs: Any) -> EmaTrainState:
+        """Optimizer step, then EMA update from the new params (and new ``model_state``)."""
+        new = super().apply_gradients(grads=grads, **kwargs)
+        target = (
+            {"params": new.params, "model_state": new.model_state}
+            if new.average_model_state
+            else new.params
+        )
+        _, ema_state = self.ema.update(target, self.ema_state)
+        return new.replace(ema_state=ema_state)
+
+    @property
+    def num_averages(self) -> int | None:
+        """K when the EMA keeps several decays, else ``None``."""
+        return num_averages(self.ema_state)
+
+    def _shadow(self, index: int | None) -> Any:
+        averages = shadow(self.ema_state)
+        if self.num_averages is None:
+            if index not in (None, 0):
+                raise ValueError(f"ema_index must be None or 0 for a single decay, got {index!r}")
+            return averages
+        if index is None:
+            return averages
+        if not 0 <= index < self.num_averages:
+            raise ValueError(f"ema_index must be in [0, {self.num_averages}), got {index!r}")
+        return averages[index]
+
+    @property
+    def ema_params(self) -> Params:
+        """The shadow params, same tree and dtypes as ``params`` (a K-tuple for K decays)."""
+        averages = self._shadow(None)
+        if not self.average_model_state:
+            return averages
+        if self.num_averages is None:
+            return averages["params"]
+        return tuple(a["params"] for a in averages)
+
+    def select_params(self, use_ema: bool, ema_index: int | None = None) -> Params:
+        """``params`` or the shadow params (decay ``ema_index`` when there are several)."""
+        if not use_ema:
+            return self.params
+        chosen = self._shadow(
+            0 if self.num_averages is not None and ema_index is None else ema_index
+        )
+        return chosen["params"] if self.average_model_state else chosen
+
+    def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:
+        """``model_state``, or its average when ``average_model_state`` and ``use_ema``."""
+        if not (use_ema and self.average_model_state):
+            return self.model_state
+        return self._shadow(
+            0 if self.num_averages is not None and ema_index is None else ema_index
+        )["model_state"]

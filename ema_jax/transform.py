@@ -1,0 +1,284 @@
+"""The EMA of a parameter pytree as an optax-style ``init`` / ``update`` pair.
+
+Plain (``debias=False``; the seed's and torch_ema's semantics)::
+
+    ema_0 = θ_0                       (a copy, in the accumulator dtype)
+    ema_t = β_t·ema_{t-1} + (1 - β_t)·θ_t = lerp(ema_{t-1}, θ_t, 1 - β_t)
+
+Bias-corrected (``debias=True``): the zero-initialised EMA divided by its total weight,
+exact under any schedule and any skipped update::
+
+    w_t   = β_t·w_{t-1} + (1 - β_t),  w_0 = 0
+    ema_t = Σ_k (1 - β_k)·Π_{j>k} β_j·θ_k / w_t
+
+It is stored in one buffer, already divided, using the effective decay
+``β̃_t = β_t·w_{t-1}/w_t`` (so ``1 - β̃_t = (1 - β_t)/w_t``; the first update copies θ_1).
+Both variants run the same code: plain is the special case ``w_0 = 1`` (then ``w_t = 1``).
+
+``t`` is the 1-based optimizer step (``count + 1``); see :mod:`ema_jax.schedules`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from ema_jax import schedules
+
+Decay = float | schedules.Schedule
+Params = Any
+
+
+class EmaState(struct.PyTreeNode):
+    """State of :func:`ema`. A pytree; nothing in it aliases the params.
+
+    Attributes:
+      count: int32, optimizer steps seen (calls to ``update``).
+      num_skipped: int32, updates skipped because the params held NaN/Inf.
+      weight: float32 ``[]`` (one decay) or ``[K]`` (K decays): ``w_t`` of the average.
+      ema: the accumulators, a tree like the params (one decay) or a tuple of K trees.
+      param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
+    """
+
+    count: jax.Array
+    num_skipped: jax.Array
+    weight: jax.Array
+    ema: Params
+    param_dtypes: tuple[np.dtype, ...] = struct.field(pytree_node=False)
+
+
+def _is_float(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def _accumulator_dtype(dtype: Any, requested: Any) -> np.dtype:
+    """float32 for floats narrower than 32 bits unless ``requested``; others unchanged."""
+    dtype = np.dtype(dtype)
+    if not _is_float(dtype):
+        return dtype
+    if requested is not None:
+        return np.dtype(requested)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return np.dtype(jnp.float32)
+    return dtype
+
+
+def _as_decays(decay: Decay | Sequence[Decay]) -> tuple[schedules.Schedule, ...]:
+    multi = isinstance(decay, (tuple, list))
+    items = tuple(decay) if multi else (decay,)  # type: ignore[arg-type]
+    if not items:
+        raise ValueError(
+            "decay must be a float in [0, 1), a schedule, or a non-empty tuple of them"
+        )
+    out: list[schedules.Schedule] = []
+    for i, item in enumerate(items):
+        name = f"decay[{i}]" if multi else "decay"
+        if callable(item):
+            out.append(item)
+        else:
+            out.append(schedules.constant(schedules._check_decay(name, item)))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _first_difference(expected: Params, got: Params) -> str | None:
+    """A message naming the first path where two trees differ in structure, shape or dtype."""
+    exp = jax.tree_util.tree_flatten_with_path(expected)[0]
+    act = jax.tree_util.tree_flatten_with_path(got)[0]
+    for (pe, le), (pa, la) in zip(exp, act, strict=False):
+        if pe != pa:
+            return (
+                f"params tree differs from the EMA state at {jax.tree_util.keystr(pe)} "
+                f"(got {jax.tree_util.keystr(pa)})"
+            )
+        if jnp.shape(le) != jnp.shape(la):
+            return (
+                f"params{jax.tree_util.keystr(pa)} has shape {jnp.shape(la)}, "
+                f"the EMA state has {jnp.shape(le)}"
+            )
+    if len(exp) != len(act):
+        longer, which = (exp, "EMA state") if len(exp) > len(act) else (act, "params")
+        path = jax.tree_util.keystr(longer[min(len(exp), len(act))][0])
+        return f"params tree differs from the EMA state: only the {which} has {path}"
+    if jax.tree.structure(expected) != jax.tree.structure(got):  # type: ignore[operator]
+        return "params tree structure (node types) differs from the EMA state"
+    return None
+
+
+def _copy(x: jax.Array, dtype: np.dtype) -> jax.Array:
+    """A fresh buffer (never an alias of ``x``), in ``dtype``, with ``x``'s sharding."""
+    return jnp.array(x, dtype=dtype, copy=True)
+
+
+def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
+    """``a + α·(b - a)``, exact at both ends: α = 0 gives ``a``, α = 1 (keep = 0) gives ``b``.
+
+    ``keep = 1 - α`` is passed in so it is not re-rounded; the scalar branch costs nothing
+    in a memory-bound loop.
+    """
+    alpha = alpha.astype(a.dtype)
+    keep = keep.astype(a.dtype)
+    diff = b - a
+    return jnp.where(alpha < 0.5, a + alpha * diff, b - keep * diff)
+
+
+def _all_finite(tree: Params) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x.dtype)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def ema(
+    decay: Decay | Sequence[Decay],
+    *,
+    debias: bool = False,
+    update_every: int = 1,
+    start_step: int = 0,
+    accumulator_dtype: Any = None,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+    """Exponential moving average of parameters, as an optax-style transform.
+
+    ``update(params, state)`` takes the *current params* (not gradients) and returns
+    ``(shadow_params, new_state)``; the shadow has the params' tree and dtypes.
+
+    Args:
+      decay: ``β`` in [0, 1), a schedule ``t -> β_t`` (see :mod:`ema_jax.schedules`), or a
+        tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
+      debias: bias-corrected average (see the module docstring); the first update copies θ.
+      update_every: update on every k-th optimizer step only, with ``β_t^k``, so the
+        horizon stays in optimizer steps. Steps in between leave the average unchanged.
+      start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
+      accumulator_dtype: dtype of the floating accumulators; ``None`` means float32 for
+        floats narrower than 32 bits, else the leaf's own dtype. Integer and bool leaves
+        are copied on every applied update, never averaged.
+      skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
+        (average and weight unchanged) and ``num_skipped`` is incremented. The check is
+        one scalar all-reduce when params are sharded; everything else is shard-local.
+
+    Raises:
+      ValueError / TypeError naming the argument, for out-of-range settings.
+    """
+    decays = _as_decays(decay)
+    multi = isinstance(decay, (tuple, list))
+    update_every = _check_int("update_every", update_every, 1)
+    start_step = _check_int("start_step", start_step, 0)
+    if accumulator_dtype is not None:
+        try:
+            acc = np.dtype(accumulator_dtype)
+        except TypeError as e:
+            raise TypeError(
+                f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}"
+            ) from e
+        if not jnp.issubdtype(acc, jnp.floating):
+            raise TypeError(f"accumulator_dtype must be a floating dtype, got {acc}")
+    initial_weight = 0.0 if debias else 1.0
+    num_decays = len(decays)
+
+    def init_fn(params: Params) -> EmaState:
+        leaves = jax.tree.leaves(params)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if not hasattr(leaf, "dtype"):
+                where = jax.tree_util.keystr(path)
+                raise TypeError(f"params{where} must be an array, got {type(leaf).__name__}")
+
+        def copy_tree() -> Params:
+            return jax.tree.map(
+                lambda x: _copy(x, _accumulator_dtype(x.dtype, accumulator_dtype)), params
+            )
+
+        averages = tuple(copy_tree() for _ in decays) if multi else copy_tree()
+        weight_shape = (num_decays,) if multi else ()
+        return EmaState(
+            count=jnp.zeros([], jnp.int32),
+            num_skipped=jnp.zeros([], jnp.int32),
+            weight=jnp.full(weight_shape, initial_weight, jnp.float32),
+            ema=averages,
+            param_dtypes=tuple(np.dtype(x.dtype) for x in leaves),
+        )
+
+    def update_fn(params: Params, state: EmaState, _: Any = None) -> tuple[Params, EmaState]:
+        reference = state.ema[0] if multi else state.ema
+        problem = _first_difference(reference, params)
+        if problem is not None:
+            raise ValueError(problem)
+
+        t = state.count + 1
+        betas = jnp.stack([jnp.asarray(d(t), jnp.float32).reshape(()) for d in decays])
+        if update_every > 1:
+            betas = betas**update_every
+        copying = t <= start_step
+        betas = jnp.where(copying, 0.0, betas)
+        apply = copying | (t % update_every == 0)
+        finite = _all_finite(params) if skip_nonfinite else jnp.bool_(True)
+        apply = apply & finite
+
+        weight = state.weight.reshape(num_decays)
+        new_weight = betas * weight + (1.0 - betas)
+        safe = new_weight > 0  # a schedule returning 1.0 before any weight: keep the copy
+        alpha = jnp.where(apply & safe, (1.0 - betas) / jnp.where(safe, new_weight, 1.0), 0.0)
+        keep = jnp.where(apply & safe, betas * weight / jnp.where(safe, new_weight, 1.0), 1.0)
+        new_weight = jnp.where(apply, new_weight, weight)
+
+        def average(avg: Params, k: int) -> Params:
+            def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
+                if not _is_float(a.dtype):
+                    return jnp.where(apply, p.astype(a.dtype), a)
+                return jnp.where(apply, _lerp(a, p.astype(a.dtype), alpha[k], keep[k]), a)
+
+            return jax.tree.map(leaf, avg, params)
+
+        if multi:
+            new_ema = tuple(average(avg, k) for k, avg in enumerate(state.ema))
+        else:
+            new_ema = average(state.ema, 0)
+        new_state = EmaState(
+            count=t,
+            num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+            weight=new_weight.reshape(state.weight.shape),
+            ema=new_ema,
+            param_dtypes=state.param_dtypes,
+        )
+        return shadow(new_state), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
+
+
+def shadow(state: EmaState) -> Params:
+    """The shadow params held by ``state``, cast back to the params' dtypes.
+
+    One tree for a single decay, a tuple of K trees for ``decay=(β_1, ..., β_K)``.
+    """
+
+    def cast(tree: Params) -> Params:
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef.unflatten(  # type: ignore[attr-defined]
+            [
+                x if x.dtype == d else x.astype(d)
+                for x, d in zip(leaves, state.param_dtypes, strict=True)
+            ]
+        )
+
+    if state.weight.ndim == 1:
+        return tuple(cast(tree) for tree in state.ema)
+    return cast(state.ema)
+
+
+def num_averages(state: EmaState) -> int | None:
+    """K for a multi-decay state, ``None`` for a single decay."""
+    return int(state.weight.shape[0]) if state.weight.ndim == 1 else None
+
+
+__all__ = ["Decay", "EmaState", "ema", "num_averages", "shadow"]
