@@ -143,7 +143,7 @@ def _all_finite(tree: Params) -> jax.Array:
 def ema(
     decay: Decay | Sequence[Decay],
     *,
-    debias: bool = False,
+    debias: bool | Sequence[bool] = False,
     update_every: int = 1,
     start_step: int = 0,
     accumulator_dtype: Any = None,
@@ -158,6 +158,8 @@ def ema(
       decay: ``β`` in [0, 1), a schedule ``t -> β_t`` (see :mod:`ema_jax.schedules`), or a
         tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
       debias: bias-corrected average (see the module docstring); the first update copies θ.
+        With several decays, a tuple of bools (one per decay) mixes plain and debiased
+        averages in one pass.
       update_every: update on every k-th optimizer step only, with ``β_t^k``, so the
         horizon stays in optimizer steps. Steps in between leave the average unchanged.
       start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
@@ -184,8 +186,15 @@ def ema(
             ) from e
         if not jnp.issubdtype(acc, jnp.floating):
             raise TypeError(f"accumulator_dtype must be a floating dtype, got {acc}")
-    initial_weight = 0.0 if debias else 1.0
     num_decays = len(decays)
+    debiases = tuple(debias) if isinstance(debias, (tuple, list)) else (debias,) * num_decays
+    if len(debiases) != num_decays or not all(isinstance(d, bool) for d in debiases):
+        raise ValueError(
+            f"debias must be a bool or {num_decays} bools (one per decay), got {debias!r}"
+        )
+    if isinstance(debias, (tuple, list)) and not multi:
+        raise ValueError("debias may be a tuple only when decay is a tuple")
+    initial_weights = tuple(0.0 if d else 1.0 for d in debiases)
 
     def init_fn(params: Params) -> EmaState:
         leaves = jax.tree.leaves(params)
@@ -200,11 +209,11 @@ def ema(
             )
 
         averages = tuple(copy_tree() for _ in decays) if multi else copy_tree()
-        weight_shape = (num_decays,) if multi else ()
+        weight = jnp.asarray(initial_weights if multi else initial_weights[0], jnp.float32)
         return EmaState(
             count=jnp.zeros([], jnp.int32),
             num_skipped=jnp.zeros([], jnp.int32),
-            weight=jnp.full(weight_shape, initial_weight, jnp.float32),
+            weight=weight,
             ema=averages,
             param_dtypes=tuple(np.dtype(x.dtype) for x in leaves),
         )
