@@ -1,0 +1,354 @@
+"""Orbax checkpoints for :class:`~ema_jax.EmaTrainState`: exact resume, EMA-only deployment.
+
+A step written by :func:`save` is one Orbax composite with two items::
+
+    <directory>/<step>/state        the whole EmaTrainState: step, params, opt_state,
+                                    ema_state (count, weight, accumulators, ...), model_state
+    <directory>/<step>/ema_params   state.ema_params: the shadow, params' tree and dtypes
+
+Only array leaves are stored. Static fields (``apply_fn``, ``tx``, ``ema``,
+``average_model_state``, ``EmaState.param_dtypes``) come from the *target* given to
+:func:`restore`, exactly as an optimizer's learning rate comes from the code: build the
+target with the same ``tx`` and ``ema`` (concrete, or abstract via ``jax.eval_shape``, with
+``jax.ShapeDtypeStruct(..., sharding=...)`` leaves to restore straight onto a mesh).
+
+Accumulators keep their own dtype (fp32 EMA of bf16 params stays fp32). Before any array is
+read, the checkpoint's metadata is compared with the target: a missing or extra path, a
+different shape, a different floating dtype, or different ``param_dtypes`` raises
+``ValueError`` naming the first differing path. Nothing is silently cast, padded, dropped or
+re-initialised.
+
+Everything else is Orbax's: ``CheckpointManager`` (async saves, ``wait_until_finished``,
+``latest_step``, ``max_to_keep``), atomic step directories (an interrupted save leaves an
+``*.orbax-checkpoint-tmp*`` directory that restore never sees), sharded and multi-process
+writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ema_jax.train_state import EmaTrainState
+from ema_jax.transform import Params
+
+STATE = "state"
+EMA_PARAMS = "ema_params"
+_META_KEY = "ema_jax"
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = "None or an int" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_state(state: Any) -> EmaTrainState:
+    if not isinstance(state, EmaTrainState):
+        raise TypeError(f"state must be an EmaTrainState, got {type(state).__name__}")
+    return state
+
+
+def _handlers(*items: str) -> dict[str, ocp.StandardCheckpointHandler]:
+    return {item: ocp.StandardCheckpointHandler() for item in items}
+
+
+def manager(
+    directory: str | os.PathLike[str],
+    *,
+    max_to_keep: int | None = 3,
+    save_interval_steps: int = 1,
+    async_save: bool = True,
+) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` for :func:`save` / :func:`restore`.
+
+    Args:
+      directory: root directory (created if missing); step ``s`` lives in ``directory/s``.
+      max_to_keep: keep the newest ``max_to_keep`` steps (``None``: keep all).
+      save_interval_steps: :func:`save` writes only steps that are multiples of this.
+      async_save: write in a background thread; :func:`save` returns once the arrays are
+        copied off the devices. Call ``mngr.wait_until_finished()`` (or ``mngr.close()``)
+        before exiting. Left-over temporary directories of interrupted saves are removed
+        when the manager is created.
+
+    The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it).
+    """
+    _check_int("max_to_keep", max_to_keep, 1, allow_none=True)
+    _check_int("save_interval_steps", save_interval_steps, 1)
+    if not isinstance(async_save, bool):
+        raise TypeError(f"async_save must be a bool, got {async_save!r}")
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=_handlers(STATE, EMA_PARAMS)
+    )
+
+
+def _static_metadata(state: EmaTrainState) -> dict[str, Any]:
+    return {
+        "param_dtypes": [np.dtype(d).name for d in state.ema_state.param_dtypes],
+        "average_model_state": bool(state.average_model_state),
+    }
+
+
+def save(
+    mngr: ocp.CheckpointManager, step: int, state: EmaTrainState, *, force: bool = False
+) -> bool:
+    """Saves ``state`` as step ``step``: items ``"state"`` and ``"ema_params"``.
+
+    Returns whether a save was started (``False`` when ``step`` is not due under
+    ``save_interval_steps``; ``force=True`` saves anyway). With ``async_save`` the write
+    continues in the background: the arrays are already copied, so ``state`` may be donated
+    to the next train step right away. In multi-process training every process calls this.
+    """
+    step = _check_int("step", step, 0)  # type: ignore[assignment]
+    state = _check_state(state)
+    args = ocp.args.Composite(
+        **{
+            STATE: ocp.args.StandardSave(
+                state, custom_metadata={_META_KEY: _static_metadata(state)}
+            ),
+            EMA_PARAMS: ocp.args.StandardSave(state.ema_params),
+        }
+    )
+    return bool(mngr.save(step, args=args, force=force))
+
+
+def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
+    if step is None:
+        latest = mngr.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+        return int(latest)
+    step = _check_int("step", step, 0)  # type: ignore[assignment]
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(
+            f"step {step} is not in {mngr.directory}; available: {sorted(mngr.all_steps())}"
+        )
+    return step  # type: ignore[return-value]
+
+
+def _path(key: tuple[str, ...]) -> str:
+    return ".".join(key)
+
+
+def _leaf_dtype(leaf: Any) -> np.dtype | None:
+    dtype = getattr(leaf, "dtype", None)
+    return None if dtype is None else np.dtype(dtype)
+
+
+def _first_difference(item: str, saved: Any, target: Any) -> str | None:
+    """The first path (in the target's order) where ``target`` and the saved metadata differ.
+
+    Compares paths, shapes and floating dtypes; integer widths may differ (a Python int
+    ``step`` and an int32 ``step`` are the same value), and Python scalars carry no dtype.
+    """
+    saved_flat = ocp.tree.to_flat_dict(saved)
+    target_flat = ocp.tree.to_flat_dict(target)
+    for key, leaf in target_flat.items():
+        where = f"{item}.{_path(key)}"
+        if key not in saved_flat:
+            only_saved = [_path(k) for k in saved_flat if k not in target_flat][:3]
+            return (
+                f"{where} is in the target but not in the checkpoint "
+                f"(the checkpoint has instead: {only_saved or 'nothing'})"
+            )
+        meta = saved_flat[key]
+        if tuple(meta.shape) != tuple(np.shape(leaf)):
+            return (
+                f"{where} has shape {tuple(meta.shape)} in the checkpoint, "
+                f"{tuple(np.shape(leaf))} in the target"
+            )
+        want, got = _leaf_dtype(leaf), _leaf_dtype(meta)
+        if want is None or got is None or want == got:
+            continue
+        if jnp.issubdtype(want, jnp.integer) and jnp.issubdtype(got, jnp.integer):
+            continue
+        return f"{where} has dtype {got.name} in the checkpoint, {want.name} in the target"
+    for key in saved_flat:
+        if key not in target_flat:
+            return f"{item}.{_path(key)} is in the checkpoint but not in the target"
+    return None
+
+
+def _check_matches(item: str, metadata: Any, target: Any) -> None:
+    problem = _first_difference(item, metadata.tree, target)
+    if problem is not None:
+        raise ValueError(f"checkpoint does not match the target: {problem}")
+
+
+def _check_static(metadata: Any, target: EmaTrainState) -> None:
+    saved = (metadata.custom_metadata or {}).get(_META_KEY)
+    if saved is None:
+        raise ValueError("checkpoint has no ema_jax metadata: was it written by ema_jax.save?")
+    expected = _static_metadata(target)
+    for name in ("average_model_state", "param_dtypes"):
+        if saved.get(name) != expected[name]:
+            raise ValueError(
+                f"checkpoint does not match the target: ema_state.{name} is {saved.get(name)} "
+                f"in the checkpoint, {expected[name]} in the target"
+            )
+
+
+def restore(
+    mngr: ocp.CheckpointManager, target: EmaTrainState, step: int | None = None
+) -> EmaTrainState:
+    """The ``EmaTrainState`` saved at ``step`` (the latest when ``None``), bit for bit.
+
+    ``target`` gives the tree, the static fields and where each leaf goes: a concrete
+    state, or an abstract one, e.g. ``jax.eval_shape(make_state)`` with
+    ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves (then nothing is allocated
+    before the read, and each leaf lands with the target's sharding, on any mesh).
+
+    Raises:
+      FileNotFoundError: no checkpoint (or not that step) in the manager's directory.
+      ValueError: the checkpoint and the target differ (first differing path named).
+    """
+    target = _check_state(target)
+    mngr.wait_until_finished()
+    step = _resolve_step(mngr, step)
+    metadata = mngr.item_metadata(step)[STATE]
+    _check_matches(STATE, metadata, target)
+    _check_static(metadata, target)
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target, strict=True)})
+    return mngr.restore(step, args=args)[STATE]  # type: ignore[no-any-return]
+
+
+def _local_target(metadata_tree: Any) -> Any:
+    """Abstract arrays for every saved leaf, on this process's first device."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+        metadata_tree,
+    )
+
+
+def _load_tree(path: str, target: Params | None, item: str) -> Params:
+    """Restores the standalone Orbax item at ``path`` (checked against ``target`` first)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no Orbax checkpoint at {path}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+        if target is None:
+            target = _local_target(metadata.tree)
+        else:
+            _check_matches(item, metadata, target)
+        return checkpointer.restore(path, target, strict=True)
+
+
+def load_ema_params(
+    directory: str | os.PathLike[str], step: int | None = None, target: Params | None = None
+) -> Params:
+    """The ``ema_params`` saved at ``step`` (latest when ``None``), for evaluation or deploy.
+
+    Opens only ``directory/<step>/ema_params`` (about a fifth of an Adam checkpoint): the
+    ``"state"`` item (optimizer state, accumulators) is never read. ``target`` (a
+    params-like tree of arrays or ``jax.ShapeDtypeStruct`` with shardings) gives the tree
+    type and placement, and is checked first (paths, shapes, floating dtypes); without it
+    the saved tree (dicts; tuples come back as lists) lands on this process's first device.
+    """
+    directory = os.path.abspath(directory)
+    name_format = ocp.path.step.standard_name_format()  # the manager's step naming
+    if step is None:
+        found = ocp.path.step.latest_step_metadata(directory, name_format)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+    else:
+        _check_int("step", step, 0)
+        try:
+            found = name_format.find_step(directory, step)
+        except ValueError as e:
+            raise FileNotFoundError(f"step {step} is not in {directory}") from e
+    return _load_tree(os.fspath(found.path / EMA_PARAMS), target, EMA_PARAMS)
+
+
+def deploy_params(
+    state: EmaTrainState, *, dtype: Any = None, ema_index: int | None = None
+) -> Params:
+    """The params-shaped tree that :func:`export_ema_params` writes.
+
+    ``dtype=None``: ``state.ema_params`` (the params' dtypes). Otherwise the floating leaves
+    are cast to ``dtype`` straight from the accumulators, so ``dtype=jnp.float32`` keeps the
+    full fp32 average of bf16 params. ``ema_index`` picks one of several decays (default:
+    the first, as in :meth:`EmaTrainState.select_params`).
+    """
+    state = _check_state(state)
+    if dtype is None:
+        return state.select_params(True, ema_index)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be a floating dtype or None, got {dtype!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype or None, got {dtype}")
+    averages = state.ema_state.ema
+    if state.num_averages is not None:
+        index = 0 if ema_index is None else ema_index
+        if not 0 <= index < state.num_averages:
+            raise ValueError(f"ema_index must be in [0, {state.num_averages}), got {ema_index!r}")
+        averages = averages[index]
+    elif ema_index not in (None, 0):
+        raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
+    if state.average_model_state:
+        averages = averages["params"]
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, averages
+    )
+
+
+def export_ema_params(
+    path: str | os.PathLike[str],
+    state: EmaTrainState,
+    *,
+    dtype: Any = None,
+    ema_index: int | None = None,
+    force: bool = False,
+) -> None:
+    """Writes the EMA weights alone, as a standalone Orbax checkpoint at ``path``.
+
+    The artefact is a params-shaped tree (see :func:`deploy_params` for ``dtype`` and
+    ``ema_index``), with no optimizer or EMA state: load it with :func:`load_exported` (or
+    any Orbax ``StandardCheckpointer``). Blocks until written; ``force=True`` overwrites an
+    existing ``path``. In multi-process training every process calls this.
+    """
+    tree = deploy_params(state, dtype=dtype, ema_index=ema_index)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(path), tree, force=force)
+        checkpointer.wait_until_finished()
+
+
+def load_exported(path: str | os.PathLike[str], target: Params | None = None) -> Params:
+    """The params written by :func:`export_ema_params`.
+
+    ``target`` as in :func:`load_ema_params`; a target whose paths, shapes or floating
+    dtypes differ from the artefact raises ``ValueError`` naming the first differing path.
+    """
+    return _load_tree(os.path.abspath(path), target, "params")
+
+
+__all__ = [
+    "EMA_PARAMS",
+    "STATE",
+    "deploy_params",
+    "export_ema_params",
+    "load_ema_params",
+    "load_exported",
+    "manager",
+    "restore",
+    "save",
+]
