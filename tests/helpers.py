@@ -1,0 +1,106 @@
+"""Shared test helpers: float64 NumPy references, a scan runner and tiny models.
+
+The references are written independently of ``ema_jax`` (plain loops / explicit products
+in float64), so a test comparing against them can fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32, back as a Python float: the β the transform computes with."""
+    return float(np.float32(x))
+
+
+def np_plain_ema(init: np.ndarray, seq: np.ndarray, betas: Sequence[float]) -> np.ndarray:
+    """Float64 loop ``ema ← β_t·ema + (1-β_t)·θ_t`` from ``ema = θ_0``; returns every step."""
+    ema = np.asarray(init, np.float64).copy()
+    out = []
+    for theta, beta in zip(seq, betas, strict=True):
+        ema = beta * ema + (1.0 - beta) * np.asarray(theta, np.float64)
+        out.append(ema.copy())
+    return np.stack(out)
+
+
+def np_debiased_closed_form(
+    seq: np.ndarray, betas: Sequence[float], applied: Sequence[bool]
+) -> np.ndarray:
+    """``Σ_k (1-β_k)·Π_{j>k} β_j·θ_k / (1 - Π_j β_j)`` over the applied steps, at every step.
+
+    Explicit products (no recursion), float64. Before the first applied step there is no
+    average: those rows are NaN.
+    """
+    seq = np.asarray(seq, np.float64)
+    out = []
+    for n in range(len(seq)):
+        used = [k for k in range(n + 1) if applied[k]]
+        if not used:
+            out.append(np.full(seq.shape[1:], np.nan))
+            continue
+        total = np.zeros(seq.shape[1:])
+        for k in used:
+            tail = np.prod([betas[j] for j in used if j > k])
+            total += (1.0 - betas[k]) * tail * seq[k]
+        out.append(total / (1.0 - np.prod([betas[j] for j in used])))
+    return np.stack(out)
+
+
+def scan_updates(tx: optax.GradientTransformation, init_params: Any, seq: Any) -> tuple[Any, Any]:
+    """``tx.init(init_params)`` then ``tx.update`` on each slice of ``seq`` (leading axis).
+
+    Returns ``(shadows, final_state)``; ``shadows`` stacks the shadow after every update.
+    """
+
+    @jax.jit
+    def run(init_params: Any, seq: Any) -> tuple[Any, Any]:
+        def body(state: Any, params: Any) -> tuple[Any, Any]:
+            out, state = tx.update(params, state)
+            return state, out
+
+        state, outs = jax.lax.scan(body, tx.init(init_params), seq)
+        return outs, state
+
+    return run(init_params, seq)
+
+
+def linear_params(key: jax.Array, din: int = 3, dout: int = 2, dtype: Any = jnp.float32) -> dict:
+    kw, kb = jax.random.split(key)
+    return {
+        "w": jax.random.normal(kw, (din, dout), dtype),
+        "b": jax.random.normal(kb, (dout,), dtype),
+    }
+
+
+def mse_loss(params: dict, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    x, y = batch
+    pred = x @ params["w"].astype(jnp.float32) + params["b"].astype(jnp.float32)
+    return jnp.mean((pred - y) ** 2)
+
+
+def regression_batches(
+    seed: int, num: int, batch_size: int, din: int = 3, dout: int = 2
+) -> list[tuple[jax.Array, jax.Array]]:
+    """``num`` batches of a fixed linear target plus noise."""
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=(din, dout))
+    batches = []
+    for _ in range(num):
+        x = rng.normal(size=(batch_size, din))
+        y = x @ w_true + 0.1 * rng.normal(size=(batch_size, dout))
+        batches.append((jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+    return batches
+
+
+def tree_allclose(a: Any, b: Any, **kwargs: Any) -> None:
+    """``np.testing.assert_allclose`` leaf by leaf, after checking the trees match."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kwargs)

@@ -1,0 +1,136 @@
+"""Decay schedules against their closed forms (point 3) and their bad arguments (point 10)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ema_jax import schedules
+
+TS = [0, 1, 2, 10, 100, 10_000, 1_000_000]
+
+
+def _tf_warmup(beta):
+    return lambda t: min(beta, (1 + t) / (10 + t))
+
+
+def _inverse_power(inv_gamma, power, lo, hi):
+    return lambda t: float(np.clip(1 - (1 + t / inv_gamma) ** (-power), lo, hi))
+
+
+def _power_function(gamma):
+    return lambda t: 0.0 if t <= 1 else (1 - 1 / t) ** (gamma + 1)
+
+
+# γ for σ_rel = 0.10, found by bisection on σ_rel(γ) = sqrt(γ+1) / ((γ+2)·sqrt(γ+3)),
+# independently of ema_jax.window (checked there too).
+def _gamma_for(sigma_rel):
+    lo, hi = -0.3819660112501051, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if math.sqrt(mid + 1) / ((mid + 2) * math.sqrt(mid + 3)) > sigma_rel:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+CASES = {
+    "constant": (schedules.constant(0.999), lambda t: 0.999),
+    "tf_warmup": (schedules.tf_warmup(0.9999), _tf_warmup(0.9999)),
+    "tf_warmup_0.99": (schedules.tf_warmup(0.99), _tf_warmup(0.99)),
+    "inverse_power": (schedules.inverse_power(), _inverse_power(1.0, 2 / 3, 0.0, 0.9999)),
+    "inverse_power_3/4": (
+        schedules.inverse_power(inv_gamma=2.0, power=0.75, min_decay=0.1, max_decay=0.99999),
+        _inverse_power(2.0, 0.75, 0.1, 0.99999),
+    ),
+    "power_function": (schedules.power_function(6.94), _power_function(6.94)),
+    "power_function_sigma_rel": (
+        schedules.power_function(sigma_rel=0.10),
+        _power_function(_gamma_for(0.10)),
+    ),
+    "half_life": (schedules.half_life(100), lambda t: 0.5 ** (1 / 100)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_schedule_equals_closed_form(name):
+    """Point 3: each schedule equals its closed form at t ∈ {0, 1, 2, 10, 100, 1e4, 1e6},
+    eagerly and under jit with a traced int32 t; the result is a float32 scalar.
+
+    atol 1e-7: β is a float32 near 1, whose spacing is 6e-8.
+    """
+    schedule, closed_form = CASES[name]
+    jitted = jax.jit(schedule)
+    for t in TS:
+        expected = closed_form(t)
+        for value in (schedule(jnp.int32(t)), jitted(jnp.int32(t))):
+            assert value.dtype == jnp.float32 and value.shape == ()
+            np.testing.assert_allclose(
+                float(value), expected, rtol=1e-6, atol=1e-7, err_msg=f"t={t}"
+            )
+
+
+def test_schedules_reach_their_plateaus():
+    """Point 3: the documented milestones (so the closed forms above are not vacuous)."""
+    assert float(schedules.tf_warmup(0.9999)(jnp.int32(1_000_000))) == np.float32(0.9999)
+    # inverse_power(power=2/3) reaches 0.999 at ~31.6k steps, 3/4 at ~10k steps.
+    two_thirds = schedules.inverse_power(max_decay=0.99999)
+    three_quarters = schedules.inverse_power(power=0.75, max_decay=0.99999)
+    assert float(two_thirds(jnp.int32(31_000))) < 0.999 < float(two_thirds(jnp.int32(32_000)))
+    assert (
+        float(three_quarters(jnp.int32(9_900))) < 0.999 < float(three_quarters(jnp.int32(10_100)))
+    )
+    # power_function: β_1 = 0 (first update copies), then increasing towards 1.
+    pf = schedules.power_function(sigma_rel=0.05)
+    values = [float(pf(jnp.int32(t))) for t in TS]
+    assert values[:2] == [0.0, 0.0] and all(a < b for a, b in itertools.pairwise(values[1:]))
+    # half_life: the average halves its weight in exactly h steps.
+    assert float(schedules.half_life(37.0)(jnp.int32(5))) ** 37 == pytest.approx(0.5, rel=1e-5)
+
+
+def test_schedule_as_decay_under_vmap():
+    """Schedules are plain jax functions: they vectorise over t."""
+    ts = jnp.asarray(TS, jnp.int32)
+    got = jax.vmap(schedules.tf_warmup(0.999))(ts)
+    np.testing.assert_allclose(got, [_tf_warmup(0.999)(t) for t in TS], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "names"),
+    [
+        (lambda: schedules.constant(1.0), ValueError, "decay"),
+        (lambda: schedules.constant(float("nan")), ValueError, "decay"),
+        (lambda: schedules.constant(True), TypeError, "decay"),
+        (lambda: schedules.tf_warmup(1.0), ValueError, "decay"),
+        (lambda: schedules.tf_warmup(-0.5), ValueError, "decay"),
+        (lambda: schedules.inverse_power(inv_gamma=0.0), ValueError, "inv_gamma"),
+        (lambda: schedules.inverse_power(inv_gamma=float("inf")), ValueError, "inv_gamma"),
+        (lambda: schedules.inverse_power(power=-1.0), ValueError, "power"),
+        (lambda: schedules.inverse_power(power="2/3"), TypeError, "power"),
+        (lambda: schedules.inverse_power(max_decay=1.0), ValueError, "max_decay"),
+        (lambda: schedules.inverse_power(min_decay=-0.1), ValueError, "min_decay"),
+        (lambda: schedules.inverse_power(min_decay=0.9, max_decay=0.5), ValueError, "min_decay"),
+        (lambda: schedules.power_function(), ValueError, "gamma or sigma_rel"),
+        (lambda: schedules.power_function(1.0, sigma_rel=0.1), ValueError, "gamma or sigma_rel"),
+        (lambda: schedules.power_function(-1.0), ValueError, "gamma"),
+        (lambda: schedules.power_function(float("nan")), ValueError, "gamma"),
+        (lambda: schedules.power_function(True), TypeError, "gamma"),
+        (lambda: schedules.power_function(sigma_rel=0.31), ValueError, "sigma_rel"),
+        (lambda: schedules.power_function(sigma_rel=0.0), ValueError, "sigma_rel"),
+        (lambda: schedules.half_life(0.0), ValueError, "steps"),
+        (lambda: schedules.half_life(-3.0), ValueError, "steps"),
+        (lambda: schedules.half_life(float("nan")), ValueError, "steps"),
+        (lambda: schedules.half_life("10"), TypeError, "steps"),
+    ],
+)
+def test_bad_schedule_arguments_raise_naming_them(make, error, names):
+    """Point 10: schedule constructors reject bad arguments, naming them."""
+    with pytest.raises(error) as info:
+        make()
+    assert names in str(info.value)
