@@ -53,11 +53,10 @@ def np_debiased_closed_form(
     return np.stack(out)
 
 
-def scan_updates(tx: optax.GradientTransformation, init_params: Any, seq: Any) -> tuple[Any, Any]:
-    """``tx.init(init_params)`` then ``tx.update`` on each slice of ``seq`` (leading axis).
-
-    Returns ``(shadows, final_state)``; ``shadows`` stacks the shadow after every update.
-    """
+def scan_runner(tx: optax.GradientTransformation) -> Any:
+    """A jitted ``(init_params, seq) -> (shadows, final_state)``: ``tx.init(init_params)``,
+    then ``tx.update`` on each slice of ``seq`` (leading axis). ``shadows`` stacks the shadow
+    after every update. Build it once and reuse it: it compiles once per shape."""
 
     @jax.jit
     def run(init_params: Any, seq: Any) -> tuple[Any, Any]:
@@ -68,7 +67,12 @@ def scan_updates(tx: optax.GradientTransformation, init_params: Any, seq: Any) -
         state, outs = jax.lax.scan(body, tx.init(init_params), seq)
         return outs, state
 
-    return run(init_params, seq)
+    return run
+
+
+def scan_updates(tx: optax.GradientTransformation, init_params: Any, seq: Any) -> tuple[Any, Any]:
+    """``scan_runner(tx)(init_params, seq)``, for one-off runs."""
+    return scan_runner(tx)(init_params, seq)
 
 
 def linear_params(key: jax.Array, din: int = 3, dout: int = 2, dtype: Any = jnp.float32) -> dict:
