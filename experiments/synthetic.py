@@ -13,14 +13,16 @@ with initial wear w₀ ~ U(0, 0.4), onset A = exp(N(−3.85, 0.3²)), time const
 τ = exp(N(ln 55, 0.2²)) and manufacturing offsets mᵢⱼ ~ N(0, (0.1·sigⱼ)²). The engine's last cycle
 is the first with δ ≥ 1, so its last row has RUL 0 and its life is ⌈τ·ln(1 + (1 − w₀)/A)⌉: more
 initial wear, shorter life. Calibration on NASA's FD001 (per sensor: early-life mean, shift from
-early life to failure, cycle-to-cycle noise σ; fleet: lifetimes 128–362 cycles, mean 206): the
-synthetic fleet reproduces the lifetime range and mean, the shift-to-noise ratios, the spread of
+early life to failure, cycle-to-cycle noise σ; fleet: lifetimes 128–362 cycles, mean 206, std 46):
+averaged over seeds the synthetic fleet has lifetimes ≈ 116–358 cycles, mean ≈ 206, std ≈ 45, and
+it reproduces the shift-to-noise ratios, the spread of
 early-life readings (≈ 0.2 of the shift) and their correlation with life (≈ −0.2), and the shape of
 the degradation knee (a sensor has moved ≈ 17% of its total shift 100 cycles before failure, ≈ 40%
 at 50). 14 sensors are informative and 7 constant (s_6 flickers between 21.61 and 21.60 in 2% of
 cycles, like FD001's). Values are rounded to the decimals NASA's files use. Test engines are
-independent draws from the same fleet, cut after a uniformly random 30–97% of their life; ``rul``
-holds the cycles they had left.
+independent draws from the same fleet, stopped with a remaining life drawn uniformly from
+5..min(150, 0.8·life) cycles (FD001's test RUL spans 7–145 and at least a fifth of each test
+engine's life is observed); ``rul`` holds those remaining cycles.
 
 ``n_conditions=6`` places each cycle at one of FD002/FD004's six flight conditions (drawn
 uniformly per cycle, as in those subsets), scaling each sensor's baseline by a fixed smooth
@@ -57,7 +59,7 @@ _WEAR = 0.4  # w₀ ~ U(0, _WEAR)
 _ONSET = (-3.85, 0.3)  # log A ~ N(mean, std)
 _TAU = (float(np.log(55.0)), 0.2)  # log τ ~ N(mean, std)
 _MAKE = 0.1  # manufacturing offset std, as a fraction of the signature
-_CUT = (0.3, 0.97)  # test engines observed for U(_CUT) of their life
+_RUL = (5, 150, 0.8)  # test RUL ~ U{5, …, min(150, 0.8·life)}
 _SENSOR_DECIMALS = np.array([2] * 14 + [4, 2, 0, 0, 2, 2, 4])
 _SETTING_DECIMALS = np.array([4, 4, 1])
 _SETTING_JITTER = np.array([0.0022, 0.0003, 0.0])
@@ -76,6 +78,9 @@ def _condition_factors() -> np.ndarray:
     return 1.0 + x @ response
 
 
+_FACTORS = _condition_factors()
+
+
 def _engine(rng: np.random.Generator, unit: int, n_conditions: int) -> np.ndarray:
     """One engine run to failure: [cycles, 26] float64, unrounded."""
     w0 = rng.uniform(0.0, _WEAR)
@@ -86,7 +91,7 @@ def _engine(rng: np.random.Generator, unit: int, n_conditions: int) -> np.ndarra
     health = w0 + onset * np.expm1(t / tau)
     offset = rng.normal(0.0, _MAKE, size=21) * _SIGNATURE
     cond = rng.integers(0, n_conditions, size=life) if n_conditions > 1 else np.zeros(life, int)
-    base = _BASE * _condition_factors()[cond] if n_conditions > 1 else _BASE[None, :]
+    base = _BASE * _FACTORS[cond] if n_conditions > 1 else _BASE[None, :]
     sensors = base + offset + health[:, None] * _SIGNATURE + rng.normal(size=(life, 21)) * _NOISE
     j, p, step = _FLICKER
     sensors[:, j] += step * (rng.random(life) < p)
@@ -117,9 +122,10 @@ def generate(
     tests, rul = [], []
     for u in range(1, n_test + 1):
         engine = _engine(rng, u, n_conditions)
-        seen = max(1, int(rng.uniform(*_CUT) * len(engine)))
-        tests.append(engine[:seen])
-        rul.append(len(engine) - seen)
+        low, high, most = _RUL
+        left = int(rng.integers(low, max(low, min(high, int(most * len(engine)))) + 1))
+        tests.append(engine[: len(engine) - left])
+        rul.append(left)
     return RawSubset(
         train=_round(train), test=_round(np.concatenate(tests)), rul=np.array(rul, np.float64)
     )
