@@ -108,3 +108,12 @@ def tree_allclose(a: Any, b: Any, **kwargs: Any) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kwargs)
+
+
+def host_copy(tree: Any) -> Any:
+    """NumPy copies of a tree's arrays that keep no reference to the device buffers.
+
+    (``jax.device_get`` on CPU may return zero-copy views; a live view makes XLA skip the
+    donation of that buffer, so tests that check donation snapshot with this.)
+    """
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
