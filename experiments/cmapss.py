@@ -159,8 +159,8 @@ def _condition_index(keys: np.ndarray, known: np.ndarray, name: str) -> np.ndarr
     unknown = ~match.any(axis=1)
     if unknown.any():
         raise ValueError(
-            f"{name} has operating condition {tuple(keys[unknown][0])} (rounded settings) that "
-            f"no training row has; training conditions: {[tuple(k) for k in known]}"
+            f"{name} has operating condition {tuple(keys[unknown][0].tolist())} (rounded settings)"
+            f" that no training row has; training conditions: {[tuple(k) for k in known.tolist()]}"
         )
     return np.argmax(match, axis=1)
 
@@ -251,6 +251,8 @@ def prepare(
     sensors = slice(_SENSOR_OFFSET, _SENSOR_OFFSET + len(SENSORS))
     keep = informative_sensors(fit_rows[:, sensors], fit_cond)
     columns = np.arange(_SENSOR_OFFSET, _SENSOR_OFFSET + len(SENSORS))[keep]
+    if not columns.size:
+        raise ValueError("no sensor varies on the training engines: nothing to learn from")
 
     lo = np.full((len(known), len(columns)), np.inf)
     hi = np.full((len(known), len(columns)), -np.inf)
@@ -262,9 +264,9 @@ def prepare(
         cond = _condition_index(operating_conditions(table[:, _SETTING_COLS]), known, name)
         return 2.0 * (table[:, columns] - lo[cond]) / span[cond] - 1.0
 
-    def windows(units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def windows(units: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = raw.train[np.isin(raw.train[:, _UNIT], units)]
-        x = scale(table, "train")
+        x = scale(table, name)
         xs, ys, us = [], [], []
         for rows in _units(table):
             cycles = table[rows, _CYCLE]
@@ -276,10 +278,10 @@ def prepare(
             return np.zeros((0, window, len(columns))), np.zeros(0), np.zeros(0, np.int32)
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(us)
 
-    x_train, y_train, unit_train = windows(train_units)
-    x_val, y_val, unit_val = windows(val_units)
+    x_train, y_train, unit_train = windows(train_units, "training engines")
+    x_val, y_val, unit_val = windows(val_units, "validation engines")
 
-    x = scale(raw.test, "test")
+    x = scale(raw.test, "test engines")
     test_rows = _units(raw.test)
     if len(test_rows) != len(raw.rul):
         raise ValueError(

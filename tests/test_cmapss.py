@@ -332,9 +332,17 @@ def test_six_conditions_are_normalised_per_condition():
     assert np.median(corr_global) < 0.2
 
 
+def test_all_constant_sensors_are_rejected():
+    raw = tiny_raw([8, 6], [4], [1.0])
+    train = raw.train.copy()
+    train[:, 5:] = 1.0
+    with pytest.raises(ValueError, match="no sensor varies"):
+        cmapss.prepare(RawSubset(train, raw.test, raw.rul), window=3, val_fraction=0.0)
+
+
 def test_unknown_test_condition_is_rejected():
     raw = small_raw()
     test = raw.test.copy()
     test[0, 2] = 42.0  # a flight condition no training row has
-    with pytest.raises(ValueError, match="operating condition"):
+    with pytest.raises(ValueError, match=r"test engines has operating condition \(42\.0"):
         cmapss.prepare(RawSubset(raw.train, test, raw.rul))
