@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from experiments import cmapss, synthetic
 from experiments.cmapss import RawSubset
@@ -212,6 +214,28 @@ def test_windows_targets_caps_and_padding_by_hand():
     np.testing.assert_allclose(t2[1], [32, 42, 52, 62], atol=1e-4)
     assert data.y_test.tolist() == [3.0, 3.0]  # true RUL 5 and 40, capped at max_rul = 3
     assert data.x_val.shape == (0, 4, 2) and data.y_val.shape == (0,)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    window=st.integers(1, 8),
+    max_rul=st.floats(0.5, 20.0),
+)
+def test_window_counts_and_targets_property(lengths, window, max_rul):
+    assume(sum(lengths) >= 4)  # fewer rows: every sensor is within its resolution (flicker)
+    raw = tiny_raw(lengths, lengths, [3.0] * len(lengths))
+    data = cmapss.prepare(raw, window=window, max_rul=max_rul, val_fraction=0.0)
+    per_unit = [max(n - window + 1, 1) for n in lengths]
+    assert data.unit_train.tolist() == [u for u, k in enumerate(per_unit, 1) for _ in range(k)]
+    assert data.x_train.shape == (sum(per_unit), window, len(data.features))
+    ends = np.cumsum(per_unit) - 1
+    assert (data.y_train[ends] == 0).all()  # each engine's last window ends at failure
+    expected = [min(max_rul, n - 1 - i) for n, k in zip(lengths, per_unit, strict=True)
+                for i in range(n - k, n)]  # fmt: skip
+    np.testing.assert_allclose(data.y_train, expected, rtol=1e-6)
+    # the test input's last row is each test engine's last (scaled) row
+    np.testing.assert_array_equal(data.x_test[:, -1], data.x_train[ends, -1])
 
 
 def test_short_training_unit_gives_one_padded_window():
