@@ -18,6 +18,7 @@ COLLECTIVE = re.compile(
     r"=\s*(?P<shape>.*?)\s(?P<op>all-reduce|all-gather|all-to-all|collective-permute|"
     r"reduce-scatter|collective-broadcast)(?:-start)?\("
 )
+SCALAR = re.compile(r"[a-z]+[0-9]*\[\]")  # a rank-0 result: pred[], f32[], ...
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +73,23 @@ def test_state_and_update_keep_param_shardings(mesh):
 
 
 def _collectives(tx, params):
+    """``{computation name: [(op, result shape), ...]}`` of the compiled ``tx.update``."""
     text = jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
-    return [(m["op"], m["shape"]) for m in COLLECTIVE.finditer(text)]
+    found: dict[str, list[tuple[str, str]]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("ENTRY"):
+            name = "ENTRY"
+        elif line.startswith("%"):
+            name = line.split()[0]
+        for m in COLLECTIVE.finditer(line):
+            found.setdefault(name, []).append((m["op"], m["shape"]))
+    return found
 
 
-def _scalar_predicates(shape):
+def _is_scalar_all_reduce(op, shape):
     parts = [s.strip() for s in shape.strip("()").split(",")]
-    return all(p == "pred[]" for p in parts), len(parts)
+    return op == "all-reduce" and all(SCALAR.fullmatch(p) for p in parts)
 
 
 def test_update_has_no_collective_without_the_nonfinite_check(mesh):
@@ -88,34 +99,36 @@ def test_update_has_no_collective_without_the_nonfinite_check(mesh):
         ema_jax.ema(0.9, skip_nonfinite=False),
         ema_jax.ema(0.99, debias=True, update_every=2, skip_nonfinite=False),
     ):
-        assert _collectives(tx, params) == []
+        assert _collectives(tx, params) == {}
 
 
 def test_nonfinite_check_is_one_scalar_all_reduce():
     """Point 8: with ``skip_nonfinite=True`` and params on a 1-D mesh (one leaf sharded, one
-    replicated, one int leaf sharded) the only collective is one all-reduce of a scalar
-    predicate."""
+    replicated, one int leaf sharded) the compiled update's only collective on the path that
+    always runs is one all-reduce of one scalar (the predicate); any other collective sits
+    in a conditional branch and is a scalar all-reduce too."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
     params = {
         "w": jax.device_put(jnp.ones((16, 3)), NamedSharding(mesh, P("data"))),
         "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, P())),
         "n": jax.device_put(jnp.arange(8), NamedSharding(mesh, P("data"))),
     }
-    assert _collectives(ema_jax.ema(0.9), params) == [("all-reduce", "pred[]")]
-    assert _collectives(ema_jax.ema(0.9, debias=True, update_every=3), params) == [
-        ("all-reduce", "pred[]")
-    ]
+    for tx in (ema_jax.ema(0.9), ema_jax.ema(0.9, debias=True, update_every=3)):
+        found = _collectives(tx, params)
+        [(op, shape)] = found.pop("ENTRY")
+        assert op == "all-reduce" and SCALAR.fullmatch(shape), (op, shape)
+        for ops in found.values():
+            assert all(_is_scalar_all_reduce(*c) for c in ops), ops
 
 
-def test_nonfinite_check_on_a_2d_mesh_reduces_only_scalar_predicates(mesh):
-    """Point 8: on a 4x2 mesh (a leaf sharded over both axes, a bf16 leaf over one) XLA reduces
-    the predicate axis by axis, so there may be more than one all-reduce — but each carries
-    only scalar predicates; no parameter-sized data moves."""
+def test_nonfinite_check_on_a_2d_mesh_reduces_only_scalars(mesh):
+    """Point 8: on a 4x2 mesh (a leaf sharded over both axes, a bf16 leaf over one) XLA
+    reduces axis by axis, so there may be more than one all-reduce — but each carries only
+    scalars; no parameter-sized data moves."""
     found = _collectives(ema_jax.ema(0.9), _params(mesh, two_sharded_floats=True))
-    assert found, "the non-finite check must reach every shard"
-    for op, shape in found:
-        assert op == "all-reduce"
-        assert _scalar_predicates(shape)[0], shape
+    assert found.get("ENTRY"), "the non-finite check must reach every shard"
+    for ops in found.values():
+        assert all(_is_scalar_all_reduce(*c) for c in ops), ops
 
 
 def test_skip_decision_is_global(mesh):
