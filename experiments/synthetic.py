@@ -134,8 +134,11 @@ def generate(
 def write(directory: str | PathLike[str], raw: RawSubset, subset: str = "FD001") -> None:
     """Write ``raw`` as NASA's three files ``{train,test,RUL}_<subset>.txt`` in ``directory``.
 
-    Same format as NASA's: space-separated, integer unit and cycle, each column with its fixed
-    decimals, rows ending in a space (as NASA's do). The directory is created if needed.
+    Same format as NASA's: space-separated, integer unit, cycle and RUL, each other column with
+    the fixed decimals NASA's files use, rows ending in two spaces (RUL rows in one). Values are
+    rounded to those decimals, so the round trip through :func:`experiments.cmapss.read_subset`
+    is exact for data on NASA's grid (:func:`generate`'s output; NASA's FD001 files are even
+    reproduced byte for byte). Creates the directory.
     """
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
@@ -146,6 +149,6 @@ def write(directory: str | PathLike[str], raw: RawSubset, subset: str = "FD001")
     assert len(formats) == len(COLUMNS)
     for part, table in (("train", raw.train), ("test", raw.test)):
         np.savetxt(
-            directory / f"{part}_{subset}.txt", table, fmt=formats, delimiter=" ", newline=" \n"
+            directory / f"{part}_{subset}.txt", table, fmt=formats, delimiter=" ", newline="  \n"
         )
     np.savetxt(directory / f"RUL_{subset}.txt", raw.rul, fmt="%d", newline=" \n")

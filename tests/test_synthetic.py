@@ -96,10 +96,27 @@ def test_round_trip_through_nasa_files_is_exact(tmp_path: Path, n_conditions: in
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.skipif(
+    not os.environ.get("CMAPSS_DIR"),
+    reason="real C-MAPSS data not configured: set CMAPSS_DIR to round-trip NASA's FD001",
+)
+def test_real_fd001_round_trips_through_write(tmp_path: Path):
+    real = cmapss.read_subset(os.environ["CMAPSS_DIR"], "FD001")
+    synthetic.write(tmp_path, real)
+    for part in ("train", "test", "RUL"):  # byte for byte NASA's files
+        name = f"{part}_FD001.txt"
+        assert (tmp_path / name).read_bytes() == (
+            Path(os.environ["CMAPSS_DIR"]) / name
+        ).read_bytes()
+    back = cmapss.read_subset(tmp_path)
+    for x, y in ((real.train, back.train), (real.test, back.test), (real.rul, back.rul)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_written_files_look_like_nasas(tmp_path: Path):
     synthetic.write(tmp_path, default())
     first = (tmp_path / "train_FD001.txt").read_text().splitlines()[0].split(" ")
-    assert len(first) == 27 and first[-1] == ""  # 26 fields, then NASA's trailing space
+    assert len(first) == 28 and first[-2:] == ["", ""]  # 26 fields, NASA's two trailing spaces
     assert first[:2] == ["1", "1"] and first[4] == "100.0" and first[5] == "518.67"
     assert len(first[24].split(".")[1]) == 2 and len(first[25].split(".")[1]) == 4
     rul = (tmp_path / "RUL_FD001.txt").read_text().splitlines()
