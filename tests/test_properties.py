@@ -34,14 +34,17 @@ RUNNERS = {name: scan_runner(tx) for name, tx in CONFIGS.items()}
 
 SETTINGS = settings(max_examples=50, deadline=None)
 names = st.sampled_from(sorted(CONFIGS))
-floats = st.floats(-1e3, 1e3, width=32)
+floats = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
 sequences = hnp.arrays(np.float32, (STEPS + 1, WIDTH), elements=floats)
 
 
 @SETTINGS
-@given(name=names, value=st.floats(-(2.0**100), 2.0**100, width=32))
+@given(name=names, value=st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=False))
 def test_constant_sequence_is_a_fixed_point(name, value):
-    """Point 9: the EMA of a constant sequence is exactly that constant, at every step."""
+    """Point 9: the EMA of a constant sequence is exactly that constant, at every step.
+
+    (Subnormal constants are excluded: XLA on CPU flushes denormals to zero in arithmetic.)
+    """
     seq = jnp.full((STEPS + 1, WIDTH), value, jnp.float32)
     shadows, _ = RUNNERS[name](seq[0], seq[1:])
     np.testing.assert_array_equal(np.asarray(shadows), np.asarray(seq[1:]))
