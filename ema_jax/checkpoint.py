@@ -213,7 +213,10 @@ def restore(
     ``target`` gives the tree, the static fields and where each leaf goes: a concrete
     state, or an abstract one, e.g. ``jax.eval_shape(make_state)`` with
     ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves (then nothing is allocated
-    before the read, and each leaf lands with the target's sharding, on any mesh).
+    before the read, and each leaf lands with the target's sharding, on any mesh). Leaves
+    without a sharding (plain ``jax.eval_shape``) go to the devices they were saved from, or
+    to this process's first device when the checkpoint came from other devices. Leaves take
+    the target's types: a fresh target's Python-int ``step`` comes back as a Python int.
 
     Raises:
       FileNotFoundError: no checkpoint (or not that step) in the manager's directory.
@@ -225,7 +228,11 @@ def restore(
     metadata = mngr.item_metadata(step)[STATE]
     _check_matches(STATE, metadata, target)
     _check_static(metadata, target)
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target, strict=True)})
+    # Leaves without a sharding go where they were saved, or, when those devices are gone,
+    # onto this process's first device (Orbax's fallback).
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=fallback)
+    args = ocp.args.Composite(**{STATE: restore_args})
     return mngr.restore(step, args=args)[STATE]  # type: ignore[no-any-return]
 
 
