@@ -205,6 +205,11 @@ def _check_static(metadata: Any, target: EmaTrainState) -> None:
             )
 
 
+def _fallback() -> jax.sharding.Sharding:
+    """Where leaves without a sharding go when the devices they were saved from are gone."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def restore(
     mngr: ocp.CheckpointManager, target: EmaTrainState, step: int | None = None
 ) -> EmaTrainState:
@@ -228,17 +233,14 @@ def restore(
     metadata = mngr.item_metadata(step)[STATE]
     _check_matches(STATE, metadata, target)
     _check_static(metadata, target)
-    # Leaves without a sharding go where they were saved, or, when those devices are gone,
-    # onto this process's first device (Orbax's fallback).
-    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=fallback)
+    restore_args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=_fallback())
     args = ocp.args.Composite(**{STATE: restore_args})
     return mngr.restore(step, args=args)[STATE]  # type: ignore[no-any-return]
 
 
 def _local_target(metadata_tree: Any) -> Any:
     """Abstract arrays for every saved leaf, on this process's first device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = _fallback()
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
         metadata_tree,
@@ -249,13 +251,15 @@ def _load_tree(path: str, target: Params | None, item: str) -> Params:
     """Restores the standalone Orbax item at ``path`` (checked against ``target`` first)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
-        if target is None:
-            target = _local_target(metadata.tree)
-        else:
-            _check_matches(item, metadata, target)
-        return checkpointer.restore(path, target, strict=True)
+    handler = ocp.StandardCheckpointHandler()
+    metadata = handler.metadata(epath.Path(path))
+    if target is None:
+        target = _local_target(metadata.tree)
+    else:
+        _check_matches(item, metadata, target)
+    args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=_fallback())
+    with ocp.Checkpointer(handler) as checkpointer:
+        return checkpointer.restore(path, args=args)
 
 
 def load_ema_params(
@@ -270,6 +274,8 @@ def load_ema_params(
     the saved tree (dicts; tuples come back as lists) lands on this process's first device.
     """
     directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory}")
     name_format = ocp.path.step.standard_name_format()  # the manager's step naming
     if step is None:
         found = ocp.path.step.latest_step_metadata(directory, name_format)

@@ -320,8 +320,14 @@ def test_two_processes_train_save_and_restore_together(tmp_path: Path) -> None:
     # The 2-process checkpoint restores in a single process too.
     with ckpt.manager(tmp_path / "ckpt") as mngr:
         assert mngr.latest_step() == steps
-        target = jax.eval_shape(w.make_state)  # int32 step, like the saved one
+        target = jax.eval_shape(w.make_state)  # no shardings: lands on this process's device 0
         assert_bitwise(trained, w.host_leaves(ckpt.restore(mngr, target)))
+        ema_target = jax.eval_shape(lambda: w.make_state().ema_params)
+        ema_params = ckpt.load_ema_params(tmp_path / "ckpt", target=ema_target)
+    ema_trained = {
+        k[len(".ema_state.ema") :]: v for k, v in trained.items() if ".ema_state.ema" in k
+    }
+    assert_bitwise(ema_trained, w.host_leaves(ema_params))  # float32 params: shadow == average
 
 
 # 6. Crash safety ----------------------------------------------------------------------
@@ -350,10 +356,11 @@ def test_sigkill_mid_save_leaves_previous_step(tmp_path: Path, moment: str) -> N
                 break
         else:
             pytest.fail(f"worker exited (rc={proc.wait()}) before {marker}")
+        # "write": kill once array data of step 2 is on disk, while the rest is being written.
         deadline = time.monotonic() + 60
-        while not any(p.name.startswith("2.") for p in tmp_dirs(directory)):
-            assert time.monotonic() < deadline, "step 2 never started"
-            time.sleep(0.002)
+        while not any(f.is_file() for f in directory.glob("2.*/state*/**/*")):
+            assert time.monotonic() < deadline, "step 2 never started writing"
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -473,6 +480,8 @@ def test_no_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
         ckpt.load_ema_params(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="step 7 is not in"):
         ckpt.load_ema_params(tmp_path / "empty", step=7)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        ckpt.load_ema_params(tmp_path / "never_created")
     with pytest.raises(FileNotFoundError, match="no Orbax checkpoint at"):
         ckpt.load_exported(tmp_path / "nothing")
 
