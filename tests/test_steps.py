@@ -310,6 +310,34 @@ def test_train_with_ema_matches_a_hand_rolled_loop():
     assert calls[-1][1]["val_loss_ema"] == history["val_loss_ema"][-1]
 
 
+def test_evaluate_dataset_dict_metrics_and_several_decays():
+    """``evaluate_dataset``: batch-size-weighted means of every metric, raw and EMA, with a
+    list over decays when the EMA keeps several."""
+
+    def metrics(params, batch):
+        x, y = batch
+        err = x @ params["w"] + params["b"] - y
+        return {"mse": jnp.mean(err**2), "mae": jnp.mean(jnp.abs(err))}
+
+    params = linear_params(jax.random.key(6))
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params=params, tx=optax.sgd(0.3), ema=ema_jax.ema((0.5, 0.9))
+    )
+    state = state.apply_gradients(grads=jax.grad(mse_loss)(params, BATCHES[0]))
+    val = [regression_batches(seed=4, num=1, batch_size=n)[0] for n in (3, 13)]
+    out = ema_jax.evaluate_dataset(ema_jax.make_paired_eval_step(metrics), state, val)
+    assert set(out) == {"val_mse", "val_mse_ema", "val_mae", "val_mae_ema"}
+
+    def weighted(p, name):
+        total = sum(len(b[0]) * float(metrics(p, b)[name]) for b in val)
+        return total / sum(len(b[0]) for b in val)
+
+    for name in ("mse", "mae"):
+        assert out[f"val_{name}"] == pytest.approx(weighted(state.params, name), rel=1e-5)
+        want = [weighted(p, name) for p in state.ema_params]
+        np.testing.assert_allclose(out[f"val_{name}_ema"], want, rtol=1e-5)
+
+
 def test_train_with_ema_rejects_bad_epochs_and_empty_data():
     """Point 10: ``epochs`` must be an int >= 1; empty train / val data is an error."""
     for epochs in (0, -1, 2.0, True):
