@@ -6,7 +6,7 @@ state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
 """
 
-from ema_jax import schedules
+from ema_jax import checkpoint, schedules
 from ema_jax.steps import (
     evaluate_dataset,
     make_eval_step,
@@ -31,6 +31,7 @@ __all__ = [
     "Decay",
     "EmaState",
     "EmaTrainState",
+    "checkpoint",
     "decay_for_window",
     "effective_window",
     "ema",
