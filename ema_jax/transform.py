@@ -20,6 +20,7 @@ Both variants run the same code: plain is the special case ``w_0 = 1`` (then ``w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax import lax
 
-from ema_jax import schedules
+from ema_jax import _checks, schedules
 
 Decay = float | schedules.Schedule
 Params = Any
@@ -82,7 +84,7 @@ def _as_decays(decay: Decay | Sequence[Decay]) -> tuple[schedules.Schedule, ...]
         if callable(item):
             out.append(item)
         else:
-            out.append(schedules.constant(schedules._check_decay(name, item)))  # type: ignore[arg-type]
+            out.append(schedules.constant(_checks.decay(name, item)))
     return tuple(out)
 
 
@@ -136,8 +138,27 @@ def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.
 
 
 def _all_finite(tree: Params) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x.dtype)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+    """Whether every floating element of ``tree`` is finite, in one read of the params.
+
+    A sum with a NaN/Inf term is NaN/Inf in any order, so a finite ``Σ x`` proves the
+    tree finite. Plain sums are XLA's fastest reductions and need no scratch buffer (on CPU,
+    reducing ``isfinite(x)`` first writes a boolean copy of the leaf; ``max``/``min`` are
+    unsafe: XLA:CPU's fast path drops NaNs). Only a non-finite sum (a NaN/Inf, or large
+    finite values that overflow) takes the exact branch, ``Σ (x - x)``: 0, or NaN iff some
+    ``x`` is NaN/Inf. Sharded params: one scalar all-reduce per step.
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if _is_float(x.dtype)]
+    if not leaves:
+        return jnp.bool_(True)
+
+    def total(xs: list[jax.Array]) -> jax.Array:
+        sums = [jnp.sum(x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in xs]
+        return functools.reduce(jnp.add, sums)
+
+    def exact(xs: list[jax.Array]) -> jax.Array:
+        return jnp.isfinite(total([x - x for x in xs]))
+
+    return lax.cond(jnp.isfinite(total(leaves)), lambda xs: jnp.bool_(True), exact, leaves)
 
 
 def ema(
@@ -168,7 +189,8 @@ def ema(
         are copied on every applied update, never averaged.
       skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
         (average and weight unchanged) and ``num_skipped`` is incremented. The check is
-        one scalar all-reduce when params are sharded; everything else is shard-local.
+        one extra read of the params and one scalar all-reduce when they are sharded;
+        everything else is shard-local.
 
     Raises:
       ValueError / TypeError naming the argument, for out-of-range settings.
@@ -244,15 +266,18 @@ def ema(
         def average(avg: Params, k: int) -> Params:
             def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
                 if not _is_float(a.dtype):
-                    return jnp.where(apply, p.astype(a.dtype), a)
-                return jnp.where(apply, _lerp(a, p.astype(a.dtype), alpha[k], keep[k]), a)
+                    return p.astype(a.dtype)
+                return _lerp(a, p.astype(a.dtype), alpha[k], keep[k])
 
             return jax.tree.map(leaf, avg, params)
 
-        if multi:
-            new_ema = tuple(average(avg, k) for k, avg in enumerate(state.ema))
-        else:
-            new_ema = average(state.ema, 0)
+        def averages(ema: Params) -> Params:
+            if multi:
+                return tuple(average(avg, k) for k, avg in enumerate(ema))
+            return average(ema, 0)
+
+        # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
+        new_ema = lax.cond(apply, averages, lambda ema: ema, state.ema)
         new_state = EmaState(
             count=t,
             num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
