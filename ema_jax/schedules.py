@@ -17,34 +17,14 @@ result is a float32 scalar array. Schedules are ordinary functions, so any
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ema_jax import window
+from ema_jax import _checks, window
 
 Schedule = Callable[[jax.Array], jax.Array]
-
-
-def _check_decay(name: str, value: float) -> float:
-    """Returns ``value`` as a float, or raises if it is not a decay in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    value = float(value)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
 
 
 def _float(t: jax.Array) -> jax.Array:
@@ -53,7 +33,7 @@ def _float(t: jax.Array) -> jax.Array:
 
 def constant(decay: float) -> Schedule:
     """``β_t = decay`` for every step."""
-    decay = _check_decay("decay", decay)
+    decay = _checks.decay("decay", decay)
 
     def schedule(t: jax.Array) -> jax.Array:
         return jnp.full(jnp.shape(t), decay, dtype=jnp.float32)
@@ -66,7 +46,7 @@ def tf_warmup(decay: float = 0.9999) -> Schedule:
 
     Short windows early in training, ``decay`` once ``t >= (10·decay - 1)/(1 - decay)``.
     """
-    decay = _check_decay("decay", decay)
+    decay = _checks.decay("decay", decay)
 
     def schedule(t: jax.Array) -> jax.Array:
         t = _float(t)
@@ -86,10 +66,10 @@ def inverse_power(
     ``power = 2/3`` reaches 0.999 at ~31.6k steps and 0.9999 at ~1M steps;
     ``power = 3/4`` reaches 0.999 at ~10k steps and 0.9999 at ~215k steps.
     """
-    inv_gamma = _check_positive("inv_gamma", inv_gamma)
-    power = _check_positive("power", power)
-    min_decay = _check_decay("min_decay", min_decay)
-    max_decay = _check_decay("max_decay", max_decay)
+    inv_gamma = _checks.positive("inv_gamma", inv_gamma)
+    power = _checks.positive("power", power)
+    min_decay = _checks.decay("min_decay", min_decay)
+    max_decay = _checks.decay("max_decay", max_decay)
     if min_decay > max_decay:
         raise ValueError(f"min_decay ({min_decay}) must be <= max_decay ({max_decay})")
 
@@ -112,12 +92,7 @@ def power_function(gamma: float | None = None, *, sigma_rel: float | None = None
         raise ValueError("power_function needs exactly one of gamma or sigma_rel")
     if sigma_rel is not None:
         gamma = window.sigma_rel_to_gamma(sigma_rel)
-    assert gamma is not None
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float > -1, got {gamma!r}")
-    if not (gamma > -1.0 and math.isfinite(gamma)):
-        raise ValueError(f"gamma must be finite and > -1, got {gamma!r}")
-    exponent = float(gamma) + 1.0
+    exponent = _checks.real("gamma", gamma, low=-1.0, low_open=True) + 1.0
 
     def schedule(t: jax.Array) -> jax.Array:
         t = jnp.maximum(_float(t), 1.0)
@@ -130,5 +105,5 @@ def power_function(gamma: float | None = None, *, sigma_rel: float | None = None
 
 def half_life(steps: float) -> Schedule:
     """Constant decay whose half-life is ``steps`` optimizer steps: ``β = 0.5^(1/steps)``."""
-    steps = _check_positive("steps", steps)
+    steps = _checks.positive("steps", steps)
     return constant(0.5 ** (1.0 / steps))

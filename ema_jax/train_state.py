@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
@@ -42,11 +43,15 @@ class EmaTrainState(train_state.TrainState):
         average_model_state: bool = False,
         **kwargs: Any,
     ) -> EmaTrainState:
-        """Like ``TrainState.create``; also initialises the EMA (a copy of ``params``)."""
+        """Like ``TrainState.create``; also initialises the EMA (a copy of ``params``).
+
+        ``step`` starts as an int32 array (not flax's Python ``0``), so a jitted step sees
+        the same input type on its first call as on every later one and compiles once.
+        """
         if average_model_state and model_state is None:
             raise ValueError("average_model_state=True needs a model_state to average")
         target = {"params": params, "model_state": model_state} if average_model_state else params
-        return super().create(
+        state = super().create(
             apply_fn=apply_fn,
             params=params,
             tx=tx,
@@ -56,6 +61,7 @@ class EmaTrainState(train_state.TrainState):
             average_model_state=average_model_state,
             **kwargs,
         )
+        return state.replace(step=jnp.zeros([], jnp.int32))
 
     def apply_gradients(self, *, grads: Params, **kwargs: Any) -> EmaTrainState:
         """Optimizer step, then EMA update from the new params (and new ``model_state``)."""

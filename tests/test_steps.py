@@ -130,12 +130,6 @@ def test_rng_is_folded_with_the_step_and_aux_is_merged():
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EmaTrainState.create keeps flax's Python-int step=0, so the first call of a "
-    "jitted step sees a weak-typed scalar and every later call an int32 array: the train "
-    "step (and any eval step used before training) is compiled twice",
-)
 def test_train_step_compiles_once():
     """A jitted train step should compile once for a run of same-shaped batches.
 

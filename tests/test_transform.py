@@ -331,11 +331,6 @@ def test_bad_settings_raise_naming_the_argument(kwargs, error, names):
     assert names in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schedules._check_decay accepts only Python int/float, so a valid NumPy/JAX "
-    "float32 scalar decay (e.g. read from a config array) raises TypeError",
-)
 def test_numpy_float32_decay_is_accepted():
     """A decay given as a NumPy float32 scalar is a float in [0, 1) and should be accepted."""
     tx = ema_jax.ema(np.float32(0.9))
