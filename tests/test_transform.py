@@ -308,6 +308,9 @@ def test_multi_decay_equals_separate_runs():
         ({"decay": True}, TypeError, "decay"),
         ({"decay": "0.9"}, TypeError, "decay"),
         ({"decay": ()}, ValueError, "decay"),
+        ({"decay": np.bool_(True)}, TypeError, "decay"),
+        ({"decay": np.array([0.9, 0.99])}, TypeError, "decay"),
+        ({"decay": np.float32(1.0)}, ValueError, "decay"),
         ({"decay": (0.9, 1.2)}, ValueError, "decay[1]"),
         ({"decay": 0.9, "update_every": 0}, ValueError, "update_every"),
         ({"decay": 0.9, "update_every": 1.5}, TypeError, "update_every"),
@@ -331,11 +334,16 @@ def test_bad_settings_raise_naming_the_argument(kwargs, error, names):
     assert names in str(info.value)
 
 
-def test_numpy_float32_decay_is_accepted():
-    """A decay given as a NumPy float32 scalar is a float in [0, 1) and should be accepted."""
-    tx = ema_jax.ema(np.float32(0.9))
-    out, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
-    np.testing.assert_allclose(out, 0.1, rtol=1e-6)
+@pytest.mark.parametrize(
+    "decay", [np.float32(0.9), np.float64(0.9), jnp.float32(0.9), jnp.asarray(0.9)]
+)
+def test_numpy_and_jax_scalar_decays_are_accepted(decay):
+    """A decay given as a NumPy or 0-d JAX float is a number in [0, 1) and is accepted
+    (single and in a tuple), with the float32 value of 0.9."""
+    for tx in (ema_jax.ema(decay), ema_jax.ema((decay, 0.5))):
+        out, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+        first = out[0] if isinstance(out, tuple) else out
+        np.testing.assert_allclose(first, 1 - f32(0.9), rtol=1e-6)
 
 
 def test_update_with_other_tree_names_the_path():

@@ -51,6 +51,14 @@ def test_scale_decay(decay, kappa):
         assert ema_jax.half_life(scaled) * kappa == pytest.approx(ema_jax.half_life(decay))
 
 
+def test_numpy_scalars_are_accepted():
+    """Window utilities take NumPy scalars as well as Python numbers."""
+    assert ema_jax.effective_window(np.float32(0.99)) == pytest.approx(100, rel=1e-5)
+    assert ema_jax.decay_for_window(np.int64(10)) == pytest.approx(0.9)
+    assert ema_jax.scale_decay(np.float64(0.9), np.int32(2)) == pytest.approx(0.81)
+    assert ema_jax.sigma_rel_to_gamma(np.float32(0.1)) == pytest.approx(6.94, abs=0.01)
+
+
 def _sigma_rel(gamma):
     return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
 
@@ -94,6 +102,8 @@ def test_sigma_rel_max_is_the_profile_maximum():
         (lambda: ema_jax.effective_window(-0.1), ValueError, "decay"),
         (lambda: ema_jax.effective_window(float("nan")), ValueError, "decay"),
         (lambda: ema_jax.effective_window(True), TypeError, "decay"),
+        (lambda: ema_jax.effective_window(np.bool_(False)), TypeError, "decay"),
+        (lambda: ema_jax.effective_window(np.array([0.9])), TypeError, "decay"),
         (lambda: ema_jax.half_life(1.0), ValueError, "decay"),
         (lambda: ema_jax.half_life("0.9"), TypeError, "decay"),
         (lambda: ema_jax.decay_for_window(0.5), ValueError, "steps"),
