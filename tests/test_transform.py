@@ -221,6 +221,32 @@ def test_nonfinite_params_skip_update_and_count_still_advances():
     assert int(state.num_skipped) == 3 and int(state.count) == 5
 
 
+@pytest.mark.parametrize(
+    ("dtype", "big"), [(jnp.float32, 3e38), (jnp.float16, 6e4), (jnp.bfloat16, 3e38)]
+)
+def test_large_finite_params_are_not_skipped(dtype, big):
+    """Point 5: finite params whose sum overflows (so a sum-based check sees Inf) are still
+    averaged; NaN / ±Inf hidden among them, or split across leaves, are still caught."""
+    tx = ema_jax.ema(0.5)
+    update = jax.jit(tx.update)
+    zeros = {"a": jnp.zeros(64, dtype), "b": jnp.zeros(3, dtype)}
+    state = tx.init(zeros)
+    large = {"a": jnp.full(64, big, dtype), "b": jnp.full(3, big, dtype)}
+    out, state = update(large, state)
+    assert int(state.num_skipped) == 0
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64), float(dtype(big)) / 2, rtol=1e-2)
+    for bad in (
+        {"a": large["a"].at[17].set(jnp.nan), "b": large["b"]},
+        {"a": large["a"].at[5].set(-jnp.inf), "b": large["b"]},
+        {"a": large["a"].at[0].set(jnp.inf), "b": large["b"].at[1].set(-jnp.inf)},
+    ):
+        before = state.ema
+        out, state = update(bad, state)
+        for key in ("a", "b"):
+            np.testing.assert_array_equal(state.ema[key], before[key])
+    assert int(state.num_skipped) == 3
+
+
 def test_nonfinite_propagates_when_not_skipping():
     """Point 5: with ``skip_nonfinite=False`` NaN / Inf reach the average."""
     tx = ema_jax.ema(0.9, skip_nonfinite=False)
