@@ -1,0 +1,98 @@
+"""Flax models for Remaining-Useful-Life regression on windows ``x: [B, T, F] -> RUL: [B]``.
+
+Both models predict the *normalised* RUL ``ŷ ≈ RUL / max_rul`` (targets in [0, 1]); the
+training code multiplies by ``max_rul`` to report cycles.
+
+Normalisation is LayerNorm, never BatchNorm, because this project averages weights:
+
+* an EMA of BatchNorm's scale/shift is paired with running statistics that were collected
+  under *different* (raw, earlier) weights, so the averaged network sees mis-matched
+  activation statistics unless the statistics are re-estimated after averaging;
+* BatchNorm makes a sample's output depend on its batch (batch size, composition) in
+  training, which adds noise that has nothing to do with the weight EMA under study;
+* LayerNorm normalises each window by its own statistics: no running state, identical in
+  training and evaluation, so raw and EMA weights are evaluated by exactly the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class DCNN(nn.Module):
+    """1-D CNN over time in the spirit of Li, Ding & Sun (2018), "DCNN" for C-MAPSS.
+
+    ``num_conv`` convolutions over the time axis (``filters`` channels, ``kernel`` taps,
+    'SAME' padding, tanh, LayerNorm over channels), a 1-channel convolution (kernel 3)
+    that fuses the feature maps, flatten, dropout, ``Dense(hidden)`` + tanh, ``Dense(1)``.
+    Li et al. used 4×(10 filters, kernel 10), a 1×3 fusion layer, dropout 0.5 and 100
+    hidden units; LayerNorm is our addition (see the module docstring).
+    """
+
+    filters: int = 10
+    kernel: int = 10
+    num_conv: int = 4
+    hidden: int = 100
+    dropout: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        init = nn.initializers.glorot_normal()
+        for _ in range(self.num_conv):
+            x = nn.Conv(self.filters, (self.kernel,), padding="SAME", kernel_init=init)(x)
+            x = nn.LayerNorm()(jnp.tanh(x))
+        x = jnp.tanh(nn.Conv(1, (3,), padding="SAME", kernel_init=init)(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = jnp.tanh(nn.Dense(self.hidden, kernel_init=init)(x))
+        return nn.Dense(1, kernel_init=init)(x)[:, 0]
+
+
+class CNNAttention(nn.Module):
+    """A convolutional stem, a pre-LN self-attention block, attention pooling, a dense head.
+
+    ``h = LN(GELU(Conv_k(x)))`` twice (``width`` channels, ``kernel`` taps) plus a learned
+    position embedding; one transformer block ``h += MHA(LN(h))``, ``h += MLP(LN(h))``;
+    pooling ``z = Σ_t softmax_t(w·h_t)·h_t`` concatenated with the last step ``h_T``
+    (the most recent cycle matters most for RUL); dropout; ``Dense(width)`` + GELU;
+    ``Dense(1)``.
+    """
+
+    width: int = 32
+    kernel: int = 5
+    heads: int = 4
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        for _ in range(2):
+            x = nn.Conv(self.width, (self.kernel,), padding="SAME")(x)
+            x = nn.LayerNorm()(nn.gelu(x))
+        pos = self.param("pos", nn.initializers.normal(0.02), (x.shape[1], self.width))
+        h = x + pos
+        a = nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True)(
+            nn.LayerNorm()(h)
+        )
+        h = h + drop(a)
+        m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
+        h = nn.LayerNorm()(h + drop(m))
+        scores = nn.Dense(1)(h)[..., 0]
+        pooled = jnp.einsum("bt,btc->bc", jax.nn.softmax(scores, axis=-1), h)
+        z = drop(jnp.concatenate([pooled, h[:, -1]], axis=-1))
+        z = nn.gelu(nn.Dense(self.width)(z))
+        return nn.Dense(1)(z)[:, 0]
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"dcnn": DCNN, "cnn_attn": CNNAttention}
+
+
+def make_model(name: str) -> nn.Module:
+    """The model registered under ``name`` (one of :data:`MODELS`), default settings."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name]()

@@ -1,0 +1,260 @@
+"""β sweep: raw weights vs EMA β ∈ {0.9, 0.99, 0.999, 0.9999} × {plain, debiased}, several seeds.
+
+    python -m experiments.sweep --data-dir ../shared/data/cmapss --seeds 5
+
+All eight averages are kept in ONE training run per (model, seed) (``ema_jax.ema`` with a
+tuple of decays and a per-decay ``debias`` tuple), so every EMA variant is paired with the
+raw weights of the same run. Each finished run is saved as ``<runs>/<model>/seed<k>.json``
+(the sweep resumes from those files); the test split is read once per run, after training.
+
+Selection uses validation only: within a run by the rule (``last`` / ``best``, see
+:mod:`experiments.train_rul`), across configurations by the mean validation RMSE over
+seeds. Intervals are 95% t-intervals over seeds: ``mean ± t_{0.975, n-1}·s/√n``; the
+EMA−raw differences are paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+DECAYS = (0.9, 0.99, 0.999, 0.9999)
+SWEEP_DECAYS = DECAYS * 2
+SWEEP_DEBIAS = (False,) * len(DECAYS) + (True,) * len(DECAYS)
+RULES = ("last", "best")
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """``(mean, half-width)`` of the ``level`` t-interval for the mean; half-width is
+    ``nan`` for fewer than two values."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    if v.size < 2:
+        return float(v.mean()), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+def fmt(values: Sequence[float], digits: int = 2) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def load_runs(runs_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{model: [result, ...]}`` from ``<runs_dir>/<model>/seed*.json``, seeds in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for model_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        files = sorted(model_dir.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+        if files:
+            out[model_dir.name] = [json.loads(f.read_text()) for f in files]
+    return out
+
+
+def summarise(results: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    """Per variant: lists over seeds of val/test RMSE, score, and paired EMA−raw diffs."""
+    variants = list(results[0]["test"][rule])
+    rows = []
+    for name in variants:
+        per = [r["test"][rule][name] for r in results]
+        raw = [r["test"][rule]["raw"] for r in results]
+        rows.append(
+            {
+                "variant": name,
+                "val_rmse": [m["val_rmse"] for m in per],
+                "rmse": [m["rmse"] for m in per],
+                "score": [m["score"] for m in per],
+                "d_rmse": [m["rmse"] - b["rmse"] for m, b in zip(per, raw, strict=True)],
+                "d_rmse_pct": [
+                    100 * (m["rmse"] - b["rmse"]) / b["rmse"] for m, b in zip(per, raw, strict=True)
+                ],
+                "d_score": [m["score"] - b["score"] for m, b in zip(per, raw, strict=True)],
+                "epoch": [m["epoch"] for m in per],
+            }
+        )
+    return rows
+
+
+def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
+    """The results tables (one per model and rule) and the validation-chosen best config."""
+    lines = [
+        "# RUL β sweep: raw vs EMA weights",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Mean ± 95% t-interval over seeds. Δ = EMA − raw, paired by seed (negative = EMA "
+        "better). Test RMSE/score: last window of each test unit; PHM08 score summed over "
+        "units. `last` = weights after the final epoch; `best` = per variant, the epoch "
+        "with the lowest validation RMSE.",
+        "",
+    ]
+    best: tuple[float, str, str, str, dict[str, Any]] | None = None
+    for model, results in runs.items():
+        cfg = results[0]["config"]
+        lines.append(
+            f"## {model}: {len(results)} seeds, {cfg['epochs']} epochs, batch "
+            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}"
+        )
+        for rule in RULES:
+            lines += [
+                "",
+                f"### rule `{rule}`",
+                "",
+                "| weights | val RMSE | test RMSE | PHM08 score | Δ test RMSE | Δ RMSE % "
+                "| Δ score |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for row in summarise(results, rule):
+                raw = row["variant"] == "raw"
+                dash = "—"
+                lines.append(
+                    f"| {row['variant']} | {fmt(row['val_rmse'])} | {fmt(row['rmse'])} | "
+                    f"{fmt(row['score'], 0)} | {dash if raw else fmt(row['d_rmse'])} | "
+                    f"{dash if raw else fmt(row['d_rmse_pct'], 1)} | "
+                    f"{dash if raw else fmt(row['d_score'], 0)} |"
+                )
+                val = float(np.mean(row["val_rmse"]))
+                if best is None or val < best[0]:
+                    best = (val, model, rule, row["variant"], row)
+        lines.append("")
+    if best is not None:
+        _, model, rule, variant, row = best
+        lines += [
+            "## Best configuration (chosen on mean validation RMSE only)",
+            "",
+            f"`{model}`, weights `{variant}`, rule `{rule}`: validation RMSE "
+            f"{fmt(row['val_rmse'])}, **test RMSE {fmt(row['rmse'])}**, PHM08 "
+            f"{fmt(row['score'], 0)} (n = {len(row['rmse'])} seeds; per seed: "
+            + ", ".join(f"{v:.2f}" for v in row["rmse"])
+            + ").",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") -> None:
+    """Left: test RMSE vs β (plain / debiased; raw as a band), per model. Right: mean
+    validation RMSE per epoch, raw vs EMA β = 0.999, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for i, (model, results) in enumerate(runs.items()):
+        color = f"C{i}"
+        rows = {r["variant"]: r for r in summarise(results, rule)}
+        m, h = mean_ci(rows["raw"]["rmse"])
+        ax0.axhspan(m - h, m + h, color=color, alpha=0.12)
+        ax0.axhline(m, color=color, lw=0.8, ls=":")
+        for debias, marker, ls in ((False, "o", "-"), (True, "s", "--")):
+            names = [f"ema{d:g}" + ("-debiased" if debias else "") for d in DECAYS]
+            mc = [mean_ci(rows[n]["rmse"]) for n in names if n in rows]
+            if len(mc) != len(DECAYS):
+                continue
+            ax0.errorbar(
+                [1 - d for d in DECAYS],
+                [a for a, _ in mc],
+                yerr=[b for _, b in mc],
+                color=color,
+                marker=marker,
+                ls=ls,
+                capsize=2,
+                label=f"{model} {'debiased' if debias else 'plain'}",
+            )
+        epochs = [r["epoch"] for r in results[0]["rows"]]
+        for name, ls in (("raw", ":"), ("ema0.999", "-")):
+            key = f"val_rmse_{name}"
+            if key in results[0]["rows"][0]:
+                curve = np.mean([[r[key] for r in res["rows"]] for res in results], axis=0)
+                ax1.plot(epochs, curve, color=color, ls=ls, label=f"{model} {name}")
+    ax0.set(xscale="log", xlabel="1 − β  (band: raw, 95% CI)", ylabel=f"test RMSE ({rule})")
+    ax0.invert_xaxis()
+    ax0.legend(fontsize=6)
+    ax1.set(xlabel="epoch", ylabel="validation RMSE, mean over seeds")
+    lows = [line.get_ydata().min() for line in ax1.get_lines()]
+    if lows:
+        ax1.set_ylim(min(lows) * 0.95, min(lows) * 1.5)
+    ax1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
+    p.add_argument("--data-dir", default=None, help="C-MAPSS directory (default: synthetic)")
+    p.add_argument("--subset", default="FD001")
+    p.add_argument("--models", nargs="+", default=["cnn_attn", "dcnn"])
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--perturb", type=float, nargs="*", default=[0.01, 0.02, 0.05], help="relative sizes"
+    )
+    p.add_argument("--runs", default="runs/sweep", help="per-run JSON directory (resumable)")
+    p.add_argument("--out", default="experiments/results", help="table and plot directory")
+    p.add_argument("--name", default="sweep", help="basename of the table and plot")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table and plot")
+    args = p.parse_args(argv)
+
+    from experiments import cmapss
+    from experiments.train_rul import Config, run
+
+    runs_dir = Path(args.runs)
+    if not args.report_only:
+        for seed in range(args.seeds):
+            ds = None
+            for model in args.models:
+                path = runs_dir / model / f"seed{seed}.json"
+                if path.exists():
+                    continue
+                if ds is None:
+                    ds = cmapss.load(data_dir=args.data_dir, subset=args.subset, seed=seed)
+                cfg = Config(
+                    data_dir=args.data_dir,
+                    subset=args.subset,
+                    model=model,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    ema_decays=SWEEP_DECAYS,
+                    ema_debias=SWEEP_DEBIAS,
+                    seed=seed,
+                    perturb=tuple(args.perturb),
+                    progress=False,
+                )
+                result, _ = run(cfg, ds)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result))
+                t = result["test"]["last"]
+                print(
+                    f"{model} seed {seed}: test RMSE raw {t['raw']['rmse']:.2f}  "
+                    f"ema0.999 {t['ema0.999']['rmse']:.2f}  "
+                    f"({result['epoch_seconds']:.1f} s/epoch)",
+                    flush=True,
+                )
+    runs = {m: r for m, r in load_runs(runs_dir).items() if m in args.models}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m experiments.sweep " + " ".join(argv if argv is not None else [])
+    if argv is None:
+        import sys
+
+        command = "python -m experiments.sweep " + " ".join(sys.argv[1:])
+    (out / f"{args.name}.md").write_text(markdown(runs, command.strip()))
+    plot(runs, out / f"{args.name}.png")
+    print(f"wrote {out / (args.name + '.md')} and {out / (args.name + '.png')}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()

@@ -1,0 +1,191 @@
+"""RUL training: tiny end-to-end runs (EMA smoother than raw), CLI outputs, sweep statistics."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ema_jax import checkpoint
+from experiments import cmapss, sweep, synthetic
+from experiments.models import make_model
+from experiments.train_rul import Config, batches, main, parse_args, perturbed_losses
+
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One tiny CLI run (12 synthetic engines written as NASA-format files, DCNN, 8 epochs):
+    the files it writes are what the tests below check."""
+    raw = synthetic.generate(n_train=12, n_test=6, seed=0)
+    data = tmp_path_factory.mktemp("data")
+    synthetic.write(data, raw)
+    out = tmp_path_factory.mktemp("run")
+    argv = ["--data-dir", str(data), "--model", "dcnn", "--epochs", str(EPOCHS)]
+    argv += ["--batch-size", "32", "--lr", "3e-3", "--ema-decay", "0.9", "0.98", "--ema-debias"]
+    argv += ["--perturb", "0.05", "--out", str(out), "--no-progress"]
+    result = main(argv)
+    return result, out, cmapss.load(data, seed=0)
+
+
+def roughness(values):
+    """Σ_e (L_e − L_{e−1})²: the epoch-to-epoch jitter of a curve."""
+    return float(np.sum(np.diff(values) ** 2))
+
+
+def test_ema_validation_curve_is_smoother_than_raw(cli_run):
+    result, _, _ = cli_run
+    rows = result["rows"]
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    raw = [r["val_loss_raw"] for r in rows]
+    ema = [r["val_loss_ema0.98-debiased"] for r in rows]
+    assert np.isfinite(raw).all() and min(raw) < raw[0]  # it did learn
+    assert roughness(ema) < 0.5 * roughness(raw)
+
+
+def test_cli_writes_history_and_plot(cli_run, capsys):
+    result, out, _ = cli_run
+    history = json.loads((out / "history.json").read_text())
+    assert history["config"]["ema_decays"] == [0.9, 0.98]
+    assert history["config"]["ema_debias"] == [True, True]
+    assert history["rows"] == result["rows"]
+    header, *lines = (out / "history.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert columns[:3] == ["epoch", "seconds", "train_loss"]
+    for name in ("raw", "ema0.9-debiased", "ema0.98-debiased"):
+        assert f"val_loss_{name}" in columns and f"val_rmse_{name}" in columns
+    assert len(lines) == EPOCHS
+    first = dict(zip(columns, lines[0].split(","), strict=True))
+    np.testing.assert_allclose(float(first["val_rmse_raw"]), result["rows"][0]["val_rmse_raw"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "curves.png").stat().st_size < 200_000
+
+
+def test_selection_uses_validation_only(cli_run):
+    result, _, _ = cli_run
+    for name in ("raw", "ema0.9-debiased", "ema0.98-debiased"):
+        curve = [r[f"val_rmse_{name}"] for r in result["rows"]]
+        best = result["test"]["best"][name]
+        assert best["val_rmse"] == min(curve)
+        assert best["epoch"] == 1 + int(np.argmin(curve))
+        last = result["test"]["last"][name]
+        assert (last["epoch"], last["val_rmse"]) == (EPOCHS, curve[-1])
+
+
+def test_exported_ema_params_reproduce_the_reported_test_metrics(cli_run):
+    """The exported weights, run on the test windows and scored in float64 NumPy, give the
+    test RMSE and PHM08 score the run reported for them."""
+    result, out, ds = cli_run
+    model = make_model("dcnn")
+    for name in ("ema0.9-debiased", "ema0.98-debiased"):
+        params = checkpoint.load_exported(out / "ema_params" / name)
+        pred = np.asarray(model.apply({"params": params}, ds.x_test), np.float64) * ds.max_rul
+        d = pred - ds.y_test.astype(np.float64)
+        score = np.sum(np.where(d < 0, np.exp(-d / 13) - 1, np.exp(d / 10) - 1))
+        reported = result["test"]["last"][name]
+        np.testing.assert_allclose(reported["rmse"], np.sqrt(np.mean(d**2)), rtol=1e-4)
+        np.testing.assert_allclose(reported["score"], score, rtol=1e-4)
+
+
+def test_flatness_probe_ran_for_every_variant(cli_run):
+    result, _, _ = cli_run
+    probe = result["perturb"]
+    assert set(probe) == {"raw", "ema0.9-debiased", "ema0.98-debiased"}
+    assert all(probe[name]["0.05"] > 0 for name in probe)  # noise raises the loss
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--data-dir",
+        "--subset",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--ema-decay",
+        "--ema-debias",
+        "--seed",
+        "--out",
+    ):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "mlp"}, "model must be one of"),
+        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be an int >= 1"),
+        ({"lr": 0.0}, "lr must be a finite float > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"ema_decays": (1.0,)}, r"ema_decays must lie in \[0, 1\)"),
+        ({"ema_decays": (0.9, 0.99)}, "ema_debias needs one bool per decay"),
+        ({"perturb": (0.0,)}, "perturb sizes must be > 0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**kwargs)
+
+
+def test_batches_shuffle_full_batches_or_keep_order():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10, dtype=np.float32)
+    shuffled = list(batches(x, y, 4, np.random.default_rng(0)))
+    assert [len(b[1]) for b in shuffled] == [4, 4]  # the partial batch is dropped
+    seen = np.concatenate([b[1] for b in shuffled])
+    assert len(set(seen.tolist())) == 8
+    np.testing.assert_array_equal(np.concatenate([b[0][:, 0] for b in shuffled]), seen)
+    ordered = list(batches(x, y, 4, None))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in ordered]), y)
+
+
+def test_perturbation_probe_matches_quadratic_closed_form():
+    """For L(θ) = Σθ², E[L(θ + ε)] − L(θ) = Σ_l n_l·(r·rms θ_l)² = r²·L(θ)."""
+    params = {"a": jnp.linspace(-1.0, 2.0, 50), "b": jnp.full((4, 5), 3.0)}
+
+    def loss(p):
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+
+    out = perturbed_losses(loss, params, [0.1, 0.3], jax.random.key(0), draws=32)
+    base = float(loss(params))
+    np.testing.assert_allclose(out["0.1"], 0.01 * base, rtol=0.1)
+    np.testing.assert_allclose(out["0.3"], 0.09 * base, rtol=0.1)
+
+
+def test_mean_ci_is_the_t_interval():
+    m, h = sweep.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    # t_{0.975, 4} = 2.776445 (tables); s = sqrt(2.5)
+    assert m == 3.0
+    np.testing.assert_allclose(h, 2.776445 * np.sqrt(2.5) / np.sqrt(5), rtol=1e-6)
+    assert np.isnan(sweep.mean_ci([4.0])[1])
+    with pytest.raises(ValueError, match="at least one value"):
+        sweep.mean_ci([])
+
+
+def _fake(seed, val, test):
+    variants = ["raw", "ema0.9"]
+    metrics = {
+        n: {"val_rmse": v, "rmse": t, "score": 10 * t, "epoch": 3}
+        for n, v, t in zip(variants, val, test, strict=True)
+    }
+    cfg = {"epochs": 3, "batch_size": 8, "lr": 1e-3}
+    return {"config": cfg, "rows": [], "test": {"last": metrics, "best": metrics}}
+
+
+def test_sweep_table_pairs_by_seed_and_selects_on_validation_only():
+    # ema0.9 is better on validation but worse on test: the table must still pick it
+    runs = {"m": [_fake(s, [14.0 + s, 13.0 + s], [12.0 + s, 12.5 + s]) for s in range(3)]}
+    rows = {r["variant"]: r for r in sweep.summarise(runs["m"], "last")}
+    np.testing.assert_allclose(rows["ema0.9"]["d_rmse"], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(rows["ema0.9"]["d_rmse_pct"], [50 / (12 + s) for s in range(3)])
+    text = sweep.markdown(runs, "cmd")
+    best = text.split("## Best configuration")[1]
+    assert "weights `ema0.9`" in best
+    assert "test RMSE 13.50 ± " in best
