@@ -188,6 +188,7 @@ def train_with_ema(
     metric_fn: Callable[..., Any] | None = None,
     rng: jax.Array | None = None,
     callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
+    with_model_state: bool = False,
 ) -> tuple[dict[str, list[Any]], EmaTrainState]:
     """The seed's ``train_with_ema`` loop, functional: train, then evaluate raw and EMA.
 
@@ -202,6 +203,10 @@ def train_with_ema(
       metric_fn: ``metric_fn(params, batch)`` -> scalar (the loss) or dict of scalars.
       rng: base key for stochastic layers (dropout); folded with the step.
       callback: ``callback(epoch, record, state)`` after each epoch (print, progress bar).
+      with_model_state: BatchNorm & co., see the module docstring for the signatures.
+
+    The train step donates ``state``: the arrays of the state passed in (and so the
+    ``params`` it was created from) are consumed; use the returned state.
 
     Returns:
       ``(history, state)``: ``history`` has ``train_loss``, ``val_loss``, ``val_loss_ema``
@@ -210,8 +215,10 @@ def train_with_ema(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    train_step = make_train_step(loss_fn)
-    paired_eval = make_paired_eval_step(metric_fn if metric_fn is not None else loss_fn)
+    train_step = make_train_step(loss_fn, with_model_state=with_model_state)
+    paired_eval = make_paired_eval_step(
+        metric_fn if metric_fn is not None else loss_fn, with_model_state=with_model_state
+    )
     history: dict[str, list[Any]] = {"train_loss": []}
     for epoch in range(epochs):
         batches = train_data(epoch) if callable(train_data) else train_data

@@ -93,7 +93,12 @@ class EmaTrainState(train_state.TrainState):
 
     @property
     def ema_params(self) -> Params:
-        """The shadow params, same tree and dtypes as ``params`` (a K-tuple for K decays)."""
+        """The shadow params, same tree and dtypes as ``params`` (a K-tuple for K decays).
+
+        Like ``params``, these may be the state's own buffers: a train step that donates
+        the state invalidates them. Keep a copy (``jax.tree.map(jnp.copy, ...)``) to hold
+        on to them across steps.
+        """
         averages = self._shadow(None)
         if not self.average_model_state:
             return averages

@@ -21,8 +21,12 @@ import numpy as np
 
 from ema_jax import _checks
 
-#: Largest relative width a power-function profile can have (reached at γ ≈ -0.382).
-SIGMA_REL_MAX = 0.30028310558
+#: The γ where σ_rel(γ) peaks: d/dγ log σ_rel = 0  ⇔  γ² + 3γ + 1 = 0.
+_GAMMA_AT_MAX = (math.sqrt(5.0) - 3.0) / 2.0
+#: Largest relative width a power-function profile can have (≈ 0.30028, at γ ≈ -0.382).
+SIGMA_REL_MAX = math.sqrt(_GAMMA_AT_MAX + 1.0) / (
+    (_GAMMA_AT_MAX + 2.0) * math.sqrt(_GAMMA_AT_MAX + 3.0)
+)
 
 
 def effective_window(decay: float) -> float:
