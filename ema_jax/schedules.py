@@ -3,8 +3,10 @@
 Every schedule is called with ``t``, the **1-based optimizer step** whose parameters
 are being averaged: the first call to ``ema(...).update`` (the params after the first
 optimizer step) sees ``t = 1``. ``t`` is an int32 array (traced under ``jit``); the
-result is a float32 scalar array. Schedules are ordinary functions, so any
-``Callable[[jax.Array], jax.Array]`` with that contract can be passed as ``decay``.
+result is a scalar in JAX's default float dtype (float32, or float64 under
+``jax_enable_x64``, so float64 params can be averaged with the exact β). Schedules are
+ordinary functions: any ``Callable[[jax.Array], jax.Array]`` with that contract can be
+passed as ``decay``.
 
 =================  ==============================================================
 ``constant``       ``β``
@@ -27,8 +29,13 @@ from ema_jax import _checks, window
 Schedule = Callable[[jax.Array], jax.Array]
 
 
+def default_float() -> jnp.dtype:
+    """float32, or float64 when x64 is enabled: the dtype of all decay arithmetic."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def _float(t: jax.Array) -> jax.Array:
-    return jnp.asarray(t, dtype=jnp.float32)
+    return jnp.asarray(t, dtype=default_float())
 
 
 def constant(decay: float) -> Schedule:
@@ -36,7 +43,7 @@ def constant(decay: float) -> Schedule:
     decay = _checks.decay("decay", decay)
 
     def schedule(t: jax.Array) -> jax.Array:
-        return jnp.full(jnp.shape(t), decay, dtype=jnp.float32)
+        return jnp.full(jnp.shape(t), decay, dtype=default_float())
 
     return schedule
 
@@ -50,7 +57,7 @@ def tf_warmup(decay: float = 0.9999) -> Schedule:
 
     def schedule(t: jax.Array) -> jax.Array:
         t = _float(t)
-        return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+        return jnp.minimum(jnp.asarray(decay, t.dtype), (1.0 + t) / (10.0 + t))
 
     return schedule
 
@@ -98,7 +105,7 @@ def power_function(gamma: float | None = None, *, sigma_rel: float | None = None
         t = jnp.maximum(_float(t), 1.0)
         # exp((γ+1)·log1p(-1/t)) keeps 1 - β accurate for large t.
         value = jnp.exp(exponent * jnp.log1p(-1.0 / t))
-        return jnp.where(t <= 1.0, 0.0, value).astype(jnp.float32)
+        return jnp.where(t <= 1.0, 0.0, value)
 
     return schedule
 

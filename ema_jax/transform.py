@@ -43,7 +43,8 @@ class EmaState(struct.PyTreeNode):
     Attributes:
       count: int32, optimizer steps seen (calls to ``update``).
       num_skipped: int32, updates skipped because the params held NaN/Inf.
-      weight: float32 ``[]`` (one decay) or ``[K]`` (K decays): ``w_t`` of the average.
+      weight: ``[]`` (one decay) or ``[K]`` (K decays): ``w_t`` of the average, in JAX's
+        default float dtype (float32; float64 under x64), like all decay arithmetic.
       ema: the accumulators, a tree like the params (one decay) or a tuple of K trees.
       param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
     """
@@ -231,7 +232,9 @@ def ema(
             )
 
         averages = tuple(copy_tree() for _ in decays) if multi else copy_tree()
-        weight = jnp.asarray(initial_weights if multi else initial_weights[0], jnp.float32)
+        weight = jnp.asarray(
+            initial_weights if multi else initial_weights[0], schedules.default_float()
+        )
         return EmaState(
             count=jnp.zeros([], jnp.int32),
             num_skipped=jnp.zeros([], jnp.int32),
@@ -247,7 +250,8 @@ def ema(
             raise ValueError(problem)
 
         t = state.count + 1
-        betas = jnp.stack([jnp.asarray(d(t), jnp.float32).reshape(()) for d in decays])
+        scalar = schedules.default_float()
+        betas = jnp.stack([jnp.asarray(d(t), scalar).reshape(()) for d in decays])
         if update_every > 1:
             betas = betas**update_every
         copying = t <= start_step
