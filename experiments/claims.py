@@ -73,12 +73,14 @@ def claim_noise(runs: dict[str, list[dict[str, Any]]], k: int) -> list[str]:
     ]
     for model, results in runs.items():
         for idx, measure in ((0, "std"), (1, "Σ squared epoch diffs")):
-            cells = []
-            for d in DECAYS:
-                raw = [noise(r, "raw", k)[idx] for r in results]
-                ema = [noise(r, f"ema{d:g}", k)[idx] for r in results]
-                cells.append(fmt(_ratio(ema, raw), 2))
-            lines.append(f"| {model} | {measure} (plain) | " + " | ".join(cells) + " |")
+            for suffix in ("", "-debiased"):
+                cells = []
+                for d in DECAYS:
+                    raw = [noise(r, "raw", k)[idx] for r in results]
+                    ema = [noise(r, f"ema{d:g}{suffix}", k)[idx] for r in results]
+                    cells.append(fmt(_ratio(ema, raw), 2))
+                kind = "debiased" if suffix else "plain"
+                lines.append(f"| {model} | {measure} ({kind}) | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
 
@@ -98,15 +100,17 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             continue
         for size in results[0]["perturb"]["raw"]:
             raw = [r["perturb"]["raw"][size] for r in results]
-            cells = [
-                fmt(_ratio([r["perturb"][f"ema{d:g}"][size] for r in results], raw), 2)
-                for d in DECAYS
-            ]
-            lines.append(
-                f"| {model} | {size} | {fmt([1e3 * v for v in raw], 2)} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            for suffix in ("", "-debiased"):
+                cells = [
+                    fmt(_ratio([r["perturb"][f"ema{d:g}{suffix}"][size] for r in results], raw), 2)
+                    for d in DECAYS
+                ]
+                kind = "debiased" if suffix else "plain"
+                lines.append(
+                    f"| {model} | {size} ({kind}) | {fmt([1e3 * v for v in raw], 2)} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
     lines.append("")
     return lines
 

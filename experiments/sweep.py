@@ -82,12 +82,28 @@ def summarise(results: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     return rows
 
 
+def run_command(model: str, results: list[dict[str, Any]]) -> str:
+    """The sweep command that reproduces ``model``'s runs, from their stored configs."""
+    cfg = results[0]["config"]
+    parts = ["python -m experiments.sweep"]
+    if cfg["data_dir"] is not None:
+        parts += ["--data-dir", str(cfg["data_dir"])]
+    parts += ["--subset", cfg["subset"], "--models", model, "--seeds", str(len(results))]
+    parts += ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"])]
+    parts += ["--lr", f"{cfg['lr']:g}", "--perturb", *(f"{r:g}" for r in cfg["perturb"])]
+    if cfg.get("weight_decay"):
+        parts += ["--weight-decay", f"{cfg['weight_decay']:g}"]
+    if cfg.get("cosine"):
+        parts.append("--cosine")
+    return " ".join(parts)
+
+
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
     """The results tables (one per model and rule) and the validation-chosen best config."""
     lines = [
         "# RUL β sweep: raw vs EMA weights",
         "",
-        f"Command: `{command}`",
+        f"Table written by: `{command}`",
         "",
         "Mean ± 95% t-interval over seeds. Δ = EMA − raw, paired by seed (negative = EMA "
         "better). Test RMSE/score: last window of each test unit; PHM08 score summed over "
@@ -98,10 +114,12 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
     best: tuple[float, str, str, str, dict[str, Any]] | None = None
     for model, results in runs.items():
         cfg = results[0]["config"]
-        lines.append(
+        lines += [
             f"## {model}: {len(results)} seeds, {cfg['epochs']} epochs, batch "
-            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}"
-        )
+            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}",
+            "",
+            f"Runs: `{run_command(model, results)}`",
+        ]
         for rule in RULES:
             lines += [
                 "",
@@ -141,7 +159,7 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
 
 def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") -> None:
     """Left: test RMSE vs β (plain / debiased; raw as a band), per model. Right: mean
-    validation RMSE per epoch, raw vs EMA β = 0.999, per model."""
+    validation RMSE per epoch, raw vs EMA β = 0.99 (plain) and 0.999 (debiased), per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,12 +188,15 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") 
                 label=f"{model} {'debiased' if debias else 'plain'}",
             )
         epochs = [r["epoch"] for r in results[0]["rows"]]
-        for name, ls in (("raw", ":"), ("ema0.999", "-")):
+        for name, ls in (("raw", ":"), ("ema0.99", "-"), ("ema0.999-debiased", "--")):
             key = f"val_rmse_{name}"
             if key in results[0]["rows"][0]:
                 curve = np.mean([[r[key] for r in res["rows"]] for res in results], axis=0)
                 ax1.plot(epochs, curve, color=color, ls=ls, label=f"{model} {name}")
     ax0.set(xscale="log", xlabel="1 − β  (band: raw, 95% CI)", ylabel=f"test RMSE ({rule})")
+    raw_means = [mean_ci(summarise(res, rule)[0]["rmse"])[0] for res in runs.values()]
+    if raw_means:  # off-scale points (a plain β too slow for the run's length) are clipped
+        ax0.set_ylim(0.85 * min(raw_means), 1.5 * max(raw_means))
     ax0.invert_xaxis()
     ax0.legend(fontsize=6)
     ax1.set(xlabel="epoch", ylabel="validation RMSE, mean over seeds")
@@ -197,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     p.add_argument(
         "--perturb", type=float, nargs="*", default=[0.01, 0.02, 0.05], help="relative sizes"
     )
@@ -226,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     epochs=args.epochs,
                     batch_size=args.batch_size,
                     lr=args.lr,
+                    weight_decay=args.weight_decay,
+                    cosine=args.cosine,
                     ema_decays=SWEEP_DECAYS,
                     ema_debias=SWEEP_DEBIAS,
                     seed=seed,

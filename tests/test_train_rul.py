@@ -1,5 +1,6 @@
 """RUL training: tiny end-to-end runs (EMA smoother than raw), CLI outputs, sweep statistics."""
 
+import dataclasses
 import json
 
 import jax
@@ -175,7 +176,7 @@ def _fake(seed, val, test):
         n: {"val_rmse": v, "rmse": t, "score": 10 * t, "epoch": 3}
         for n, v, t in zip(variants, val, test, strict=True)
     }
-    cfg = {"epochs": 3, "batch_size": 8, "lr": 1e-3}
+    cfg = dataclasses.asdict(Config(epochs=3, batch_size=8, seed=seed, perturb=(0.01,)))
     return {"config": cfg, "rows": [], "test": {"last": metrics, "best": metrics}}
 
 
@@ -189,3 +190,6 @@ def test_sweep_table_pairs_by_seed_and_selects_on_validation_only():
     best = text.split("## Best configuration")[1]
     assert "weights `ema0.9`" in best
     assert "test RMSE 13.50 ± " in best
+    assert (
+        "Runs: `python -m experiments.sweep --subset FD001 --models m --seeds 3 --epochs 3" in text
+    )
