@@ -1,0 +1,661 @@
+"""Benchmark: the EMA update at memory-bandwidth speed (issue 5), measured side by side.
+
+An EMA update is pure memory traffic: read the average, read the params, write the
+average — 12 B per fp32 parameter. Every implementation below runs in the same process,
+round-robin (one update of each, repeated), and the median is reported:
+
+* ``ema_jax``        ``ema_jax.ema(0.999)`` jitted, state donated (the default: NaN/Inf guard on)
+* ``ema_jax nochk``  the same with ``skip_nonfinite=False``
+* ``flat lerp``      one flat jax buffer ``e + α(p - e)``, donated (a lower bound for XLA)
+* ``optax.ema``      ``optax.ema(0.999, debias=False)`` jitted without donation (the naive way)
+* ``np copy``        ``np.copyto`` of the params (8 B/param): the machine's copy bandwidth
+* ``torch foreach``  ``torch._foreach_lerp_`` over the same leaves (timm ModelEmaV3's kernel),
+                     with torch's default threads and with 1 thread (``1T``); the faster counts
+
+and, on the same machine: P2 (a train step of the RUL model and an Adam step with and
+without EMA), P3 (memory of params + Adam + EMA, donated), P4 (K decays in one update),
+the measured effect of each implementation choice, and a few XLA_FLAGS.
+
+    python -m experiments.bench_ema --quick            # smoke run, ~1 minute
+    python -m experiments.bench_ema --json experiments/results/bench_cpu.json \\
+        --md experiments/results/bench_cpu.md          # the full table (several minutes)
+
+torch is optional (``pip install -e '.[bench]'``); without it its column is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+import ema_jax
+
+# torch's OpenMP threads busy-wait by default and then starve XLA's (and vice versa) when
+# the two alternate on few cores; passive waiting keeps the side-by-side timings honest.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:  # optional: the benchmark extra
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+DECAY = 0.999
+ALPHA = 1.0 - DECAY
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Round-robin: one call of each function per round, ``repeats`` rounds; median ms."""
+    for fn in fns.values():  # compile and warm up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+class _Donated:
+    """Holds a state and calls ``state = fn(*args, state)`` (``state`` donated) per step."""
+
+    def __init__(self, fn: Callable[..., Any], state: Any, *args: Any) -> None:
+        self.fn = jax.jit(fn, donate_argnums=len(args))
+        self.state = state
+        self.args = args
+
+    def __call__(self) -> None:
+        self.state = self.fn(*self.args, self.state)
+        jax.block_until_ready(self.state)
+
+
+def _leaf_shapes(n: int, leaves: int) -> list[tuple[int, ...]]:
+    """``leaves`` leaves of ``n // leaves`` params, 2-D ``[rows, 100]`` like weight matrices."""
+    size = n // leaves
+    return [(size // 100, 100) if size % 100 == 0 else (size,) for _ in range(leaves)]
+
+
+def _params(n: int, leaves: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(s, dtype=np.float32) - 0.5 for s in _leaf_shapes(n, leaves)]
+
+
+# ----------------------------------------------------------------------------- P1
+
+
+def _ema_update(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
+    def update(params: Any, state: Any) -> Any:
+        return tx.update(params, state)[1]
+
+    return update
+
+
+def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
+    """One EMA update of ``n`` fp32 params in ``leaves`` leaves: ms per implementation."""
+    host = _params(n, leaves)
+    params = [jnp.asarray(x) for x in host]
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, tx in [
+        ("ema_jax", ema_jax.ema(DECAY)),
+        ("ema_jax nochk", ema_jax.ema(DECAY, skip_nonfinite=False)),
+    ]:
+        fns[name] = _Donated(_ema_update(tx), tx.init(params), params)
+
+    flat_p = jnp.asarray(np.concatenate([x.ravel() for x in host]))
+    fns["flat lerp"] = _Donated(lambda p, e: e + ALPHA * (p - e), flat_p + 0, flat_p)
+
+    naive = optax.ema(DECAY, debias=False)
+    naive_update = jax.jit(naive.update)
+    naive_state = {"s": naive.init(params)}
+
+    def optax_step() -> None:
+        out, naive_state["s"] = naive_update(params, naive_state["s"])
+        jax.block_until_ready((out, naive_state["s"]))
+
+    fns["optax.ema"] = optax_step
+
+    src = np.concatenate([x.ravel() for x in host])
+    dst = np.empty_like(src)
+    fns["np copy"] = lambda: np.copyto(dst, src)
+
+    if torch is not None:
+        t_params = [torch.from_numpy(x.copy()) for x in host]
+        t_ema = [torch.from_numpy(x.copy()) for x in host]
+        threads = torch.get_num_threads()
+
+        def torch_foreach(num_threads: int) -> Callable[[], None]:
+            def run() -> None:
+                torch.set_num_threads(num_threads)
+                torch._foreach_lerp_(t_ema, t_params, ALPHA)
+
+            return run
+
+        fns["torch foreach"] = torch_foreach(threads)
+        fns["torch foreach 1T"] = torch_foreach(1)
+        ms = _median_ms(fns, repeats)
+        torch.set_num_threads(threads)
+        return ms
+    return _median_ms(fns, repeats)
+
+
+# ----------------------------------------------------------------------------- P2
+
+
+def _rul_model() -> tuple[Any, str]:
+    """The RUL experiment's 1-D CNN (experiments/models.py) if present, else a stand-in."""
+    try:
+        from experiments.models import DCNN
+
+        return DCNN(), "experiments.models.DCNN"
+    except ImportError:  # pragma: no cover - depends on the checkout
+        import flax.linen as nn
+
+        class SmallCNN(nn.Module):
+            @nn.compact
+            def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+                for _ in range(4):
+                    x = nn.LayerNorm()(jnp.tanh(nn.Conv(10, (10,), padding="SAME")(x)))
+                x = jnp.tanh(nn.Conv(1, (3,), padding="SAME")(x)).reshape(x.shape[0], -1)
+                return nn.Dense(1)(jnp.tanh(nn.Dense(100)(x)))[:, 0]
+
+        return SmallCNN(), "stand-in 1-D CNN (experiments/models.py not found)"
+
+
+def bench_train_step(batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """A jitted, donated train step (RUL model, Adam) with vs without ``ema_jax.ema``."""
+    model, name = _rul_model()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 30, 14)).astype(np.float32))
+    y = jnp.asarray(rng.random(batch).astype(np.float32))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+
+    def loss_fn(p: Any, b: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return jnp.mean((model.apply({"params": p}, b[0]) - b[1]) ** 2)
+
+    def plain_step(s: train_state.TrainState, b: Any) -> Any:
+        loss, grads = jax.value_and_grad(loss_fn)(s.params, b)
+        return s.apply_gradients(grads=grads), {"loss": loss}
+
+    runs = {
+        "without EMA": (
+            jax.jit(plain_step, donate_argnums=0),
+            train_state.TrainState.create(
+                apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=optax.adam(1e-3)
+            ),
+        ),
+        "with EMA": (
+            ema_jax.make_train_step(loss_fn),
+            ema_jax.EmaTrainState.create(
+                apply_fn=model.apply, params=params, tx=optax.adam(1e-3), ema=ema_jax.ema(DECAY)
+            ),
+        ),
+    }
+    states = {k: s for k, (_, s) in runs.items()}
+
+    def block(key: str) -> Callable[[], None]:
+        step = runs[key][0]
+
+        def run() -> None:
+            for _ in range(steps):
+                states[key], metrics = step(states[key], (x, y))
+            jax.block_until_ready((states[key], metrics))
+
+        return run
+
+    ms = _median_ms({k: block(k) for k in runs}, repeats)
+    per_step = {k: v / steps for k, v in ms.items()}
+    num = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+    return {
+        "model": name,
+        "params": num,
+        "batch": batch,
+        "ms_per_step": per_step,
+        "ratio": per_step["with EMA"] / per_step["without EMA"],
+    }
+
+
+def _adam_apply(
+    adam: optax.GradientTransformation, grads: Any, state: tuple[Any, Any]
+) -> tuple[Any, Any]:
+    params, opt_state = state
+    updates, opt_state = adam.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
+    """Adam step (grads given) on ``n`` params with vs without EMA, and the 8 B/param cost.
+
+    The cost of 8 B/param is measured as a donated in-place ``x * c`` over ``n`` params
+    (read 4 B + write 4 B): the bandwidth XLA reaches on this machine.
+    """
+    host = _params(n, leaves)
+    params = [jnp.asarray(x) for x in host]
+    grads = [jnp.asarray(x * 1e-3) for x in _params(n, leaves, seed=1)]
+    adam = optax.adam(1e-4)
+
+    def with_ema(tx: optax.GradientTransformation) -> Callable[..., Any]:
+        def step(g: Any, state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            params, opt_state = _adam_apply(adam, g, state[:2])
+            return params, opt_state, tx.update(params, state[2])[1]
+
+        return step
+
+    def fresh() -> list[jax.Array]:
+        return [p + 0 for p in params]
+
+    fns: dict[str, Callable[[], Any]] = {
+        "adam": _Donated(lambda g, s: _adam_apply(adam, g, s), (fresh(), adam.init(params)), grads)
+    }
+    for name, tx in [
+        ("adam+ema_jax", ema_jax.ema(DECAY)),
+        ("adam+ema_jax nochk", ema_jax.ema(DECAY, skip_nonfinite=False)),
+    ]:
+        fns[name] = _Donated(with_ema(tx), (fresh(), adam.init(params), tx.init(params)), grads)
+    flat = jnp.asarray(np.concatenate([x.ravel() for x in host]))
+    fns["scale 8B/param"] = _Donated(lambda x: x * 1.0001, flat)
+    ms = _median_ms(fns, repeats)
+    cost8 = ms["scale 8B/param"]
+    extra = {k: ms[k] - ms["adam"] for k in ("adam+ema_jax", "adam+ema_jax nochk")}
+    return {
+        "params": n,
+        "leaves": leaves,
+        "ms": ms,
+        "bandwidth_GBps": 8 * n / (cost8 * 1e-3) / 1e9,
+        "extra_ms": extra,
+        "extra_bytes_per_param": {k: 8 * v / cost8 for k, v in extra.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- P3
+
+
+def _live_bytes() -> int:
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def bench_memory(n: int, leaves: int, steps: int = 3) -> dict[str, Any]:
+    """Bytes held by params + Adam state (+ EMA), donated, after ``steps`` steps.
+
+    Two figures: ``jax.live_arrays()`` bytes (what the process holds between steps) and the
+    compiled step's ``memory_analysis()``: ``temp`` (scratch during the step) and the bytes
+    of outputs that do not reuse a donated input (a transient second copy would show here).
+    """
+    params = [jnp.asarray(x) for x in _params(n, leaves)]
+    grads = [jnp.zeros_like(p) for p in params]
+    adam = optax.adam(1e-4)
+    tx = ema_jax.ema(DECAY)
+    param_bytes = sum(p.nbytes for p in params)
+
+    def plain(g: Any, s: Any) -> Any:
+        return _adam_apply(adam, g, s)
+
+    def with_ema(g: Any, s: Any) -> Any:
+        p, o = _adam_apply(adam, g, s[:2])
+        return p, o, tx.update(p, s[2])[1]
+
+    out: dict[str, Any] = {"params": n, "leaves": leaves, "param_bytes": param_bytes}
+    for name, fn, make in [
+        ("without EMA", plain, lambda p: (p, adam.init(p))),
+        ("with EMA", with_ema, lambda p: (p, adam.init(p), tx.init(p))),
+    ]:
+        base = _live_bytes()
+        state = make([p + 0 for p in params])
+        step = jax.jit(fn, donate_argnums=1)
+        analysis = step.lower(grads, state).compile().memory_analysis()
+        for _ in range(steps):
+            state = step(grads, state)
+        jax.block_until_ready(state)
+        live = _live_bytes() - base
+        out[name] = {
+            "live_bytes": live,
+            "live_copies": live / param_bytes,
+            "temp_bytes": int(analysis.temp_size_in_bytes),
+            "unaliased_output_bytes": int(
+                analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            ),
+        }
+        del state, step
+    out["extra_bytes"] = out["with EMA"]["live_bytes"] - out["without EMA"]["live_bytes"]
+    out["extra_copies"] = out["extra_bytes"] / param_bytes
+    return out
+
+
+# ----------------------------------------------------------------------------- P4
+
+
+def bench_multi_decay(
+    n: int, leaves: int, repeats: int, k: int = 3, skip_nonfinite: bool = True
+) -> dict[str, Any]:
+    """``ema(decay=(β_1..β_K))`` vs K separate single-decay updates (target (1+2K)/(3K))."""
+    params = [jnp.asarray(x) for x in _params(n, leaves)]
+    decays = (0.99, 0.999, 0.9999, 0.99999)[:k]
+    fns: dict[str, Callable[[], Any]] = {}
+    multi = ema_jax.ema(decays, skip_nonfinite=skip_nonfinite)
+    fns["K decays, one update"] = _Donated(_ema_update(multi), multi.init(params), params)
+    singles = [ema_jax.ema(d, skip_nonfinite=skip_nonfinite) for d in decays]
+    separate = [_Donated(_ema_update(tx), tx.init(params), params) for tx in singles]
+
+    def run_separate() -> None:
+        for step in separate:
+            step()
+
+    fns["K separate updates"] = run_separate
+    ms = _median_ms(fns, repeats)
+    ratio = ms["K decays, one update"] / ms["K separate updates"]
+    return {
+        "K": k,
+        "params": n,
+        "leaves": leaves,
+        "skip_nonfinite": skip_nonfinite,
+        "ms": ms,
+        "ratio": ratio,
+        "target": (1 + 2 * k) / (3 * k),
+    }
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+def bench_choices(n: int, leaves: int, repeats: int) -> dict[str, float]:
+    """The effect of each implementation choice, as ms per optimizer step.
+
+    ``v0`` re-implements the first version's hot path for comparison: the NaN/Inf guard as
+    ``all(isfinite(x))`` per leaf and the skip as ``where(apply, lerp, ema)`` (a full pass
+    over memory even on steps that do not update).
+    """
+    params = [jnp.asarray(x) for x in _params(n, leaves)]
+
+    def v0(update_every: int) -> Callable[[Any, Any], Any]:
+        def update(p: Any, state: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+            count, ema = state
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in p]))
+            apply = finite & ((count + 1) % update_every == 0)
+            new = [jnp.where(apply, e + ALPHA * (x - e), e) for e, x in zip(ema, p, strict=True)]
+            return count + 1, new
+
+        return update
+
+    def per_step(step: Callable[[], None], k: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(k):
+                step()
+
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {}
+    fresh = lambda: (jnp.zeros([], jnp.int32), [p + 0 for p in params])  # noqa: E731
+    fns["v0: isfinite guard + select"] = _Donated(v0(1), fresh(), params)
+    tx = ema_jax.ema(DECAY)
+    fns["now: sum guard + cond"] = _Donated(_ema_update(tx), tx.init(params), params)
+    nochk = ema_jax.ema(DECAY, skip_nonfinite=False)
+    fns["no guard"] = _Donated(_ema_update(nochk), nochk.init(params), params)
+    every = ema_jax.ema(DECAY, update_every=4)
+    fns["update_every=4, v0 select (4 steps)"] = per_step(_Donated(v0(4), fresh(), params), 4)
+    fns["update_every=4, now cond (4 steps)"] = per_step(
+        _Donated(_ema_update(every), every.init(params), params), 4
+    )
+    undonated = jax.jit(_ema_update(tx))
+    state = {"s": tx.init(params)}
+
+    def not_donated() -> None:
+        state["s"] = undonated(params, state["s"])
+        jax.block_until_ready(state["s"])
+
+    fns["now, not donated"] = not_donated
+    ms = _median_ms(fns, repeats)
+    for key in list(ms):
+        if "(4 steps)" in key:
+            ms[key.replace("(4 steps)", "per step")] = ms.pop(key) / 4
+    return ms
+
+
+# ----------------------------------------------------------------------------- XLA flags
+
+
+def bench_flags(n: int, leaves: int, repeats: int, flag_sets: list[str]) -> list[dict[str, Any]]:
+    """The update (ema_jax, flat lerp) under other XLA_FLAGS, each in a fresh process."""
+    rows = []
+    for flags in flag_sets:
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+        code = (
+            "import json, experiments.bench_ema as b; "
+            f"print(json.dumps(b.bench_update({n}, {leaves}, {repeats})))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            rows.append({"flags": flags, "error": proc.stderr.strip().splitlines()[-1]})
+            continue
+        ms = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"flags": flags or "(default)", "ms": ms})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _best_torch(ms: dict[str, float]) -> float | None:
+    """The faster of torch's two thread settings (the stricter comparison for ema_jax)."""
+    found = [ms[k] for k in ("torch foreach", "torch foreach 1T") if k in ms]
+    return min(found) if found else None
+
+
+def _p1_table(rows: list[dict[str, Any]]) -> list[str]:
+    cols = [
+        "ema_jax",
+        "ema_jax nochk",
+        "flat lerp",
+        "optax.ema",
+        "np copy",
+        "torch foreach",
+        "torch foreach 1T",
+    ]
+    lines = [
+        "| params | leaves | " + " | ".join(f"{c} ms" for c in cols) + " | ema_jax GB/s "
+        "| ema_jax speed vs torch | nochk speed vs torch | ema_jax speed vs optax.ema |",
+        "|" + "---|" * (len(cols) + 6),
+    ]
+    for r in rows:
+        ms = r["ms"]
+        torch_ms = _best_torch(ms)
+        gbps = 12 * r["params"] / (ms["ema_jax"] * 1e-3) / 1e9
+        cells = [_fmt(ms.get(c)) for c in cols]
+        lines.append(
+            f"| {r['params']:.0e} | {r['leaves']} | "
+            + " | ".join(cells)
+            + f" | {gbps:.1f} | {_fmt(torch_ms and torch_ms / ms['ema_jax'])}"
+            f" | {_fmt(torch_ms and torch_ms / ms['ema_jax nochk'])}"
+            f" | {_fmt(ms['optax.ema'] / ms['ema_jax'])} |"
+        )
+    return lines
+
+
+def report(results: dict[str, Any]) -> str:
+    out = [f"## EMA benchmark ({results['machine']})", "", f"load before: {results['load']}", ""]
+    out.append(
+        "### P1: one update, fp32, ms (median); speed = other ms / ema_jax ms (torch: the "
+        "faster of its two thread settings); > 1: ema_jax is faster"
+    )
+    out += _p1_table(results["p1"])
+    summary = ["| goal | measured | target | met |", "|---|---|---|---|"]
+    for r in results["p1"]:
+        t = _best_torch(r["ms"])
+        if t is not None:
+            ratio = t / r["ms"]["ema_jax"]
+            nochk = t / r["ms"]["ema_jax nochk"]
+            summary.append(
+                f"| P1 throughput ema_jax / torch foreach, {r['params']:.0e} params, "
+                f"{r['leaves']} leaves (skip_nonfinite=False: {nochk:.2f}×) "
+                f"| {ratio:.2f}× | ≥ 1.0× | {'yes' if ratio >= 1 else 'no'} |"
+            )
+    if "p2_model" in results:
+        p = results["p2_model"]
+        summary.append(
+            f"| P2 train step with/without EMA ({p['model']}, {p['params']} params, "
+            f"batch {p['batch']}: {p['ms_per_step']['without EMA']:.3f} ms) | {p['ratio']:.3f} "
+            f"| ≤ 1.03 | {'yes' if p['ratio'] <= 1.03 else 'no'} |"
+        )
+    if "p2_adam" in results:
+        p = results["p2_adam"]
+        for k, b in p["extra_bytes_per_param"].items():
+            summary.append(
+                f"| P2 {k} − adam, {p['params']:.0e} params: extra "
+                f"{p['extra_ms'][k]:.2f} ms = {b:.1f} B/param at {p['bandwidth_GBps']:.1f} GB/s "
+                f"| {b:.1f} B/param | ≤ 8 B/param | {'yes' if b <= 8 else 'no'} |"
+            )
+    if "p3" in results:
+        p = results["p3"]
+        w, wo = p["with EMA"], p["without EMA"]
+        summary.append(
+            f"| P3 live bytes with − without EMA, {p['params']:.0e} params (params+Adam: "
+            f"{wo['live_copies']:.3f} copies; +EMA: {w['live_copies']:.3f}; step temp "
+            f"{wo['temp_bytes']}/{w['temp_bytes']} B, unaliased outputs "
+            f"{wo['unaliased_output_bytes']}/{w['unaliased_output_bytes']} B) "
+            f"| {p['extra_copies']:.4f} copies | 1 copy | "
+            f"{'yes' if abs(p['extra_copies'] - 1) < 1e-3 else 'no'} |"
+        )
+    for p in results.get("p4", []):
+        summary.append(
+            f"| P4 K={p['K']} decays / K separate updates, {p['params']:.0e} params, "
+            f"{p['leaves']} leaves, skip_nonfinite={p['skip_nonfinite']} "
+            f"({p['ms']['K decays, one update']:.2f} / {p['ms']['K separate updates']:.2f} ms) "
+            f"| {p['ratio']:.3f} | ≤ {p['target']:.3f} "
+            f"| {'yes' if p['ratio'] <= p['target'] else 'no'} |"
+        )
+    out += ["", "### Goals", *summary]
+    if results.get("choices"):
+        c = results["choices"]
+        out += ["", f"### Choices ({c['params']:.0e} params, {c['leaves']} leaves): ms per step"]
+        out += ["| variant | ms |", "|---|---|"]
+        out += [f"| {k} | {v:.2f} |" for k, v in c["ms"].items()]
+    if results.get("flags"):
+        out += ["", "### XLA flags (fresh process each; ms at the P1 flags size)"]
+        out += [
+            "| XLA_FLAGS | ema_jax | ema_jax nochk | flat lerp | torch foreach (best) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["flags"]:
+            if "error" in r:
+                out.append(f"| {r['flags']} | error: {r['error']} | | | |")
+                continue
+            ms = r["ms"]
+            out.append(
+                f"| {r['flags']} | {_fmt(ms['ema_jax'])} | {_fmt(ms['ema_jax nochk'])} "
+                f"| {_fmt(ms['flat lerp'])} | {_fmt(_best_torch(ms))} |"
+            )
+    out += ["", f"load after: {results['load_after']}", ""]
+    return "\n".join(out)
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    parser.add_argument("--md", metavar="PATH", help="write the printed tables as Markdown")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per measurement")
+    parser.add_argument("--no-flags", action="store_true", help="skip the XLA_FLAGS section")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    if args.quick:
+        sizes = [(1_000_000, 10), (1_000_000, 100)]
+        repeats = args.repeats or 5
+        adam_size, flag_size = (1_000_000, 100), (1_000_000, 100)
+    else:
+        sizes = [(n, k) for n in (1_000_000, 10_000_000, 100_000_000) for k in (10, 100, 1000)]
+        repeats = args.repeats or 30
+        adam_size, flag_size = (10_000_000, 100), (10_000_000, 100)
+
+    results: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}, torch {torch.__version__ if torch else 'not installed'}",
+        "load": _load(),
+        "repeats": repeats,
+        "p1": [],
+    }
+    for n, k in sizes:
+        reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
+        ms = bench_update(n, k, reps)
+        results["p1"].append({"params": n, "leaves": k, "repeats": reps, "ms": ms})
+        print(
+            f"P1 {n:.0e} params / {k} leaves: " + ", ".join(f"{a} {b:.2f}" for a, b in ms.items()),
+            flush=True,
+        )
+    results["p2_model"] = bench_train_step(batch=256, steps=20, repeats=3 if args.quick else 15)
+    print("P2 model:", results["p2_model"], flush=True)
+    results["p2_adam"] = bench_adam_step(*adam_size, repeats=repeats)
+    print("P2 adam:", results["p2_adam"], flush=True)
+    results["p3"] = bench_memory(*adam_size)
+    results["p4"] = [
+        bench_multi_decay(n, k, repeats, skip_nonfinite=chk)
+        for n, k in [adam_size, (adam_size[0], 10)]
+        for chk in (True, False)
+    ]
+    results["choices"] = {
+        "params": adam_size[0],
+        "leaves": adam_size[1],
+        "ms": bench_choices(*adam_size, repeats),
+    }
+    if not args.no_flags:
+        flag_sets = [
+            "",
+            "--xla_cpu_multi_thread_eigen=false",
+            "--xla_cpu_use_fusion_emitters=false",
+            "--xla_cpu_enable_fast_math=true",
+        ]
+        results["flags"] = bench_flags(
+            *flag_size, max(5, repeats // 2), flag_sets[: 2 if args.quick else None]
+        )
+    results["load_after"] = _load()
+    text = report(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
