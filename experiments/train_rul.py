@@ -298,8 +298,9 @@ def write_history(result: dict[str, Any], out: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_curves(result: dict[str, Any], path: Path) -> None:
-    """Training loss and validation RMSE per epoch, raw vs each EMA variant."""
+def plot_curves(result: dict[str, Any], path: Path, variants: Sequence[str] | None = None) -> None:
+    """Training loss and validation RMSE per epoch, raw vs each EMA variant (or only
+    ``variants``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +308,10 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
 
     rows = result["rows"]
     epochs = [r["epoch"] for r in rows]
-    variants = ["raw"] + [k[len("val_rmse_") :] for k in rows[0] if k.startswith("val_rmse_ema")]
+    if variants is None:
+        variants = ["raw"] + [
+            k[len("val_rmse_") :] for k in rows[0] if k.startswith("val_rmse_ema")
+        ]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
     ax0.plot(epochs, [r["train_loss"] for r in rows], color="k")
     ax0.set(xlabel="epoch", ylabel="train loss (normalised MSE)", yscale="log")

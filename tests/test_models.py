@@ -20,7 +20,6 @@ def test_shapes_dropout_and_per_window_outputs(name):
     assert y.shape == (5,)
     assert y.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y)))
-    np.testing.assert_array_equal(y, apply(variables, x, train=False))
 
     # a window's prediction does not depend on the rest of its batch (no batch norm)
     reordered = apply(variables, x[::-1])[::-1]
