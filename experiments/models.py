@@ -16,6 +16,7 @@ Normalisation is LayerNorm, never BatchNorm, because this project averages weigh
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -27,10 +28,12 @@ class DCNN(nn.Module):
     """1-D CNN over time in the spirit of Li, Ding & Sun (2018), "DCNN" for C-MAPSS.
 
     ``num_conv`` convolutions over the time axis (``filters`` channels, ``kernel`` taps,
-    'SAME' padding, tanh, LayerNorm over channels), a 1-channel convolution (kernel 3)
-    that fuses the feature maps, flatten, dropout, ``Dense(hidden)`` + tanh, ``Dense(1)``.
-    Li et al. used 4×(10 filters, kernel 10), a 1×3 fusion layer, dropout 0.5 and 100
-    hidden units; LayerNorm is our addition (see the module docstring).
+    'SAME' padding, tanh, then LayerNorm over channels when ``layer_norm``), a 1-channel
+    convolution (kernel 3) that fuses the feature maps, flatten, dropout, ``Dense(hidden)``
+    + tanh, ``Dense(1)``; Xavier-normal kernels, zero biases. Li et al. used 4×(10 filters,
+    kernel 10), a 1×3 fusion layer, dropout 0.5, 100 hidden units and no normalisation
+    layer (``layer_norm=False``, registered as ``dcnn_li``); LayerNorm is our optional
+    addition (see the module docstring).
     """
 
     filters: int = 10
@@ -38,13 +41,16 @@ class DCNN(nn.Module):
     num_conv: int = 4
     hidden: int = 100
     dropout: float = 0.5
+    layer_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         init = nn.initializers.glorot_normal()
         for _ in range(self.num_conv):
             x = nn.Conv(self.filters, (self.kernel,), padding="SAME", kernel_init=init)(x)
-            x = nn.LayerNorm()(jnp.tanh(x))
+            x = jnp.tanh(x)
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
         x = jnp.tanh(nn.Conv(1, (3,), padding="SAME", kernel_init=init)(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -88,7 +94,11 @@ class CNNAttention(nn.Module):
         return nn.Dense(1)(z)[:, 0]
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"dcnn": DCNN, "cnn_attn": CNNAttention}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "dcnn": DCNN,
+    "dcnn_li": functools.partial(DCNN, layer_norm=False),
+    "cnn_attn": CNNAttention,
+}
 
 
 def make_model(name: str) -> nn.Module:

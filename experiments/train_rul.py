@@ -18,6 +18,13 @@ Model selection uses validation only, with two documented rules, both reported:
 
 The test split is read once, after training, for both rules and every variant.
 
+``--refit-all`` is the second stage of the usual protocol: choose the model, epoch count
+and EMA variant on the validation split, then retrain that choice on *all* training
+engines (no validation engines left) for that many epochs and deploy the final weights.
+Nothing is selected in such a run: the per-epoch "validation" columns then monitor a
+fixed subsample of the training windows (dropout off), and the ``best`` rule is the
+final epoch, identical to ``last``.
+
 Outputs in ``--out``: ``history.json`` (config, per-epoch rows, final results),
 ``history.csv`` (per-epoch rows), ``curves.png`` (raw vs EMA), ``ema_params/`` (the EMA
 weights, Orbax).
@@ -57,9 +64,12 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.0
     cosine: bool = False
+    lr_drop_epoch: int = 0  # > 0: lr × lr_drop_factor from this epoch on (Li et al.: 200)
+    lr_drop_factor: float = 0.1
     ema_decays: tuple[float, ...] = (0.999,)
     ema_debias: tuple[bool, ...] = (False,)
     seed: int = 0
+    refit_all: bool = False  # train on every training engine; no validation split
     perturb: tuple[float, ...] = field(default=())  # relative sizes for the flatness probe
     perturb_draws: int = 4
     progress: bool = True
@@ -75,6 +85,14 @@ class Config:
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
+        if isinstance(self.lr_drop_epoch, bool) or not isinstance(self.lr_drop_epoch, int):
+            raise ValueError(f"lr_drop_epoch must be an int >= 0, got {self.lr_drop_epoch!r}")
+        if self.lr_drop_epoch < 0:
+            raise ValueError(f"lr_drop_epoch must be an int >= 0, got {self.lr_drop_epoch!r}")
+        if self.lr_drop_epoch and self.cosine:
+            raise ValueError("lr_drop_epoch and cosine are exclusive schedules: pick one")
+        if not 0.0 < self.lr_drop_factor <= 1.0:
+            raise ValueError(f"lr_drop_factor must lie in (0, 1], got {self.lr_drop_factor!r}")
         if not self.ema_decays:
             raise ValueError("ema_decays must hold at least one decay in [0, 1)")
         for d in self.ema_decays:
@@ -160,9 +178,14 @@ def perturbed_losses(
 
 def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """AdamW (``weight_decay`` decoupled; 0 gives Adam), constant learning rate or, with
-    ``cosine``, ``lr·½(1 + cos(π·t/T))`` over the ``T = epochs·steps_per_epoch`` steps."""
+    ``cosine``, ``lr·½(1 + cos(π·t/T))`` over the ``T = epochs·steps_per_epoch`` steps, or,
+    with ``lr_drop_epoch = E > 0``, ``lr`` for the first E epochs and ``lr·lr_drop_factor``
+    after (Li et al. 2018: 10⁻³ for 200 epochs, then 10⁻⁴)."""
     lr: float | optax.Schedule = cfg.lr
-    if cfg.cosine:
+    if cfg.lr_drop_epoch:
+        boundary = cfg.lr_drop_epoch * steps_per_epoch
+        lr = optax.piecewise_constant_schedule(cfg.lr, {boundary: cfg.lr_drop_factor})
+    elif cfg.cosine:
         lr = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.epochs * steps_per_epoch))
     return optax.adamw(lr, weight_decay=cfg.weight_decay)
 
@@ -203,7 +226,10 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
             "mse": jnp.mean((pred * max_rul - y) ** 2),
         }
 
-    val = list(batches(ds.x_val, ds.y_val, 4096, None))
+    if cfg.refit_all:  # no validation engines: monitor every 8th training window
+        val = list(batches(ds.x_train[::8], ds.y_train[::8], 4096, None))
+    else:
+        val = list(batches(ds.x_val, ds.y_val, 4096, None))
     variants = cfg.variants
     best: dict[str, tuple[float, int, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -225,7 +251,10 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
             rmse = float(np.sqrt(mse))
             row[f"val_loss_{name}"] = loss
             row[f"val_rmse_{name}"] = rmse
-            if name not in best or rmse < best[name][0]:
+            if cfg.refit_all:  # no selection: "best" is the final epoch
+                if epoch + 1 == cfg.epochs:
+                    best[name] = (rmse, epoch + 1, jax.device_get(params))
+            elif name not in best or rmse < best[name][0]:
                 best[name] = (rmse, epoch + 1, jax.device_get(params))
         rows.append(row)
         first = variants[1]
@@ -270,7 +299,10 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
 
     result: dict[str, Any] = {"config": asdict(cfg), "rows": rows, "test": test}
     if cfg.perturb:
-        data = (jnp.asarray(ds.x_val), jnp.asarray(ds.y_val))
+        x_probe, y_probe = (
+            (ds.x_train[::8], ds.y_train[::8]) if cfg.refit_all else (ds.x_val, ds.y_val)
+        )
+        data = (jnp.asarray(x_probe), jnp.asarray(y_probe))
 
         def val_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
             return jnp.mean((model.apply({"params": params}, x) - y / max_rul) ** 2)
@@ -343,6 +375,15 @@ def export_ema(state: ema_jax.EmaTrainState, variants: Sequence[str], path: Path
     return written
 
 
+def load_data(cfg: Config) -> Any:
+    """The dataset of ``cfg``: the seeded engine-level validation split (20% of the training
+    engines), or every training engine with ``refit_all``."""
+    from experiments import cmapss
+
+    kwargs: dict[str, Any] = {"val_fraction": 0.0} if cfg.refit_all else {}
+    return cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **kwargs)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m experiments.train_rul",
@@ -360,6 +401,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     p.add_argument(
+        "--lr-drop-epoch",
+        type=int,
+        default=0,
+        help="multiply the learning rate by --lr-drop-factor from this epoch on (0: never; "
+        "Li et al. 2018 used 200 of 250)",
+    )
+    p.add_argument("--lr-drop-factor", type=float, default=0.1)
+    p.add_argument(
         "--ema-decay",
         type=float,
         nargs="+",
@@ -370,6 +419,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ema-debias", action="store_true", help="bias-corrected averages (default plain)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--refit-all",
+        action="store_true",
+        help="train on ALL training engines (no validation split) for --epochs, a choice made "
+        "beforehand on validation; per-epoch columns then monitor training windows and the "
+        "'best' rule is the last epoch",
+    )
     p.add_argument(
         "--perturb",
         type=float,
@@ -383,7 +439,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from experiments import cmapss
 
     args = parse_args(argv)
     cfg = Config(
@@ -395,13 +450,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lr=args.lr,
         weight_decay=args.weight_decay,
         cosine=args.cosine,
+        lr_drop_epoch=args.lr_drop_epoch,
+        lr_drop_factor=args.lr_drop_factor,
         ema_decays=tuple(args.ema_decay),
         ema_debias=(args.ema_debias,) * len(args.ema_decay),
         seed=args.seed,
+        refit_all=args.refit_all,
         perturb=tuple(args.perturb),
         progress=not args.no_progress,
     )
-    ds = cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
+    ds = load_data(cfg)
     print(
         f"data: {cfg.data_dir or 'synthetic default'} {cfg.subset}  train {len(ds.x_train)}  "
         f"val {len(ds.x_val)}  test {len(ds.x_test)} windows, {len(ds.features)} features"

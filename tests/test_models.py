@@ -34,5 +34,27 @@ def test_shapes_dropout_and_per_window_outputs(name):
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match=r"model must be one of \['cnn_attn', 'dcnn'\]"):
+    with pytest.raises(ValueError, match=r"model must be one of \['cnn_attn', 'dcnn', 'dcnn_li'\]"):
         make_model("lstm")
+
+
+def test_dcnn_li_is_the_dcnn_without_layer_norm():
+    """``dcnn_li`` (Li et al. 2018 as published) has exactly the DCNN's convolution and dense
+    weights and no LayerNorm scale/shift; with LayerNorm at identity (scale 1, shift 0) the
+    two still differ, so the flag really removes the normalisation."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 30, 14)), jnp.float32)
+    ln = make_model("dcnn").init(jax.random.key(0), x)["params"]
+    li = make_model("dcnn_li").init(jax.random.key(0), x)["params"]
+    assert not any(k.startswith("LayerNorm") for k in li)
+    assert {k for k in ln if not k.startswith("LayerNorm")} == set(li)
+    for k in li:
+        for a, b in zip(jax.tree.leaves(ln[k]), jax.tree.leaves(li[k]), strict=True):
+            assert a.shape == b.shape
+    n_li = sum(p.size for p in jax.tree.leaves(li))
+    # 14·10·10+10, 3×(10·10·10+10), 10·3+1, 30·100+100, 100+1 (Li et al.'s layer sizes)
+    assert n_li == (1400 + 10) + 3 * (1000 + 10) + (30 + 1) + (3000 + 100) + (100 + 1)
+    merged = {k: li[k] if k in li else ln[k] for k in ln}
+    assert not np.allclose(
+        make_model("dcnn").apply({"params": merged}, x),
+        make_model("dcnn_li").apply({"params": li}, x),
+    )

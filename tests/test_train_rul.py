@@ -11,7 +11,15 @@ import pytest
 from ema_jax import checkpoint
 from experiments import cmapss, sweep, synthetic
 from experiments.models import make_model
-from experiments.train_rul import Config, batches, main, parse_args, perturbed_losses
+from experiments.train_rul import (
+    Config,
+    batches,
+    load_data,
+    main,
+    optimizer,
+    parse_args,
+    perturbed_losses,
+)
 
 EPOCHS = 8
 
@@ -128,6 +136,9 @@ def test_help_lists_every_option(capsys):
         ({"ema_decays": (1.0,)}, r"ema_decays must lie in \[0, 1\)"),
         ({"ema_decays": (0.9, 0.99)}, "ema_debias needs one bool per decay"),
         ({"perturb": (0.0,)}, "perturb sizes must be > 0"),
+        ({"lr_drop_epoch": -1}, "lr_drop_epoch must be an int >= 0"),
+        ({"lr_drop_epoch": 5, "cosine": True}, "exclusive schedules"),
+        ({"lr_drop_factor": 0.0}, r"lr_drop_factor must lie in \(0, 1\]"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -193,3 +204,54 @@ def test_sweep_table_pairs_by_seed_and_selects_on_validation_only():
     assert (
         "Runs: `python -m experiments.sweep --subset FD001 --models m --seeds 3 --epochs 3" in text
     )
+
+
+def test_lr_drop_multiplies_the_step_size_from_the_given_epoch():
+    """Adam's first steps on a constant gradient move each weight by ≈ lr (m̂/√v̂ = 1):
+    lr for the first ``lr_drop_epoch`` epochs, lr·factor afterwards."""
+    cfg = Config(lr=1e-2, lr_drop_epoch=2, lr_drop_factor=0.1)
+    tx = optimizer(cfg, steps_per_epoch=3)
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    steps = []
+    for _ in range(9):
+        updates, state = tx.update(jnp.ones(2), state, params)
+        steps.append(float(-updates[0]))
+    np.testing.assert_allclose(steps[:6], 1e-2, rtol=1e-4)
+    np.testing.assert_allclose(steps[6:], 1e-3, rtol=1e-4)
+
+
+def test_refit_all_trains_on_every_engine_and_selects_nothing(cli_run, tmp_path):
+    """``--refit-all``: every training engine is trained on (no validation engines), and the
+    ``best`` rule is the final epoch (nothing is selected without validation data)."""
+    _, out, _ = cli_run
+    data = json.loads((out / "history.json").read_text())["config"]["data_dir"]
+    cfg = Config(data_dir=data, model="dcnn", refit_all=True)
+    full = load_data(cfg)
+    assert len(full.x_val) == 0
+    assert set(full.unit_train.tolist()) == set(range(1, 13))
+    argv = ["--data-dir", data, "--model", "dcnn", "--epochs", "2", "--batch-size", "32"]
+    argv += ["--ema-decay", "0.9", "--refit-all", "--out", str(tmp_path), "--no-progress"]
+    result = main(argv)
+    assert result["config"]["refit_all"] is True
+    for name in ("raw", "ema0.9"):
+        assert result["test"]["best"][name] == result["test"]["last"][name]
+        assert result["test"]["best"][name]["epoch"] == 2
+
+
+def test_sweep_never_selects_a_refit_run():
+    """Refit runs have no validation engines: their monitor column must not win selection,
+    and their reproducing command names the schedule and ``--refit-all``."""
+    runs = {"m": [_fake(s, [14.0, 13.0], [12.0, 12.5]) for s in range(2)]}
+    refit = [_fake(s, [1.0, 1.0], [11.0, 11.0]) for s in range(2)]
+    for r in refit:
+        r["config"].update(refit_all=True, lr_drop_epoch=2, lr_drop_factor=0.1)
+    runs["m" + sweep.REFIT_SUFFIX] = refit
+    text = sweep.markdown(runs, "cmd")
+    assert "`m`, weights `ema0.9`" in text.split("## Best configuration")[1]
+    assert "--models m --seeds 2 --epochs 3" in text
+    assert "--lr-drop-epoch 2 --lr-drop-factor 0.1 --refit-all" in text
+    # the refit section reports the validation-chosen `last` variant of the split runs
+    refit_text = text.split("retrained on all training engines")[1]
+    assert "(`ema0.9`, 13.00)" in refit_text
+    assert "**test RMSE 11.00 ± 0.00**" in refit_text
