@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo  - create .venv, install the project with its experiment extras, run the main experiment
 #   make test  - create .venv, install .[dev,experiments], run ruff, ruff format, mypy and pytest
+#   make bench - the EMA benchmark (installs the optional torch==2.13.0 CPU wheel for comparison)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -31,6 +32,10 @@ typecheck: $(VENV)/.dev
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.experiments
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m experiments.bench_ema --json experiments/results/bench_cpu.json --md experiments/results/bench_cpu.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis
