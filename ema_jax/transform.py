@@ -98,7 +98,7 @@ def _check_int(name: str, value: int, minimum: int) -> int:
 
 
 def _first_difference(expected: Params, got: Params) -> str | None:
-    """A message naming the first path where two trees differ in structure, shape or dtype."""
+    """A message naming the first path where two trees differ in structure or shape."""
     exp = jax.tree_util.tree_flatten_with_path(expected)[0]
     act = jax.tree_util.tree_flatten_with_path(got)[0]
     for (pe, le), (pa, la) in zip(exp, act, strict=False):
@@ -146,7 +146,7 @@ def _all_finite(tree: Params) -> jax.Array:
     reducing ``isfinite(x)`` first writes a boolean copy of the leaf; ``max``/``min`` are
     unsafe: XLA:CPU's fast path drops NaNs). Only a non-finite sum (a NaN/Inf, or large
     finite values that overflow) takes the exact branch, ``Σ (x - x)``: 0, or NaN iff some
-    ``x`` is NaN/Inf. Sharded params: one scalar all-reduce per step.
+    ``x`` is NaN/Inf. Sharded params: scalar all-reduces only (one per mesh axis).
     """
     leaves = [x for x in jax.tree.leaves(tree) if _is_float(x.dtype)]
     if not leaves:
@@ -190,7 +190,7 @@ def ema(
         are copied on every applied update, never averaged.
       skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
         (average and weight unchanged) and ``num_skipped`` is incremented. The check is
-        one extra read of the params and one scalar all-reduce when they are sharded;
+        one extra read of the params and scalar all-reduces when they are sharded;
         everything else is shard-local.
 
     Raises:
