@@ -340,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         command = "python -m experiments.sweep " + " ".join(sys.argv[1:])
     (out / f"{args.name}.md").write_text(markdown(runs, command.strip()))
-    plot(runs, out / f"{args.name}.png")
+    split = {m: r for m, r in runs.items() if not r[0]["config"].get("refit_all")}
+    plot(split or runs, out / f"{args.name}.png")  # refit runs have no validation curves
     print(f"wrote {out / (args.name + '.md')} and {out / (args.name + '.png')}")
 
 
