@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plot")
     args = p.parse_args(argv)
 
-    from experiments.train_rul import Config, load_data, run
+    from experiments.train_rul import config_from_args, load_data, run
 
     runs_dir = Path(args.runs)
     if not args.report_only:
@@ -298,22 +298,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 path = runs_dir / f"{model}{suffix}" / f"seed{seed}.json"
                 if path.exists():
                     continue
-                cfg = Config(
-                    data_dir=args.data_dir,
-                    subset=args.subset,
+                cfg = config_from_args(
+                    args,
                     model=model,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                    weight_decay=args.weight_decay,
-                    cosine=args.cosine,
-                    lr_drop_epoch=args.lr_drop_epoch,
-                    lr_drop_factor=args.lr_drop_factor,
                     ema_decays=SWEEP_DECAYS,
                     ema_debias=SWEEP_DEBIAS,
                     seed=seed,
-                    refit_all=args.refit_all,
-                    perturb=tuple(args.perturb),
                     progress=False,
                 )
                 if ds is None:

@@ -438,13 +438,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-
-    args = parse_args(argv)
-    cfg = Config(
+def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
+    """A :class:`Config` from the data/optimisation options ``train_rul`` and ``sweep`` share
+    (same flag names in both CLIs), plus the per-run ``run_options`` (model, decays, seed)."""
+    return Config(
         data_dir=args.data_dir,
         subset=args.subset,
-        model=args.model,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -452,11 +451,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cosine=args.cosine,
         lr_drop_epoch=args.lr_drop_epoch,
         lr_drop_factor=args.lr_drop_factor,
+        refit_all=args.refit_all,
+        perturb=tuple(args.perturb),
+        **run_options,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+
+    args = parse_args(argv)
+    cfg = config_from_args(
+        args,
+        model=args.model,
         ema_decays=tuple(args.ema_decay),
         ema_debias=(args.ema_debias,) * len(args.ema_decay),
         seed=args.seed,
-        refit_all=args.refit_all,
-        perturb=tuple(args.perturb),
         progress=not args.no_progress,
     )
     ds = load_data(cfg)
