@@ -309,16 +309,7 @@ def deploy_params(
         raise TypeError(f"dtype must be a floating dtype or None, got {dtype!r}") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype or None, got {dtype}")
-    averages = state.ema_state.ema
-    if state.num_averages is not None:
-        index = 0 if ema_index is None else ema_index
-        if not 0 <= index < state.num_averages:
-            raise ValueError(f"ema_index must be in [0, {state.num_averages}), got {ema_index!r}")
-        averages = averages[index]
-    elif ema_index not in (None, 0):
-        raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
-    if state.average_model_state:
-        averages = averages["params"]
+    averages = state.accumulators(ema_index)
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, averages
     )

@@ -79,17 +79,29 @@ class EmaTrainState(train_state.TrainState):
         """K when the EMA keeps several decays, else ``None``."""
         return num_averages(self.ema_state)
 
-    def _shadow(self, index: int | None) -> Any:
-        averages = shadow(self.ema_state)
+    def _checked_index(self, index: int | None) -> int | None:
+        """``index`` validated against the number of averages (``None``: all of them)."""
         if self.num_averages is None:
             if index not in (None, 0):
                 raise ValueError(f"ema_index must be None or 0 for a single decay, got {index!r}")
-            return averages
-        if index is None:
-            return averages
-        if not 0 <= index < self.num_averages:
+            return None
+        if index is not None and not 0 <= index < self.num_averages:
             raise ValueError(f"ema_index must be in [0, {self.num_averages}), got {index!r}")
-        return averages[index]
+        return index
+
+    def _shadow(self, index: int | None) -> Any:
+        averages = shadow(self.ema_state)
+        index = self._checked_index(index)
+        return averages if index is None else averages[index]
+
+    def accumulators(self, ema_index: int | None = None) -> Any:
+        """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
+        params), params-shaped: decay ``ema_index`` (default the first) of several."""
+        averages = self.ema_state.ema
+        index = self._checked_index(ema_index)
+        if self.num_averages is not None:
+            averages = averages[0 if index is None else index]
+        return averages["params"] if self.average_model_state else averages
 
     @property
     def ema_params(self) -> Params:
