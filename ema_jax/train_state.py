@@ -89,10 +89,11 @@ class EmaTrainState(train_state.TrainState):
             raise ValueError(f"ema_index must be in [0, {self.num_averages}), got {index!r}")
         return index
 
-    def _shadow(self, index: int | None) -> Any:
-        averages = shadow(self.ema_state)
+    def _one_average(self, index: int | None) -> Any:
+        """The shadow of one average (decay ``index``, default the first), params' dtypes."""
         index = self._checked_index(index)
-        return averages if index is None else averages[index]
+        averages = shadow(self.ema_state)
+        return averages if self.num_averages is None else averages[index or 0]
 
     def accumulators(self, ema_index: int | None = None) -> Any:
         """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
@@ -100,7 +101,7 @@ class EmaTrainState(train_state.TrainState):
         averages = self.ema_state.ema
         index = self._checked_index(ema_index)
         if self.num_averages is not None:
-            averages = averages[0 if index is None else index]
+            averages = averages[index or 0]
         return averages["params"] if self.average_model_state else averages
 
     @property
@@ -111,7 +112,7 @@ class EmaTrainState(train_state.TrainState):
         the state invalidates them. Keep a copy (``jax.tree.map(jnp.copy, ...)``) to hold
         on to them across steps.
         """
-        averages = self._shadow(None)
+        averages = shadow(self.ema_state)
         if not self.average_model_state:
             return averages
         if self.num_averages is None:
@@ -122,15 +123,11 @@ class EmaTrainState(train_state.TrainState):
         """``params`` or the shadow params (decay ``ema_index`` when there are several)."""
         if not use_ema:
             return self.params
-        chosen = self._shadow(
-            0 if self.num_averages is not None and ema_index is None else ema_index
-        )
+        chosen = self._one_average(ema_index)
         return chosen["params"] if self.average_model_state else chosen
 
     def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:
         """``model_state``, or its average when ``average_model_state`` and ``use_ema``."""
         if not (use_ema and self.average_model_state):
             return self.model_state
-        return self._shadow(
-            0 if self.num_averages is not None and ema_index is None else ema_index
-        )["model_state"]
+        return self._one_average(ema_index)["model_state"]
