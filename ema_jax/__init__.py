@@ -15,7 +15,7 @@ from ema_jax.steps import (
     train_with_ema,
 )
 from ema_jax.train_state import EmaTrainState
-from ema_jax.transform import Decay, EmaState, ema, num_averages, shadow
+from ema_jax.transform import Decay, EmaState, accumulators, ema, num_averages, shadow
 from ema_jax.window import (
     decay_for_window,
     effective_window,
@@ -31,6 +31,7 @@ __all__ = [
     "Decay",
     "EmaState",
     "EmaTrainState",
+    "accumulators",
     "checkpoint",
     "decay_for_window",
     "effective_window",

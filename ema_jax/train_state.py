@@ -20,6 +20,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from ema_jax import transform
 from ema_jax.transform import EmaState, Params, num_averages, shadow
 
 
@@ -79,30 +80,17 @@ class EmaTrainState(train_state.TrainState):
         """K when the EMA keeps several decays, else ``None``."""
         return num_averages(self.ema_state)
 
-    def _checked_index(self, index: int | None) -> int | None:
-        """``index`` validated against the number of averages (``None``: all of them)."""
-        if self.num_averages is None:
-            if index not in (None, 0):
-                raise ValueError(f"ema_index must be None or 0 for a single decay, got {index!r}")
-            return None
-        if index is not None and not 0 <= index < self.num_averages:
-            raise ValueError(f"ema_index must be in [0, {self.num_averages}), got {index!r}")
-        return index
-
     def _one_average(self, index: int | None) -> Any:
         """The shadow of one average (decay ``index``, default the first), params' dtypes."""
-        index = self._checked_index(index)
-        averages = shadow(self.ema_state)
-        return averages if self.num_averages is None else averages[index or 0]
+        if self.num_averages is None:
+            return shadow(self.ema_state, index)
+        return shadow(self.ema_state, 0 if index is None else index)
 
     def accumulators(self, ema_index: int | None = None) -> Any:
         """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
         params), params-shaped: decay ``ema_index`` (default the first) of several."""
-        averages = self.ema_state.ema
-        index = self._checked_index(ema_index)
-        if self.num_averages is not None:
-            averages = averages[index or 0]
-        return averages["params"] if self.average_model_state else averages
+        acc = transform.accumulators(self.ema_state, ema_index)
+        return acc["params"] if self.average_model_state else acc
 
     @property
     def ema_params(self) -> Params:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import struct
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from ema_jax import _checks, schedules
 
@@ -45,7 +46,9 @@ class EmaState(struct.PyTreeNode):
       num_skipped: int32, updates skipped because the params held NaN/Inf.
       weight: ``[]`` (one decay) or ``[K]`` (K decays): ``w_t`` of the average, in JAX's
         default float dtype (float32; float64 under x64), like all decay arithmetic.
-      ema: the accumulators, a tree like the params (one decay) or a tuple of K trees.
+      ema: the accumulators, a tree like the params. With K decays every leaf has a
+        trailing axis of size K (``[*param.shape, K]``), so one pass reads each param once
+        and updates its K averages side by side; :func:`shadow` splits them.
       param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
     """
 
@@ -124,6 +127,17 @@ def _first_difference(expected: Params, got: Params) -> str | None:
 def _copy(x: jax.Array, dtype: np.dtype) -> jax.Array:
     """A fresh buffer (never an alias of ``x``), in ``dtype``, with ``x``'s sharding."""
     return jnp.array(x, dtype=dtype, copy=True)
+
+
+def _stacked_copy(x: jax.Array, dtype: np.dtype, k: int) -> jax.Array:
+    """``k`` copies of ``x`` side by side, ``[*x.shape, k]``, sharded like ``x`` (the new
+    trailing axis replicated)."""
+    out = jnp.broadcast_to(jnp.asarray(x, dtype)[..., None], (*jnp.shape(x), k))
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(x, jax.core.Tracer):
+        spec = (*sharding.spec, *(None,) * (out.ndim - len(sharding.spec)))
+        return jax.device_put(out, jax.sharding.NamedSharding(sharding.mesh, P(*spec)))
+    return jnp.array(out, copy=True)
 
 
 def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
@@ -226,12 +240,11 @@ def ema(
                 where = jax.tree_util.keystr(path)
                 raise TypeError(f"params{where} must be an array, got {type(leaf).__name__}")
 
-        def copy_tree() -> Params:
-            return jax.tree.map(
-                lambda x: _copy(x, _accumulator_dtype(x.dtype, accumulator_dtype)), params
-            )
+        def copy(x: jax.Array) -> jax.Array:
+            dtype = _accumulator_dtype(x.dtype, accumulator_dtype)
+            return _stacked_copy(x, dtype, num_decays) if multi else _copy(x, dtype)
 
-        averages = tuple(copy_tree() for _ in decays) if multi else copy_tree()
+        averages = jax.tree.map(copy, params)
         weight = jnp.asarray(
             initial_weights if multi else initial_weights[0], schedules.default_float()
         )
@@ -244,7 +257,11 @@ def ema(
         )
 
     def update_fn(params: Params, state: EmaState, _: Any = None) -> tuple[Params, EmaState]:
-        reference = state.ema[0] if multi else state.ema
+        reference = (
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1], a.dtype), state.ema)
+            if multi
+            else state.ema
+        )
         problem = _first_difference(reference, params)
         if problem is not None:
             raise ValueError(problem)
@@ -267,18 +284,17 @@ def ema(
         keep = jnp.where(apply & safe, betas * weight / jnp.where(safe, new_weight, 1.0), 1.0)
         new_weight = jnp.where(apply, new_weight, weight)
 
-        def average(avg: Params, k: int) -> Params:
-            def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
-                if not _is_float(a.dtype):
-                    return p.astype(a.dtype)
-                return _lerp(a, p.astype(a.dtype), alpha[k], keep[k])
+        # K decays: the [K] factors broadcast over the accumulators' trailing axis.
+        a_k, keep_k = (alpha, keep) if multi else (alpha[0], keep[0])
 
-            return jax.tree.map(leaf, avg, params)
+        def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
+            p = p[..., None] if multi else p
+            if not _is_float(a.dtype):
+                return jnp.broadcast_to(p, a.shape).astype(a.dtype)
+            return _lerp(a, p.astype(a.dtype), a_k, keep_k)
 
         def averages(ema: Params) -> Params:
-            if multi:
-                return tuple(average(avg, k) for k, avg in enumerate(ema))
-            return average(ema, 0)
+            return jax.tree.map(leaf, ema, params)
 
         # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
         new_ema = lax.cond(apply, averages, lambda ema: ema, state.ema)
@@ -294,24 +310,44 @@ def ema(
     return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
 
 
-def shadow(state: EmaState) -> Params:
+def shadow(state: EmaState, ema_index: int | None = None) -> Params:
     """The shadow params held by ``state``, cast back to the params' dtypes.
 
-    One tree for a single decay, a tuple of K trees for ``decay=(β_1, ..., β_K)``.
+    One tree for a single decay; for ``decay=(β_1, ..., β_K)`` a tuple of K trees, or the
+    tree of decay ``ema_index`` alone. A single decay's fp32 shadow is the accumulator buffer
+    itself; with K decays each shadow is a slice of the stacked accumulators (a copy
+    outside ``jit``, fused into its consumers inside).
     """
+    k = num_averages(state)
+    if k is not None and ema_index is None:
+        return tuple(shadow(state, i) for i in range(k))
+    tree = accumulators(state, ema_index)
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten(  # type: ignore[attr-defined]
+        [
+            x if x.dtype == d else x.astype(d)
+            for x, d in zip(leaves, state.param_dtypes, strict=True)
+        ]
+    )
 
-    def cast(tree: Params) -> Params:
-        leaves, treedef = jax.tree.flatten(tree)
-        return treedef.unflatten(  # type: ignore[attr-defined]
-            [
-                x if x.dtype == d else x.astype(d)
-                for x, d in zip(leaves, state.param_dtypes, strict=True)
-            ]
-        )
 
-    if state.weight.ndim == 1:
-        return tuple(cast(tree) for tree in state.ema)
-    return cast(state.ema)
+def accumulators(state: EmaState, ema_index: int | None = None) -> Params:
+    """The raw accumulators of one average, params-shaped, in the accumulator dtypes
+    (e.g. fp32 for bf16 params): ``state.ema`` for one decay, the slice of decay ``ema_index``
+    (default 0) for K decays.
+
+    Raises:
+      ValueError: ``ema_index`` outside ``[0, K)`` (or not ``None``/0 for a single decay).
+    """
+    k = num_averages(state)
+    if k is None:
+        if ema_index not in (None, 0):
+            raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
+        return state.ema
+    i = 0 if ema_index is None else ema_index
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < k:
+        raise ValueError(f"ema_index must be in [0, {k}), got {ema_index!r}")
+    return jax.tree.map(lambda x: x[..., i], state.ema)
 
 
 def num_averages(state: EmaState) -> int | None:
@@ -319,4 +355,4 @@ def num_averages(state: EmaState) -> int | None:
     return int(state.weight.shape[0]) if state.weight.ndim == 1 else None
 
 
-__all__ = ["Decay", "EmaState", "ema", "num_averages", "shadow"]
+__all__ = ["Decay", "EmaState", "accumulators", "ema", "num_averages", "shadow"]

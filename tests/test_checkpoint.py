@@ -238,8 +238,11 @@ def test_export_with_averaged_model_state(tmp_path: Path) -> None:
 
 
 def fsdp(mesh: jax.sharding.Mesh) -> Any:
-    """FSDP-style: matrices split along their first axis, vectors and scalars replicated."""
-    return lambda x: NamedSharding(mesh, P("fsdp") if np.ndim(x) >= 2 else P())
+    """FSDP-style: matrices (and stacked accumulators) split along their first axis when it
+    divides evenly, everything else replicated."""
+    return lambda x: NamedSharding(
+        mesh, P("fsdp") if np.ndim(x) >= 2 and np.shape(x)[0] % mesh.size == 0 else P()
+    )
 
 
 def test_sharded_save_restores_onto_other_meshes(tmp_path: Path, trained: Any) -> None:
@@ -247,8 +250,9 @@ def test_sharded_save_restores_onto_other_meshes(tmp_path: Path, trained: Any) -
     mesh4 = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("fsdp",))
     assert mesh8.size == 8
     state = jax.device_put(trained, jax.tree.map(fsdp(mesh8), trained))
-    w_ema = state.ema_state.ema[0]["hidden"]["w"]
-    assert len(w_ema.addressable_shards) == 8 and w_ema.addressable_shards[0].data.shape == (1, 16)
+    w_ema = state.ema_state.ema["hidden"]["w"]  # two averages side by side: [8, 16, 2]
+    assert len(w_ema.addressable_shards) == 8
+    assert w_ema.addressable_shards[0].data.shape == (1, 16, 2)
     saved(tmp_path, state)
 
     single = SingleDeviceSharding(jax.devices()[5])
@@ -324,10 +328,14 @@ def test_two_processes_train_save_and_restore_together(tmp_path: Path) -> None:
         assert_bitwise(trained, w.host_leaves(ckpt.restore(mngr, target)))
         ema_target = jax.eval_shape(lambda: w.make_state().ema_params)
         ema_params = ckpt.load_ema_params(tmp_path / "ckpt", target=ema_target)
+    # float32 params: each shadow is its slice of the stacked accumulators, bit for bit
     ema_trained = {
-        k[len(".ema_state.ema") :]: v for k, v in trained.items() if ".ema_state.ema" in k
+        f"[{k}]{path[len('.ema_state.ema') :]}": value[..., k]
+        for k in range(2)
+        for path, value in trained.items()
+        if ".ema_state.ema" in path
     }
-    assert_bitwise(ema_trained, w.host_leaves(ema_params))  # float32 params: shadow == average
+    assert_bitwise(ema_trained, w.host_leaves(ema_params))
 
 
 # 6. Crash safety ----------------------------------------------------------------------
@@ -413,7 +421,7 @@ MISMATCHES = {
     ),
     "bf16 accumulators": (
         lambda: w.make_state(ema=ema_jax.ema((0.9, 0.9), accumulator_dtype=jnp.bfloat16)),
-        r"state\.ema_state\.ema\.0\.hidden\.b has dtype float32 in the checkpoint, "
+        r"state\.ema_state\.ema\.hidden\.b has dtype float32 in the checkpoint, "
         r"bfloat16 in the target",
     ),
     "bf16 params": (

@@ -79,7 +79,7 @@ def test_each_average_equals_the_single_decay_run(name):
     for k, (decay, d) in enumerate(zip(decays, debiases, strict=True)):
         single_shadows, single = _run(ema_jax.ema(decay, debias=d, **kwargs), seq)
         _assert_trees_equal(shadows[k], single_shadows)
-        _assert_trees_equal(state.ema[k], single.ema)
+        _assert_trees_equal(ema_jax.accumulators(state, k), single.ema)
         assert int(state.count) == int(single.count)
         assert int(state.num_skipped) == int(single.num_skipped)
         np.testing.assert_array_equal(np.asarray(state.weight[k]), np.asarray(single.weight))
@@ -101,19 +101,33 @@ def test_scheduled_average_in_a_tuple_matches_float64_loop():
 
 
 def test_shadow_is_a_tuple_of_trees_in_the_params_dtypes():
+    """The K averages live side by side (one trailing axis of size K per leaf, so one pass
+    reads each param once); ``shadow`` splits them into K trees in the params' dtypes."""
     params = jax.tree.map(lambda x: x[0], _sequence())
     tx = ema_jax.ema((0.9, 0.99, 0.999))
     state = tx.init(params)
-    assert isinstance(state.ema, tuple) and len(state.ema) == 3
-    assert all(avg["h"].dtype == jnp.float32 for avg in state.ema)  # bf16 → fp32 accumulator
+    assert jax.tree.structure(state.ema) == jax.tree.structure(params)
+    for acc, p in zip(jax.tree.leaves(state.ema), jax.tree.leaves(params), strict=True):
+        assert acc.shape == (*p.shape, 3)
+        # bf16 → fp32 accumulator; other dtypes kept
+        assert acc.dtype == (jnp.float32 if p.dtype == jnp.bfloat16 else p.dtype)
     out, state = jax.jit(tx.update)(params, state)
     assert isinstance(out, tuple) and len(out) == 3
-    for tree in (*out, *ema_jax.shadow(state)):
+    for k, tree in enumerate(out):
         assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, params)
+        _assert_trees_equal(tree, ema_jax.shadow(state, k))
+        _assert_trees_equal(tree, ema_jax.shadow(state)[k])
+    with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got 3"):
+        ema_jax.shadow(state, 3)
+    with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got -1"):
+        ema_jax.accumulators(state, -1)
+    with pytest.raises(ValueError, match="ema_index must be None or 0 for a single decay"):
+        ema_jax.shadow(ema_jax.ema(0.9).init(params), 1)
 
 
 def test_each_average_keeps_the_param_shardings():
-    """On 8 host devices every accumulator of every decay has its param's sharding."""
+    """On 8 host devices every accumulator of every decay has its param's sharding (the
+    stacked accumulators: the param's spec plus a replicated trailing axis)."""
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     params = {
         "w": jax.device_put(
@@ -122,9 +136,15 @@ def test_each_average_keeps_the_param_shardings():
         "b": jax.device_put(jnp.ones(4), NamedSharding(mesh, P())),
     }
     tx = ema_jax.ema((0.9, 0.99), debias=(False, True))
-    state = jax.jit(tx.update)(params, tx.init(params))[1]
-    for avg in state.ema:
-        for got, want in zip(jax.tree.leaves(avg), jax.tree.leaves(params), strict=True):
+    init = tx.init(params)
+    state = jax.jit(tx.update)(params, init)[1]
+    leaves = jax.tree.leaves(params)
+    for stacked in (init, state):
+        for got, want in zip(jax.tree.leaves(stacked.ema), leaves, strict=True):
+            spec = (*want.sharding.spec, *(None,) * (got.ndim - len(want.sharding.spec)))
+            assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), got.ndim)
+    for k in range(2):
+        for got, want in zip(jax.tree.leaves(ema_jax.accumulators(state, k)), leaves, strict=True):
             assert got.sharding.is_equivalent_to(want.sharding, want.ndim)
 
 
