@@ -1,0 +1,47 @@
+"""``experiments/bench_ema.py`` at toy sizes: the benchmark keeps running and its report
+keeps its shape. No timing is asserted (a benchmark is not a test); the memory figure
+(P3) is a count of live bytes, exact on any machine, so it is asserted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from experiments import bench_ema as bench
+
+
+def test_memory_of_params_adam_and_ema_is_exactly_one_extra_copy() -> None:
+    out = bench.bench_memory(n=4_000, leaves=4)
+    n_bytes = out["param_bytes"]
+    assert n_bytes == 4 * 4_000
+    # params + Adam's mu and nu + its int32 count; nothing else survives a donated step
+    assert out["without EMA"]["live_bytes"] == 3 * n_bytes + 4
+    # + the accumulators + count, num_skipped (int32) and weight (float32)
+    assert out["extra_bytes"] == n_bytes + 12
+
+
+def test_every_section_runs_and_the_report_lists_the_goals() -> None:
+    results = {
+        "machine": "test",
+        "load": "n/a",
+        "load_after": "n/a",
+        "repeats": 1,
+        "p1": [{"params": 2_000, "leaves": 2, "ms": bench.bench_update(2_000, 2, 1)}],
+        "p2_model": bench.bench_train_step("dcnn_li", batch=4, steps=1, repeats=2),
+        "p2_adam": bench.bench_adam_step(2_000, 2, 1),
+        "p3": bench.bench_memory(2_000, 2),
+        "p4": [bench.bench_multi_decay(3_000, 3, 1, skip_nonfinite=c) for c in (True, False)],
+    }
+    for key in ("ema_jax", "ema_jax nochk", "flat lerp", "optax.ema", "np copy"):
+        assert results["p1"][0]["ms"][key] > 0
+    p2 = results["p2_model"]
+    assert set(p2["ratios"]) == {"with EMA", "with EMA nochk"}
+    assert all(math.isfinite(r["ratio"]) and r["q1"] <= r["q3"] for r in p2["ratios"].values())
+    assert p2["params"] > 0 and p2["leaves"] == 14
+    for p in results["p4"]:
+        assert p["target"] == pytest.approx(7 / 9) and math.isfinite(p["ratio"])
+        assert set(p["ms"]) == {"K decays, one update", "K trees, one jit", "K separate updates"}
+    text = bench.report(results)
+    for goal in ("P2 train step with EMA /", "P2 adam+ema_jax − adam", "P3 live bytes", "P4 K=3"):
+        assert goal in text
