@@ -23,6 +23,9 @@ last cycle). Every row is one operational cycle with 26 columns (:data:`COLUMNS`
   (the engine is assumed to have run as at its first recorded cycle).
 * **Test input** is the last window of each test engine, its label the true RUL capped at
   ``max_rul`` like the literature (so test RMSE is comparable with published numbers).
+* **Optional smoothing** (``smooth`` = a > 0; off by default): each engine's scaled sensors
+  are smoothed causally, ``s_t = a·s_(t−1) + (1 − a)·x_t`` from ``s_0 = x_0``, so a window
+  only ever sees its own and earlier cycles (no look-ahead into the future of a test engine).
 * **Validation** is a seeded split of the training *engines* (never of windows: windows of one
   engine overlap, so a window split would leak).
 
@@ -200,6 +203,21 @@ def _windows(rows: np.ndarray, window: int) -> np.ndarray:
     return view.transpose(0, 2, 1)
 
 
+def exponential_smoothing(rows: np.ndarray, a: float) -> np.ndarray:
+    """Causal exponential smoothing along axis 0: ``s_0 = x_0``, ``s_t = a·s_(t−1) + (1 − a)·x_t``.
+
+    ``a = 0`` returns the rows unchanged; ``a`` must lie in [0, 1).
+    """
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"smooth must lie in [0, 1), got {a!r}")
+    if a == 0.0:
+        return rows
+    out = np.array(rows, dtype=np.float64, copy=True)
+    for t in range(1, len(out)):
+        out[t] = a * out[t - 1] + (1.0 - a) * out[t]
+    return out
+
+
 def _units(table: np.ndarray) -> list[np.ndarray]:
     """Row indices of each unit, units ascending, rows in cycle order."""
     ids = table[:, _UNIT]
@@ -230,8 +248,12 @@ def prepare(
     max_rul: float = 125.0,
     val_fraction: float = 0.2,
     seed: int = 0,
+    smooth: float = 0.0,
 ) -> Dataset:
     """Standard preprocessing of one subset (each step documented in the module docstring).
+
+    ``smooth`` > 0 adds causal exponential smoothing of each engine's scaled sensors
+    (:func:`exponential_smoothing`); the default 0 leaves them as recorded.
 
     ``seed`` only chooses the validation engines. Constant sensors, the per-condition min/max and
     the condition list are all computed from the training engines (after removing the validation
@@ -241,6 +263,8 @@ def prepare(
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if not np.isfinite(max_rul) or max_rul <= 0:
         raise ValueError(f"max_rul must be a finite number > 0, got {max_rul!r}")
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth must lie in [0, 1), got {smooth!r}")
     _check_table("raw.train", raw.train)
     _check_table("raw.test", raw.test)
     train_units, val_units = split_units(raw.train[:, _UNIT], val_fraction, seed)
@@ -271,7 +295,7 @@ def prepare(
         for rows in _units(table):
             cycles = table[rows, _CYCLE]
             target = np.minimum(max_rul, cycles.max() - cycles)
-            xs.append(_windows(x[rows], window))
+            xs.append(_windows(exponential_smoothing(x[rows], smooth), window))
             ys.append(target[-len(xs[-1]) :])
             us.append(np.full(len(xs[-1]), table[rows[0], _UNIT], np.int32))
         if not xs:
@@ -287,7 +311,9 @@ def prepare(
         raise ValueError(
             f"raw.rul must hold one value per test unit ({len(test_rows)}), got {len(raw.rul)}"
         )
-    x_test = np.stack([_windows(x[rows], window)[-1] for rows in test_rows])
+    x_test = np.stack(
+        [_windows(exponential_smoothing(x[rows], smooth), window)[-1] for rows in test_rows]
+    )
     unit_test = np.array([raw.test[rows[0], _UNIT] for rows in test_rows], np.int32)
 
     f32 = np.float32
@@ -339,6 +365,7 @@ __all__ = [
     "SUBSETS",
     "Dataset",
     "RawSubset",
+    "exponential_smoothing",
     "informative_sensors",
     "load",
     "operating_conditions",

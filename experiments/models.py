@@ -1,6 +1,6 @@
 """Flax models for Remaining-Useful-Life regression on windows ``x: [B, T, F] -> RUL: [B]``.
 
-Both models predict the *normalised* RUL ``ŷ ≈ RUL / max_rul`` (targets in [0, 1]); the
+All models predict the *normalised* RUL ``ŷ ≈ RUL / max_rul`` (targets in [0, 1]); the
 training code multiplies by ``max_rul`` to report cycles.
 
 Normalisation is LayerNorm, never BatchNorm, because this project averages weights:
@@ -94,15 +94,97 @@ class CNNAttention(nn.Module):
         return nn.Dense(1)(z)[:, 0]
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
+class RNN(nn.Module):
+    """Stacked recurrent layers over time, a dense head on the last step's output.
+
+    ``len(units)`` layers of ``cell`` ("gru": :class:`flax.linen.GRUCell`, "lstm":
+    :class:`flax.linen.OptimizedLSTMCell`), ``units[i]`` features each, scanning the window
+    from its oldest to its newest cycle; dropout after every layer; the last step's output
+    (which has seen the whole window) goes through ``Dense(hidden)`` + ReLU, dropout and
+    ``Dense(1)``. The usual LSTM/GRU baselines for C-MAPSS (Zheng et al. 2017: 2 LSTM layers,
+    64/64 units, then dense layers) have this shape. No normalisation layer: the gates bound
+    the states, and nothing in it is batch-dependent.
+    """
+
+    cell: str = "gru"
+    units: tuple[int, ...] = (64, 32)
+    hidden: int = 32
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        cells = {"gru": nn.GRUCell, "lstm": nn.OptimizedLSTMCell}
+        if self.cell not in cells:
+            raise ValueError(f"cell must be one of {sorted(cells)}, got {self.cell!r}")
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        for features in self.units:
+            x = drop(nn.RNN(cells[self.cell](features=features))(x))
+        z = drop(nn.relu(nn.Dense(self.hidden)(x[:, -1])))
+        return nn.Dense(1)(z)[:, 0]
+
+
+class CNNGRU(nn.Module):
+    """A convolutional stem (``num_conv`` × ``Conv(filters, kernel)`` + tanh, as in the DCNN)
+    followed by one GRU layer over the convolved sequence and the RNN's dense head."""
+
+    filters: int = 16
+    kernel: int = 5
+    num_conv: int = 2
+    units: int = 64
+    hidden: int = 32
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        init = nn.initializers.glorot_normal()
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        for _ in range(self.num_conv):
+            x = jnp.tanh(nn.Conv(self.filters, (self.kernel,), padding="SAME", kernel_init=init)(x))
+        x = drop(nn.RNN(nn.GRUCell(features=self.units))(x))
+        z = drop(nn.relu(nn.Dense(self.hidden)(x[:, -1])))
+        return nn.Dense(1)(z)[:, 0]
+
+
+class Ensemble(nn.Module):
+    """``members`` independently initialised copies of the registered model ``model``.
+
+    Evaluation returns the members' mean prediction ``[B]`` (a deep ensemble). Training
+    returns every member's prediction ``[members, B]``, so the MSE loss of the training code,
+    ``mean((ŷ − y)²)`` broadcast over the members, is the mean of the members' own losses:
+    each member is trained as if alone (its own initialisation and dropout masks; the
+    mini-batches are shared), and no member's gradient depends on another member.
+    The parameters are ``{"member0": ..., "member1": ...}``; an EMA of them is the ensemble
+    of the members' EMAs.
+    """
+
+    model: str = "dcnn_li"
+    members: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        preds = jnp.stack(
+            [MODELS[self.model](name=f"member{i}")(x, train=train) for i in range(self.members)]
+        )
+        return preds if train else jnp.mean(preds, axis=0)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcnn": DCNN,
     "dcnn_li": functools.partial(DCNN, layer_norm=False),
     "cnn_attn": CNNAttention,
+    "gru": RNN,
+    "lstm": functools.partial(RNN, cell="lstm"),
+    "cnn_gru": CNNGRU,
 }
 
 
-def make_model(name: str) -> nn.Module:
-    """The model registered under ``name`` (one of :data:`MODELS`), default settings."""
+def make_model(name: str, members: int = 1) -> nn.Module:
+    """The model registered under ``name`` (one of :data:`MODELS`), default settings; with
+    ``members > 1``, an :class:`Ensemble` of that many independently initialised copies."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name]()
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be an int >= 1, got {members!r}")
+    if members == 1:
+        return MODELS[name]()
+    return Ensemble(model=name, members=members)

@@ -30,6 +30,12 @@ SWEEP_DECAYS = DECAYS * 2
 SWEEP_DEBIAS = (False,) * len(DECAYS) + (True,) * len(DECAYS)
 RULES = ("last", "best")
 REFIT_SUFFIX = "-refit"  # runs directory of a model retrained on all training engines
+DATA_OPTIONS = (  # (config key, CLI flag, default) of experiments.train_rul.add_data_options
+    ("window", "--window", 30),
+    ("max_rul", "--max-rul", 125.0),
+    ("smooth", "--smooth", 0.0),
+    ("members", "--members", 1),
+)
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -100,9 +106,24 @@ def run_command(model: str, results: list[dict[str, Any]]) -> str:
     if cfg.get("lr_drop_epoch"):
         parts += ["--lr-drop-epoch", str(cfg["lr_drop_epoch"])]
         parts += ["--lr-drop-factor", f"{cfg['lr_drop_factor']:g}"]
+    for key, flag, default in DATA_OPTIONS:
+        value = cfg.get(key, default)
+        if value != default:
+            parts += [flag, f"{value:g}"]
     if cfg.get("refit_all"):
         parts.append("--refit-all")
     return " ".join(parts)
+
+
+def data_description(cfg: dict[str, Any]) -> str:
+    """``", window 40, cap 130, members 5"``: the non-default preprocessing/ensemble
+    options of a stored config (empty for the defaults)."""
+    names = {"window": "window", "max_rul": "cap", "smooth": "smoothing", "members": "members"}
+    return "".join(
+        f", {names[key]} {cfg.get(key, default):g}"
+        for key, _, default in DATA_OPTIONS
+        if cfg.get(key, default) != default
+    )
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
@@ -129,7 +150,7 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
             schedule = " (cosine decay)"
         lines += [
             f"## {model}: {len(results)} seeds, {cfg['epochs']} epochs, batch "
-            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}{schedule}",
+            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}{schedule}{data_description(cfg)}",
             "",
             f"Runs: `{run_command(model, results)}`",
         ]
@@ -258,6 +279,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from experiments.train_rul import add_data_options, config_from_args, load_data, run
+
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
     p.add_argument("--data-dir", default=None, help="C-MAPSS directory (default: synthetic)")
     p.add_argument("--subset", default="FD001")
@@ -281,13 +304,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="retrain on ALL training engines (the epochs/model chosen beforehand on "
         f"validation); runs go to <runs>/<model>{REFIT_SUFFIX}/",
     )
+    add_data_options(p)
     p.add_argument("--runs", default="runs/sweep", help="per-run JSON directory (resumable)")
     p.add_argument("--out", default="experiments/results", help="table and plot directory")
     p.add_argument("--name", default="sweep", help="basename of the table and plot")
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plot")
     args = p.parse_args(argv)
-
-    from experiments.train_rul import config_from_args, load_data, run
 
     runs_dir = Path(args.runs)
     if not args.report_only:

@@ -70,6 +70,10 @@ class Config:
     ema_debias: tuple[bool, ...] = (False,)
     seed: int = 0
     refit_all: bool = False  # train on every training engine; no validation split
+    window: int = 30  # cycles per input window (experiments.cmapss.prepare)
+    max_rul: float = 125.0  # RUL cap of the piecewise-linear target
+    smooth: float = 0.0  # causal exponential smoothing of the sensors (0: none)
+    members: int = 1  # > 1: a deep ensemble of that many copies of `model`
     perturb: tuple[float, ...] = field(default=())  # relative sizes for the flatness probe
     perturb_draws: int = 4
     progress: bool = True
@@ -77,10 +81,14 @@ class Config:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "window", "members"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (self.max_rul > 0 and np.isfinite(self.max_rul)):
+            raise ValueError(f"max_rul must be a finite number > 0, got {self.max_rul!r}")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"smooth must lie in [0, 1), got {self.smooth!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
@@ -202,7 +210,7 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
     from experiments import cmapss
 
     max_rul = float(ds.max_rul)
-    model = make_model(cfg.model)
+    model = make_model(cfg.model, members=cfg.members)
     key = jax.random.key(cfg.seed)
     init_key, dropout_key, probe_key = jax.random.split(key, 3)
     params = model.init(init_key, jnp.asarray(ds.x_train[:1]))["params"]
@@ -215,6 +223,7 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array) -> jax.Array:
         x, y = batch
+        # [B], or [members, B] for an ensemble: then the mean of the members' own losses
         pred = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
         return jnp.mean((pred - y / max_rul) ** 2)
 
@@ -377,10 +386,14 @@ def export_ema(state: ema_jax.EmaTrainState, variants: Sequence[str], path: Path
 
 def load_data(cfg: Config) -> Any:
     """The dataset of ``cfg``: the seeded engine-level validation split (20% of the training
-    engines), or every training engine with ``refit_all``."""
+    engines), or every training engine with ``refit_all``; ``cfg.window``, ``cfg.max_rul`` and
+    ``cfg.smooth`` go to :func:`experiments.cmapss.prepare`."""
     from experiments import cmapss
 
     kwargs: dict[str, Any] = {"val_fraction": 0.0} if cfg.refit_all else {}
+    kwargs.update(window=cfg.window, max_rul=cfg.max_rul)
+    if cfg.smooth:  # only passed when used: the default preprocessing is untouched
+        kwargs["smooth"] = cfg.smooth
     return cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **kwargs)
 
 
@@ -419,6 +432,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ema-debias", action="store_true", help="bias-corrected averages (default plain)"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_data_options(p)
     p.add_argument(
         "--refit-all",
         action="store_true",
@@ -438,6 +452,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _int_at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _smoothing(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The preprocessing and ensemble options ``train_rul`` and ``sweep`` share."""
+    p.add_argument(
+        "--window", type=_int_at_least_1, default=30, help="cycles per input window (default 30)"
+    )
+    p.add_argument(
+        "--max-rul",
+        type=_positive_float,
+        default=125.0,
+        help="cap of the piecewise-linear RUL target, also applied to the test labels "
+        "(default 125)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=_smoothing,
+        default=0.0,
+        help="causal exponential smoothing of each engine's scaled sensors, "
+        "s_t = a*s_(t-1) + (1-a)*x_t with a = SMOOTH in [0, 1) (default 0: none)",
+    )
+    p.add_argument(
+        "--members",
+        type=_int_at_least_1,
+        default=1,
+        help="train a deep ensemble of this many independently initialised copies of the "
+        "model in one run and predict their mean (default 1: a single model)",
+    )
+
+
 def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
     """A :class:`Config` from the data/optimisation options ``train_rul`` and ``sweep`` share
     (same flag names in both CLIs), plus the per-run ``run_options`` (model, decays, seed)."""
@@ -452,6 +524,10 @@ def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
         lr_drop_epoch=args.lr_drop_epoch,
         lr_drop_factor=args.lr_drop_factor,
         refit_all=args.refit_all,
+        window=args.window,
+        max_rul=args.max_rul,
+        smooth=args.smooth,
+        members=args.members,
         perturb=tuple(args.perturb),
         **run_options,
     )

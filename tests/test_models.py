@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import MODELS, make_model
+from experiments.models import MODELS, RNN, Ensemble, make_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -34,8 +34,65 @@ def test_shapes_dropout_and_per_window_outputs(name):
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match=r"model must be one of \['cnn_attn', 'dcnn', 'dcnn_li'\]"):
-        make_model("lstm")
+    with pytest.raises(
+        ValueError,
+        match=r"model must be one of \['cnn_attn', 'cnn_gru', 'dcnn', 'dcnn_li', 'gru', 'lstm'\]",
+    ):
+        make_model("transformer")
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="members must be an int >= 1"):
+            make_model("dcnn_li", members=bad)
+
+
+def test_rnn_cell_is_checked():
+    with pytest.raises(ValueError, match=r"cell must be one of \['gru', 'lstm'\]"):
+        RNN(cell="rnn").init(jax.random.key(0), jnp.zeros((1, 4, 2)))
+
+
+def test_recurrent_models_read_the_window_oldest_to_newest():
+    """The prediction comes from the last step's state: changing only the newest cycle changes
+    it, and the model runs on windows of any length."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 3)), jnp.float32)
+    for name in ("gru", "lstm", "cnn_gru"):
+        model = make_model(name)
+        params = model.init(jax.random.key(0), x)
+        y = model.apply(params, x)
+        y_new = model.apply(params, x.at[:, -1].add(1.0))
+        assert not np.allclose(y, y_new)
+        assert model.apply(params, x[:, :5]).shape == (2,)
+
+
+def test_ensemble_is_the_mean_of_independent_members():
+    """``members=3``: three differently initialised copies of the registered model; evaluation
+    returns their mean, training every member's own prediction (so the MSE loss is the mean of
+    the members' losses and no member's gradient depends on another member)."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 30, 14)), jnp.float32)
+    ens = make_model("dcnn_li", members=3)
+    assert isinstance(ens, Ensemble)
+    params = ens.init(jax.random.key(0), x)["params"]
+    assert sorted(params) == ["member0", "member1", "member2"]
+    single = make_model("dcnn_li")
+    preds = [single.apply({"params": params[f"member{i}"]}, x) for i in range(3)]
+    assert not np.allclose(preds[0], preds[1])  # independent initialisations
+    np.testing.assert_allclose(ens.apply({"params": params}, x), np.mean(preds, 0), rtol=1e-5)
+
+    train = ens.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    assert train.shape == (3, 4)
+    y = jnp.zeros(4)
+
+    def loss(p):
+        pred = ens.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
+        return jnp.mean((pred - y) ** 2)
+
+    grads = jax.grad(loss)(params)
+    # perturbing member 1 leaves member 0's gradient unchanged
+    moved = jax.tree.map(lambda a: a, params)
+    moved["member1"] = jax.tree.map(lambda a: a + 0.1, params["member1"])
+    grads_moved = jax.grad(loss)(moved)
+    for a, b in zip(
+        jax.tree.leaves(grads["member0"]), jax.tree.leaves(grads_moved["member0"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_dcnn_li_is_the_dcnn_without_layer_norm():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,10 @@ def test_help_lists_every_option(capsys):
         ({"lr_drop_epoch": -1}, "lr_drop_epoch must be an int >= 0"),
         ({"lr_drop_epoch": 5, "cosine": True}, "exclusive schedules"),
         ({"lr_drop_factor": 0.0}, r"lr_drop_factor must lie in \(0, 1\]"),
+        ({"window": 0}, "window must be an int >= 1"),
+        ({"members": 0}, "members must be an int >= 1"),
+        ({"max_rul": 0.0}, "max_rul must be a finite number > 0"),
+        ({"smooth": 1.0}, r"smooth must lie in \[0, 1\)"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -255,3 +260,83 @@ def test_sweep_never_selects_a_refit_run():
     refit_text = text.split("retrained on all training engines")[1]
     assert "(`ema0.9`, 13.00)" in refit_text
     assert "**test RMSE 11.00 ± 0.00**" in refit_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--window", "0"], "--window: must be an integer >= 1, got '0'"),
+        (["--members", "two"], "--members: must be an integer >= 1, got 'two'"),
+        (["--max-rul", "-5"], "--max-rul: must be a finite number > 0, got '-5'"),
+        (["--smooth", "1"], r"--smooth: must be a number in \[0, 1\), got '1'"),
+    ],
+)
+def test_cli_rejects_bad_data_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_data_options_default_to_the_standard_preprocessing(capsys):
+    """Defaults unchanged: window 30, cap 125, no smoothing, one model; ``--help`` names them."""
+    args = parse_args([])
+    assert (args.window, args.max_rul, args.smooth, args.members) == (30, 125.0, 0.0, 1)
+    cfg = Config()
+    assert (cfg.window, cfg.max_rul, cfg.smooth, cfg.members) == (30, 125.0, 0.0, 1)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--window", "--max-rul", "--smooth", "--members"):
+        assert flag in text
+
+
+def test_load_data_applies_window_cap_and_smoothing(cli_run):
+    """``window``/``max_rul``/``smooth`` reach ``cmapss.prepare``: window length, capped targets
+    (test labels too), and causal smoothing (a window's smoothed values depend on its own and
+    earlier cycles only, so its last row matches the hand recursion over the engine's past)."""
+    _, out, plain = cli_run
+    data = json.loads((out / "history.json").read_text())["config"]["data_dir"]
+    ds = load_data(Config(data_dir=data, model="dcnn", window=12, max_rul=80.0, smooth=0.6))
+    assert ds.x_train.shape[1:] == (12, plain.x_train.shape[2])
+    assert ds.y_train.max() == 80.0 and ds.y_test.max() <= 80.0
+    same = load_data(Config(data_dir=data, model="dcnn"))
+    np.testing.assert_array_equal(same.x_train, plain.x_train)  # defaults: unchanged
+    # the first engine's windows: the unsmoothed last rows are its scaled cycles
+    unsmoothed = load_data(Config(data_dir=data, model="dcnn", window=12, max_rul=80.0))
+    first = unsmoothed.unit_train == unsmoothed.unit_train[0]
+    rows = np.concatenate([unsmoothed.x_train[first][0], unsmoothed.x_train[first][1:, -1]])
+    expect = rows.astype(np.float64).copy()
+    for t in range(1, len(expect)):
+        expect[t] = 0.6 * expect[t - 1] + 0.4 * rows[t]
+    got = ds.x_train[ds.unit_train == ds.unit_train[0]][:, -1]
+    np.testing.assert_allclose(got, expect[11:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cmapss.exponential_smoothing(rows, 0.0), rows)
+    with pytest.raises(ValueError, match=r"smooth must lie in \[0, 1\)"):
+        cmapss.exponential_smoothing(rows, 1.0)
+
+
+def test_ensemble_run_trains_every_member(cli_run, tmp_path):
+    """``--members 2``: one run trains two copies; the EMA covers both; the reported test
+    RMSE is the mean prediction's."""
+    _, out, ds = cli_run
+    data = json.loads((out / "history.json").read_text())["config"]["data_dir"]
+    argv = ["--data-dir", data, "--model", "dcnn", "--epochs", "2", "--batch-size", "32"]
+    argv += ["--members", "2", "--ema-decay", "0.9", "--out", str(tmp_path), "--no-progress"]
+    result = main(argv)
+    assert result["config"]["members"] == 2
+    params = checkpoint.load_exported(tmp_path / "ema_params" / "ema0.9")
+    assert sorted(params) == ["member0", "member1"]
+    pred = np.asarray(make_model("dcnn", members=2).apply({"params": params}, ds.x_test))
+    rmse = cmapss.rmse(pred * ds.max_rul, ds.y_test)
+    np.testing.assert_allclose(result["test"]["last"]["ema0.9"]["rmse"], rmse, rtol=1e-4)
+
+
+def test_sweep_command_names_non_default_data_options():
+    fake = _fake(0, [14.0, 13.0], [12.0, 12.5])
+    fake["config"].update(window=40, members=5)
+    command = sweep.run_command("m", [fake])
+    assert command.endswith("--window 40 --members 5")
+    assert "--max-rul" not in command and "--smooth" not in command
+    assert sweep.data_description(fake["config"]) == ", window 40, members 5"
+    assert sweep.data_description(_fake(0, [1.0, 1.0], [1.0, 1.0])["config"]) == ""
