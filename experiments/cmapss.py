@@ -220,8 +220,11 @@ def exponential_smoothing(rows: np.ndarray, a: float) -> np.ndarray:
 
 def _units(table: np.ndarray) -> list[np.ndarray]:
     """Row indices of each unit, units ascending, rows in cycle order."""
-    ids = table[:, _UNIT]
-    return [np.flatnonzero(ids == u)[np.argsort(table[ids == u, _CYCLE])] for u in np.unique(ids)]
+    if not len(table):
+        return []
+    order = np.lexsort((table[:, _CYCLE], table[:, _UNIT]))  # by unit, then cycle
+    _, starts = np.unique(table[order, _UNIT], return_index=True)
+    return np.split(order, starts[1:])
 
 
 def split_units(units: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +242,32 @@ def split_units(units: np.ndarray, val_fraction: float, seed: int) -> tuple[np.n
         )
     val = np.sort(np.random.default_rng(seed).choice(units, size=n_val, replace=False))
     return np.setdiff1d(units, val), val
+
+
+def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -> RawSubset:
+    """``raw`` with its test set replaced by the given *training* engines cut off at every
+    cycle ``c ≥ min_cycles``, like NASA cut its test engines: one pseudo test unit per
+    ``(engine, c)`` holding cycles ``1..c``, true RUL ``L − c`` (``L`` the engine's life).
+
+    Passed to :func:`prepare` with the same split seed, its test windows are a *test-like
+    validation set*: every window length is scored on the same endpoints, short prefixes
+    front-padded exactly as short test engines are (31 is FD001's shortest test engine).
+    """
+    if isinstance(min_cycles, bool) or not isinstance(min_cycles, int) or min_cycles < 1:
+        raise ValueError(f"min_cycles must be an int >= 1, got {min_cycles!r}")
+    pieces, rul = [], []
+    for unit in np.unique(units):
+        rows = raw.train[raw.train[:, _UNIT] == unit]
+        if not len(rows):
+            raise ValueError(f"units: engine {unit:g} is not in raw.train")
+        for c in range(min_cycles, len(rows) + 1):
+            piece = rows[:c].copy()
+            piece[:, _UNIT] = len(rul) + 1
+            pieces.append(piece)
+            rul.append(len(rows) - c)
+    if not pieces:
+        raise ValueError(f"no engine among units has min_cycles={min_cycles} cycles")
+    return RawSubset(train=raw.train, test=np.concatenate(pieces), rul=np.asarray(rul, float))
 
 
 def prepare(
@@ -374,4 +403,5 @@ __all__ = [
     "read_subset",
     "rmse",
     "split_units",
+    "truncated_engines",
 ]

@@ -526,17 +526,22 @@ def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
     )
 
 
+def cli_config(args: argparse.Namespace, **overrides: Any) -> Config:
+    """The :class:`Config` of ``train_rul``'s command line (``overrides`` win)."""
+    options: dict[str, Any] = {
+        "model": args.model,
+        "ema_decays": tuple(args.ema_decay),
+        "ema_debias": (args.ema_debias,) * len(args.ema_decay),
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+    return config_from_args(args, **{**options, **overrides})
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
-    cfg = config_from_args(
-        args,
-        model=args.model,
-        ema_decays=tuple(args.ema_decay),
-        ema_debias=(args.ema_debias,) * len(args.ema_decay),
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    cfg = cli_config(args)
     ds = load_data(cfg)
     print(
         f"data: {cfg.data_dir or 'synthetic default'} {cfg.subset}  train {len(ds.x_train)}  "

@@ -370,3 +370,29 @@ def test_unknown_test_condition_is_rejected():
     test[0, 2] = 42.0  # a flight condition no training row has
     with pytest.raises(ValueError, match=r"test engines has operating condition \(42\.0"):
         cmapss.prepare(RawSubset(raw.train, test, raw.rul))
+
+
+def test_truncated_engines_is_a_test_like_validation_set_by_hand():
+    """Training engines 1 (8 cycles) and 2 (6 cycles) cut at every cycle >= 3: one pseudo test
+    unit per cut holding cycles 1..c, true RUL L - c; ``prepare`` then scores the last window of
+    each cut, front-padded like a short test engine."""
+    raw = tiny_raw([8, 6], [2, 6], [5.0, 40.0])
+    pseudo = cmapss.truncated_engines(raw, np.array([2.0, 1.0]), min_cycles=3)
+    assert pseudo.train is raw.train
+    assert pseudo.rul.tolist() == [5, 4, 3, 2, 1, 0, 3, 2, 1, 0]  # engine 1: c = 3..8, then 2
+    units, counts = np.unique(pseudo.test[:, 0], return_counts=True)
+    assert units.tolist() == list(range(1, 11))
+    assert counts.tolist() == [3, 4, 5, 6, 7, 8, 3, 4, 5, 6]
+    np.testing.assert_array_equal(pseudo.test[pseudo.test[:, 0] == 4][:, 1:], raw.train[:6, 1:])
+    data = cmapss.prepare(pseudo, window=4, max_rul=3.0, val_fraction=0.0)
+    assert data.y_test.tolist() == [3, 3, 3, 2, 1, 0, 3, 2, 1, 0]
+    t2 = (data.x_test[..., 0] + 1) / 2 * (81 - 11) + 11  # s_2 = 10·cycle + unit, unscaled
+    np.testing.assert_allclose(t2[0], [11, 11, 21, 31], atol=1e-4)  # engine 1 cut at 3: padded
+    np.testing.assert_allclose(t2[5], [51, 61, 71, 81], atol=1e-4)  # engine 1, full life
+    np.testing.assert_allclose(t2[-1], [32, 42, 52, 62], atol=1e-4)  # engine 2, full life
+    with pytest.raises(ValueError, match="min_cycles must be an int >= 1"):
+        cmapss.truncated_engines(raw, np.array([1.0]), min_cycles=0)
+    with pytest.raises(ValueError, match=r"engine 7 is not in raw\.train"):
+        cmapss.truncated_engines(raw, np.array([7.0]))
+    with pytest.raises(ValueError, match="no engine among units has min_cycles=9"):
+        cmapss.truncated_engines(raw, np.array([1.0, 2.0]), min_cycles=9)

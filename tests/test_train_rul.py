@@ -340,3 +340,23 @@ def test_sweep_command_names_non_default_data_options():
     assert "--max-rul" not in command and "--smooth" not in command
     assert sweep.data_description(fake["config"]) == ", window 40, members 5"
     assert sweep.data_description(_fake(0, [1.0, 1.0], [1.0, 1.0])["config"]) == ""
+
+
+def test_window_check_scores_the_truncated_validation_engines() -> None:
+    """``experiments.window_check`` trains like ``train_rul`` and scores every cut of the
+    validation engines (cycles >= 31) — the same endpoints for every window length."""
+    from experiments import cmapss, window_check
+    from experiments.synthetic import generate
+
+    (row,) = window_check.main(
+        ["--windows", "35", "--epochs", "1", "--model", "dcnn_li", "--batch-size", "1024"]
+    )
+    raw = generate(seed=0)
+    _, val_units = cmapss.split_units(raw.train[:, 0], 0.2, 0)
+    lives = [int((raw.train[:, 0] == u).sum()) for u in val_units]
+    assert row["seed"] == 0 and row["window"] == 35
+    assert row["endpoints"] == sum(life - 30 for life in lives)
+    assert set(row["last"]) == {"raw", "ema0.999"}
+    assert all(0 < v < 1000 for v in row["last"].values())
+    with pytest.raises(SystemExit):
+        window_check.main(["--members", "2"])
