@@ -30,7 +30,6 @@ import numpy as np
 import optax
 from flax import struct
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from ema_jax import _checks, schedules
 
@@ -132,12 +131,8 @@ def _copy(x: jax.Array, dtype: np.dtype) -> jax.Array:
 def _stacked_copy(x: jax.Array, dtype: np.dtype, k: int) -> jax.Array:
     """``k`` copies of ``x`` side by side, ``[*x.shape, k]``, sharded like ``x`` (the new
     trailing axis replicated)."""
-    out = jnp.broadcast_to(jnp.asarray(x, dtype)[..., None], (*jnp.shape(x), k))
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(x, jax.core.Tracer):
-        spec = (*sharding.spec, *(None,) * (out.ndim - len(sharding.spec)))
-        return jax.device_put(out, jax.sharding.NamedSharding(sharding.mesh, P(*spec)))
-    return jnp.array(out, copy=True)
+    stacked = jnp.broadcast_to(jnp.asarray(x, dtype)[..., None], (*jnp.shape(x), k))
+    return jnp.array(stacked, copy=True)  # sharding propagates: x's axes, new axis replicated
 
 
 def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
