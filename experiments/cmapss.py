@@ -11,6 +11,9 @@ last cycle). Every row is one operational cycle with 26 columns (:data:`COLUMNS`
 * **Operating conditions.** Rows are grouped by their rounded operational settings (one condition
   in FD001/FD003, six in FD002/FD004); scaling and the constant-sensor test are done per condition.
 * **Sensors only.** The features are sensor columns; the settings only select the condition.
+  Optionally (``cycle_feature``; off by default) the engine's cycle count is a feature too,
+  scaled like the sensors: how long an engine has run is known at test time and tells the
+  model where it sits in the life distribution, which 30–40 cycles of sensors alone do not.
 * **Constant sensors dropped.** A sensor whose within-condition training std is below its recording
   resolution never moves by more than rounding flicker and carries no signal (FD001: s_1, s_5,
   s_6, s_10, s_16, s_18, s_19 go, the literature's 14 remain).
@@ -26,6 +29,11 @@ last cycle). Every row is one operational cycle with 26 columns (:data:`COLUMNS`
 * **Optional smoothing** (``smooth`` = a > 0; off by default): each engine's scaled sensors
   are smoothed causally, ``s_t = a·s_(t−1) + (1 − a)·x_t`` from ``s_0 = x_0``, so a window
   only ever sees its own and earlier cycles (no look-ahead into the future of a test engine).
+* **Optional short prefixes** (``min_prefix`` = m > 0; off by default): the *training* set
+  also gets, for each training engine, the front-padded windows that end at cycles
+  ``m, …, window − 1`` — what a test engine stopped that early looks like (FD001's shortest
+  test engine has 31 cycles, so windows longer than 31 pad some test inputs that plain
+  stride-1 training windows never show the model). Validation windows stay standard.
 * **Validation** is a seeded split of the training *engines* (never of windows: windows of one
   engine overlap, so a window split would leak).
 
@@ -278,11 +286,16 @@ def prepare(
     val_fraction: float = 0.2,
     seed: int = 0,
     smooth: float = 0.0,
+    min_prefix: int = 0,
+    cycle_feature: bool = False,
 ) -> Dataset:
     """Standard preprocessing of one subset (each step documented in the module docstring).
 
     ``smooth`` > 0 adds causal exponential smoothing of each engine's scaled sensors
-    (:func:`exponential_smoothing`); the default 0 leaves them as recorded.
+    (:func:`exponential_smoothing`); the default 0 leaves them as recorded. ``min_prefix`` > 0
+    adds the padded training windows of each engine's first ``min_prefix … window − 1`` cycles
+    (module docstring); the default 0 adds none. ``cycle_feature`` adds the cycle count as the
+    first feature (named ``"cycle"``), min-max scaled on the training engines like a sensor.
 
     ``seed`` only chooses the validation engines. Constant sensors, the per-condition min/max and
     the condition list are all computed from the training engines (after removing the validation
@@ -294,6 +307,10 @@ def prepare(
         raise ValueError(f"max_rul must be a finite number > 0, got {max_rul!r}")
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth must lie in [0, 1), got {smooth!r}")
+    if isinstance(min_prefix, bool) or not isinstance(min_prefix, int | np.integer):
+        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
+    if min_prefix < 0:
+        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
     _check_table("raw.train", raw.train)
     _check_table("raw.test", raw.test)
     train_units, val_units = split_units(raw.train[:, _UNIT], val_fraction, seed)
@@ -306,6 +323,8 @@ def prepare(
     columns = np.arange(_SENSOR_OFFSET, _SENSOR_OFFSET + len(SENSORS))[keep]
     if not columns.size:
         raise ValueError("no sensor varies on the training engines: nothing to learn from")
+    if cycle_feature:
+        columns = np.concatenate([[_CYCLE], columns])
 
     lo = np.full((len(known), len(columns)), np.inf)
     hi = np.full((len(known), len(columns)), -np.inf)
@@ -317,21 +336,26 @@ def prepare(
         cond = _condition_index(operating_conditions(table[:, _SETTING_COLS]), known, name)
         return 2.0 * (table[:, columns] - lo[cond]) / span[cond] - 1.0
 
-    def windows(units: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def windows(
+        units: np.ndarray, name: str, prefixes: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = raw.train[np.isin(raw.train[:, _UNIT], units)]
         x = scale(table, name)
         xs, ys, us = [], [], []
         for rows in _units(table):
             cycles = table[rows, _CYCLE]
             target = np.minimum(max_rul, cycles.max() - cycles)
-            xs.append(_windows(exponential_smoothing(x[rows], smooth), window))
-            ys.append(target[-len(xs[-1]) :])
+            series = exponential_smoothing(x[rows], smooth)
+            ends = np.arange(min_prefix, min(window, len(rows))) if prefixes and min_prefix else []
+            full = _windows(series, window)
+            xs.append(np.concatenate([*(_windows(series[:c], window) for c in ends), full]))
+            ys.append(np.concatenate([target[np.asarray(ends, int) - 1], target[-len(full) :]]))
             us.append(np.full(len(xs[-1]), table[rows[0], _UNIT], np.int32))
         if not xs:
             return np.zeros((0, window, len(columns))), np.zeros(0), np.zeros(0, np.int32)
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(us)
 
-    x_train, y_train, unit_train = windows(train_units, "training engines")
+    x_train, y_train, unit_train = windows(train_units, "training engines", prefixes=True)
     x_val, y_val, unit_val = windows(val_units, "validation engines")
 
     x = scale(raw.test, "test engines")

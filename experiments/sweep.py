@@ -35,6 +35,8 @@ DATA_OPTIONS = (  # (config key, CLI flag, default) of experiments.train_rul.add
     ("max_rul", "--max-rul", 125.0),
     ("smooth", "--smooth", 0.0),
     ("members", "--members", 1),
+    ("min_prefix", "--min-prefix", 0),
+    ("cycle_feature", "--cycle-feature", False),
 )
 
 
@@ -109,7 +111,7 @@ def run_command(model: str, results: list[dict[str, Any]]) -> str:
     for key, flag, default in DATA_OPTIONS:
         value = cfg.get(key, default)
         if value != default:
-            parts += [flag, f"{value:g}"]
+            parts += [flag] if isinstance(value, bool) else [flag, f"{value:g}"]
     if cfg.get("refit_all"):
         parts.append("--refit-all")
     return " ".join(parts)
@@ -118,12 +120,20 @@ def run_command(model: str, results: list[dict[str, Any]]) -> str:
 def data_description(cfg: dict[str, Any]) -> str:
     """``", window 40, cap 130, members 5"``: the non-default preprocessing/ensemble
     options of a stored config (empty for the defaults)."""
-    names = {"window": "window", "max_rul": "cap", "smooth": "smoothing", "members": "members"}
-    return "".join(
-        f", {names[key]} {cfg.get(key, default):g}"
-        for key, _, default in DATA_OPTIONS
-        if cfg.get(key, default) != default
-    )
+    names = {
+        "window": "window",
+        "max_rul": "cap",
+        "smooth": "smoothing",
+        "members": "members",
+        "min_prefix": "prefixes from cycle",
+        "cycle_feature": "cycle feature",
+    }
+    parts = []
+    for key, _, default in DATA_OPTIONS:
+        value = cfg.get(key, default)
+        if value != default:
+            parts.append(names[key] if isinstance(value, bool) else f"{names[key]} {value:g}")
+    return "".join(f", {part}" for part in parts)
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:

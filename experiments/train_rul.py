@@ -74,6 +74,8 @@ class Config:
     max_rul: float = 125.0  # RUL cap of the piecewise-linear target
     smooth: float = 0.0  # causal exponential smoothing of the sensors (0: none)
     members: int = 1  # > 1: a deep ensemble of that many copies of `model`
+    min_prefix: int = 0  # > 0: also train on padded windows of the first cycles (cmapss.prepare)
+    cycle_feature: bool = False  # the cycle count as an input feature (cmapss.prepare)
     perturb: tuple[float, ...] = field(default=())  # relative sizes for the flatness probe
     perturb_draws: int = 4
     progress: bool = True
@@ -89,6 +91,10 @@ class Config:
             raise ValueError(f"max_rul must be a finite number > 0, got {self.max_rul!r}")
         if not 0.0 <= self.smooth < 1.0:
             raise ValueError(f"smooth must lie in [0, 1), got {self.smooth!r}")
+        if isinstance(self.min_prefix, bool) or not isinstance(self.min_prefix, int):
+            raise ValueError(f"min_prefix must be an int >= 0, got {self.min_prefix!r}")
+        if self.min_prefix < 0:
+            raise ValueError(f"min_prefix must be an int >= 0, got {self.min_prefix!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
@@ -384,17 +390,27 @@ def export_ema(state: ema_jax.EmaTrainState, variants: Sequence[str], path: Path
     return written
 
 
+def preprocessing(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments of :func:`experiments.cmapss.prepare` that ``cfg`` sets."""
+    return {
+        "window": cfg.window,
+        "max_rul": cfg.max_rul,
+        "smooth": cfg.smooth,
+        "min_prefix": cfg.min_prefix,
+        "cycle_feature": cfg.cycle_feature,
+    }
+
+
 def load_data(cfg: Config) -> Any:
     """The dataset of ``cfg``: the seeded engine-level validation split (20% of the training
-    engines), or every training engine with ``refit_all``; ``cfg.window``, ``cfg.max_rul`` and
-    ``cfg.smooth`` go to :func:`experiments.cmapss.prepare`."""
+    engines), or every training engine with ``refit_all``; preprocessed as
+    :func:`preprocessing` says."""
     from experiments import cmapss
 
-    kwargs: dict[str, Any] = {"val_fraction": 0.0} if cfg.refit_all else {}
-    kwargs.update(window=cfg.window, max_rul=cfg.max_rul)
-    if cfg.smooth:  # only passed when used: the default preprocessing is untouched
-        kwargs["smooth"] = cfg.smooth
-    return cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **kwargs)
+    split = {"val_fraction": 0.0} if cfg.refit_all else {}
+    return cmapss.load(
+        data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **split, **preprocessing(cfg)
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -472,6 +488,7 @@ def _arg_type(
 
 _int_at_least_1 = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
 _positive_float = _arg_type(float, lambda v: bool(np.isfinite(v)) and v > 0, "a finite number > 0")
+_int_at_least_0 = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
 _smoothing = _arg_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
@@ -493,6 +510,18 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="causal exponential smoothing of each engine's scaled sensors, "
         "s_t = a*s_(t-1) + (1-a)*x_t with a = SMOOTH in [0, 1) (default 0: none)",
+    )
+    p.add_argument(
+        "--min-prefix",
+        type=_int_at_least_0,
+        default=0,
+        help="also train on the front-padded windows that end at cycles MIN_PREFIX .. WINDOW-1 "
+        "of each training engine, as short test engines are padded (default 0: none)",
+    )
+    p.add_argument(
+        "--cycle-feature",
+        action="store_true",
+        help="add each row's cycle count (min-max scaled on the training engines) as a feature",
     )
     p.add_argument(
         "--members",
@@ -521,6 +550,8 @@ def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
         max_rul=args.max_rul,
         smooth=args.smooth,
         members=args.members,
+        min_prefix=args.min_prefix,
+        cycle_feature=args.cycle_feature,
         perturb=tuple(args.perturb),
         **run_options,
     )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import cmapss
-from experiments.train_rul import cli_config, parse_args, run
+from experiments.train_rul import cli_config, parse_args, preprocessing, run
 
 
 def check(args: argparse.Namespace, windows: Sequence[int], seeds: Sequence[int]) -> list[dict]:
@@ -37,7 +37,7 @@ def check(args: argparse.Namespace, windows: Sequence[int], seeds: Sequence[int]
         for window in windows:
             args.window = window
             cfg = cli_config(args, seed=seed, progress=False)
-            ds = cmapss.prepare(pseudo, window=window, max_rul=cfg.max_rul, seed=seed)
+            ds = cmapss.prepare(pseudo, seed=seed, **preprocessing(cfg))
             result, _ = run(cfg, ds)
             row: dict[str, Any] = {"seed": seed, "window": window, "endpoints": len(ds.x_test)}
             for rule in ("last", "best"):

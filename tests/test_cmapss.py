@@ -238,6 +238,42 @@ def test_window_counts_and_targets_property(lengths, window, max_rul):
     np.testing.assert_array_equal(data.x_test[:, -1], data.x_train[ends, -1])
 
 
+def test_min_prefix_adds_padded_training_windows_by_hand():
+    raw = tiny_raw([8, 6], [2, 6], [5.0, 40.0])
+    plain = cmapss.prepare(raw, window=4, max_rul=10.0, val_fraction=0.0)
+    data = cmapss.prepare(raw, window=4, max_rul=10.0, val_fraction=0.0, min_prefix=2)
+    # each engine gains the windows ending at cycles 2 and 3 (RUL = life − cycle), before its own
+    assert data.y_train.tolist() == [6, 5, 4, 3, 2, 1, 0, 4, 3, 2, 1, 0]
+    assert data.unit_train.tolist() == [1] * 7 + [2] * 5
+    s2 = (data.x_train[..., 0] + 1) / 2 * (81 - 11) + 11
+    np.testing.assert_allclose(s2[:2], [[11, 11, 11, 21], [11, 11, 21, 31]], atol=1e-4)
+    np.testing.assert_array_equal(data.x_train[2:7], plain.x_train[:5])  # then the usual ones
+    np.testing.assert_array_equal(data.x_test, plain.x_test)  # test input is untouched
+
+
+def test_min_prefix_leaves_validation_and_test_alone():
+    raw = small_raw()
+    plain = cmapss.prepare(raw, window=40, val_fraction=0.25, seed=1)
+    data = cmapss.prepare(raw, window=40, val_fraction=0.25, seed=1, min_prefix=31)
+    for name in ("x_val", "y_val", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(plain, name))
+    assert len(data.x_train) == len(plain.x_train) + 9 * len(np.unique(plain.unit_train))
+
+
+def test_cycle_feature_by_hand():
+    raw = tiny_raw([8, 6], [2, 6], [5.0, 40.0])
+    plain = cmapss.prepare(raw, window=4, max_rul=3.0, val_fraction=0.0)
+    data = cmapss.prepare(raw, window=4, max_rul=3.0, val_fraction=0.0, cycle_feature=True)
+    assert data.features == ("cycle", "s_2", "s_3")
+    np.testing.assert_array_equal(data.x_train[..., 1:], plain.x_train)  # sensors unchanged
+    cycle = (data.x_train[..., 0] + 1) / 2 * (8 - 1) + 1  # training cycles span 1..8
+    np.testing.assert_allclose(cycle[0], [1, 2, 3, 4], atol=1e-5)  # unit 1's first window
+    np.testing.assert_allclose(cycle[-1], [3, 4, 5, 6], atol=1e-5)  # unit 2's last window
+    test_cycle = (data.x_test[..., 0] + 1) / 2 * (8 - 1) + 1
+    np.testing.assert_allclose(test_cycle, [[1, 1, 1, 2], [3, 4, 5, 6]], atol=1e-5)  # padded
+    assert data.y_train.tolist() == plain.y_train.tolist()
+
+
 def test_short_training_unit_gives_one_padded_window():
     data = cmapss.prepare(tiny_raw([3, 9], [5], [1.0]), window=5, val_fraction=0.0)
     assert data.unit_train.tolist() == [1] + [2] * 5
@@ -299,6 +335,8 @@ def test_split_units_sizes_and_errors():
         ({"max_rul": 0.0}, "max_rul must be a finite number > 0"),
         ({"max_rul": float("nan")}, "max_rul must be a finite number > 0"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"min_prefix": -1}, "min_prefix must be an integer >= 0"),
+        ({"min_prefix": 2.0}, "min_prefix must be an integer >= 0"),
     ],
 )
 def test_prepare_rejects_bad_arguments(kwargs, match):

@@ -144,6 +144,7 @@ def test_help_lists_every_option(capsys):
         ({"members": 0}, "members must be an int >= 1"),
         ({"max_rul": 0.0}, "max_rul must be a finite number > 0"),
         ({"smooth": 1.0}, r"smooth must lie in \[0, 1\)"),
+        ({"min_prefix": -1}, "min_prefix must be an int >= 0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -269,6 +270,7 @@ def test_sweep_never_selects_a_refit_run():
         (["--members", "two"], "--members: must be an integer >= 1, got 'two'"),
         (["--max-rul", "-5"], "--max-rul: must be a finite number > 0, got '-5'"),
         (["--smooth", "1"], r"--smooth: must be a number in \[0, 1\), got '1'"),
+        (["--min-prefix", "-2"], "--min-prefix: must be an integer >= 0, got '-2'"),
     ],
 )
 def test_cli_rejects_bad_data_options(argv, message, capsys):
@@ -281,13 +283,24 @@ def test_cli_rejects_bad_data_options(argv, message, capsys):
 def test_data_options_default_to_the_standard_preprocessing(capsys):
     """Defaults unchanged: window 30, cap 125, no smoothing, one model; ``--help`` names them."""
     args = parse_args([])
-    assert (args.window, args.max_rul, args.smooth, args.members) == (30, 125.0, 0.0, 1)
+    assert (args.window, args.max_rul, args.smooth, args.members, args.min_prefix) == (
+        30, 125.0, 0.0, 1, 0
+    )  # fmt: skip
     cfg = Config()
-    assert (cfg.window, cfg.max_rul, cfg.smooth, cfg.members) == (30, 125.0, 0.0, 1)
+    assert (cfg.window, cfg.max_rul, cfg.smooth, cfg.members, cfg.min_prefix) == (
+        30, 125.0, 0.0, 1, 0
+    )  # fmt: skip
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--window", "--max-rul", "--smooth", "--members"):
+    for flag in (
+        "--window",
+        "--max-rul",
+        "--smooth",
+        "--members",
+        "--min-prefix",
+        "--cycle-feature",
+    ):
         assert flag in text
 
 
@@ -302,6 +315,12 @@ def test_load_data_applies_window_cap_and_smoothing(cli_run):
     assert ds.y_train.max() == 80.0 and ds.y_test.max() <= 80.0
     same = load_data(Config(data_dir=data, model="dcnn"))
     np.testing.assert_array_equal(same.x_train, plain.x_train)  # defaults: unchanged
+    padded = load_data(Config(data_dir=data, model="dcnn", min_prefix=25))  # windows of 30
+    assert len(padded.x_train) == len(plain.x_train) + 5 * len(np.unique(plain.unit_train))
+    np.testing.assert_array_equal(padded.x_val, plain.x_val)
+    aged = load_data(Config(data_dir=data, model="dcnn", cycle_feature=True))
+    assert aged.features == ("cycle", *plain.features)
+    np.testing.assert_array_equal(aged.x_train[..., 1:], plain.x_train)
     # the first engine's windows: the unsmoothed last rows are its scaled cycles
     unsmoothed = load_data(Config(data_dir=data, model="dcnn", window=12, max_rul=80.0))
     first = unsmoothed.unit_train == unsmoothed.unit_train[0]
@@ -334,11 +353,13 @@ def test_ensemble_run_trains_every_member(cli_run, tmp_path):
 
 def test_sweep_command_names_non_default_data_options():
     fake = _fake(0, [14.0, 13.0], [12.0, 12.5])
-    fake["config"].update(window=40, members=5)
+    fake["config"].update(window=40, members=5, min_prefix=31, cycle_feature=True)
     command = sweep.run_command("m", [fake])
-    assert command.endswith("--window 40 --members 5")
+    assert command.endswith("--window 40 --members 5 --min-prefix 31 --cycle-feature")
     assert "--max-rul" not in command and "--smooth" not in command
-    assert sweep.data_description(fake["config"]) == ", window 40, members 5"
+    assert sweep.data_description(fake["config"]) == (
+        ", window 40, members 5, prefixes from cycle 31, cycle feature"
+    )
     assert sweep.data_description(_fake(0, [1.0, 1.0], [1.0, 1.0])["config"]) == ""
 
 
