@@ -28,7 +28,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.dev
-	$(BIN)/mypy ema_jax
+	$(BIN)/mypy ema_jax experiments
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q

@@ -37,7 +37,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ from experiments.models import MODELS, make_model
 # the two alternate on few cores; passive waiting keeps the side-by-side timings honest.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+torch: ModuleType | None
 try:  # optional: the benchmark extra
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
@@ -216,7 +218,7 @@ def bench_train_step(model_name: str, batch: int, steps: int, repeats: int) -> d
     key = jax.random.key(1)
 
     def loss_fn(p: Any, b: tuple[jax.Array, jax.Array], rng: jax.Array) -> jax.Array:
-        pred = model.apply({"params": p}, b[0], train=True, rngs={"dropout": rng})
+        pred = cast(jax.Array, model.apply({"params": p}, b[0], train=True, rngs={"dropout": rng}))
         return jnp.mean((pred - b[1]) ** 2)
 
     def plain_step(s: train_state.TrainState, b: Any, rng: jax.Array) -> Any:
@@ -362,6 +364,8 @@ def bench_memory(n: int, leaves: int, steps: int = 3) -> dict[str, Any]:
         state = make([p + 0 for p in params])
         step = jax.jit(fn, donate_argnums=1)
         analysis = step.lower(grads, state).compile().memory_analysis()
+        if analysis is None:  # a backend without XLA's memory analysis
+            raise RuntimeError(f"{jax.default_backend()} gives no memory analysis for P3")
         for _ in range(steps):
             state = step(grads, state)
         jax.block_until_ready(state)

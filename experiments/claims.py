@@ -151,7 +151,7 @@ def time_epochs(ds: Any, model_name: str, rounds: int, batch_size: int) -> dict[
             apply_fn=model.apply, params=p, tx=optax.adam(1e-3), ema=ema
         )
 
-    setups = {
+    setups: dict[str, tuple[Any, Any]] = {
         "no EMA": (fresh(None), plain_step),
         "1 EMA (β=0.999)": (fresh(ema_jax.ema(0.999)), ema_jax.make_train_step(loss_fn)),
         "8 EMAs (sweep)": (

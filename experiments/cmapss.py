@@ -263,7 +263,8 @@ def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -
     """
     if isinstance(min_cycles, bool) or not isinstance(min_cycles, int) or min_cycles < 1:
         raise ValueError(f"min_cycles must be an int >= 1, got {min_cycles!r}")
-    pieces, rul = [], []
+    pieces: list[np.ndarray] = []
+    rul: list[int] = []
     for unit in np.unique(units):
         rows = raw.train[raw.train[:, _UNIT] == unit]
         if not len(rows):
@@ -346,10 +347,11 @@ def prepare(
             cycles = table[rows, _CYCLE]
             target = np.minimum(max_rul, cycles.max() - cycles)
             series = exponential_smoothing(x[rows], smooth)
-            ends = np.arange(min_prefix, min(window, len(rows))) if prefixes and min_prefix else []
+            last_prefix = min(window, len(rows)) if prefixes and min_prefix else 0
+            ends = np.arange(min_prefix, last_prefix)  # empty unless prefixes are asked for
             full = _windows(series, window)
             xs.append(np.concatenate([*(_windows(series[:c], window) for c in ends), full]))
-            ys.append(np.concatenate([target[np.asarray(ends, int) - 1], target[-len(full) :]]))
+            ys.append(np.concatenate([target[ends - 1], target[-len(full) :]]))
             us.append(np.full(len(xs[-1]), table[rows[0], _UNIT], np.int32))
         if not xs:
             return np.zeros((0, window, len(columns))), np.zeros(0), np.zeros(0, np.int32)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -159,8 +159,8 @@ def _perturbed_increase(
         r * jnp.sqrt(jnp.mean(p**2)) * jax.random.normal(k, p.shape, p.dtype)
         for p, k in zip(leaves, keys, strict=True)
     ]
-    plus = treedef.unflatten([p + e for p, e in zip(leaves, noise, strict=True)])
-    minus = treedef.unflatten([p - e for p, e in zip(leaves, noise, strict=True)])
+    plus = jax.tree.unflatten(treedef, [p + e for p, e in zip(leaves, noise, strict=True)])
+    minus = jax.tree.unflatten(treedef, [p - e for p, e in zip(leaves, noise, strict=True)])
     return 0.5 * (loss(plus, *data) + loss(minus, *data)) - loss(params, *data)
 
 
@@ -235,7 +235,7 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
 
     def metric_fn(params: Any, batch: Any) -> dict[str, jax.Array]:
         x, y = batch
-        pred = model.apply({"params": params}, x)
+        pred = cast(jax.Array, model.apply({"params": params}, x))
         return {
             "loss": jnp.mean((pred - y / max_rul) ** 2),
             "mse": jnp.mean((pred * max_rul - y) ** 2),
@@ -295,7 +295,7 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
     )
     bar.close()
 
-    predict = jax.jit(lambda p, x: model.apply({"params": p}, x) * max_rul)
+    predict = jax.jit(lambda p, x: cast(jax.Array, model.apply({"params": p}, x)) * max_rul)
     last = dict(zip(variants, [state.params, *state.ema_params], strict=True))
     x_test, y_test = jnp.asarray(ds.x_test), np.asarray(ds.y_test)
     test: dict[str, dict[str, Any]] = {"last": {}, "best": {}}
@@ -320,7 +320,8 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
         data = (jnp.asarray(x_probe), jnp.asarray(y_probe))
 
         def val_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-            return jnp.mean((model.apply({"params": params}, x) - y / max_rul) ** 2)
+            pred = cast(jax.Array, model.apply({"params": params}, x))
+            return jnp.mean((pred - y / max_rul) ** 2)
 
         result["perturb"] = {
             name: perturbed_losses(
