@@ -37,7 +37,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import jax
@@ -53,11 +52,10 @@ from experiments.models import MODELS, make_model
 # the two alternate on few cores; passive waiting keeps the side-by-side timings honest.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-torch: ModuleType | None
 try:  # optional: the benchmark extra
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
-    torch = None
+    torch = None  # type: ignore[assignment]  # (typed as a module where torch is installed)
 
 DECAY = 0.999
 ALPHA = 1.0 - DECAY
