@@ -304,6 +304,15 @@ def test_data_options_default_to_the_standard_preprocessing(capsys):
         assert flag in text
 
 
+def test_sweep_data_options_match_the_cli_and_config_defaults():
+    """``sweep.DATA_OPTIONS`` repeats the defaults (sweep reports without importing jax): they
+    must stay those of ``Config`` and of ``add_data_options``' flags."""
+    args = vars(parse_args([]))
+    for key, flag, default in sweep.DATA_OPTIONS:
+        assert getattr(Config(), key) == default, key
+        assert args[flag[2:].replace("-", "_")] == default, flag
+
+
 def test_load_data_applies_window_cap_and_smoothing(cli_run):
     """``window``/``max_rul``/``smooth`` reach ``cmapss.prepare``: window length, capped targets
     (test labels too), and causal smoothing (a window's smoothed values depend on its own and
