@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     own, rest = p.parse_known_args(argv)
     args = parse_args(rest)  # every train_rul option (model, epochs, lr, ...)
-    if args.smooth or args.members != 1:
-        raise SystemExit("window_check compares plain single models: drop --smooth/--members")
+    if args.members != 1:
+        raise SystemExit("window_check compares single models: drop --members")
     return check(args, own.windows, own.seeds)
 
 
