@@ -171,6 +171,7 @@ class Ensemble(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcnn": DCNN,
     "dcnn_li": functools.partial(DCNN, layer_norm=False),
+    "dcnn_wide": functools.partial(DCNN, layer_norm=False, filters=20),  # 2x the filters
     "cnn_attn": CNNAttention,
     "gru": RNN,
     "lstm": functools.partial(RNN, cell="lstm"),

@@ -36,7 +36,8 @@ def test_shapes_dropout_and_per_window_outputs(name):
 def test_unknown_model_names_the_choices():
     with pytest.raises(
         ValueError,
-        match=r"model must be one of \['cnn_attn', 'cnn_gru', 'dcnn', 'dcnn_li', 'gru', 'lstm'\]",
+        match=r"model must be one of \['cnn_attn', 'cnn_gru', 'dcnn', 'dcnn_li', 'dcnn_wide', "
+        r"'gru', 'lstm'\]",
     ):
         make_model("transformer")
     for bad in (0, 2.0, True):
@@ -110,6 +111,10 @@ def test_dcnn_li_is_the_dcnn_without_layer_norm():
     n_li = sum(p.size for p in jax.tree.leaves(li))
     # 14·10·10+10, 3×(10·10·10+10), 10·3+1, 30·100+100, 100+1 (Li et al.'s layer sizes)
     assert n_li == (1400 + 10) + 3 * (1000 + 10) + (30 + 1) + (3000 + 100) + (100 + 1)
+    wide = make_model("dcnn_wide").init(jax.random.key(0), x)["params"]
+    assert set(wide) == set(li)  # same layers, 20 filters per convolution instead of 10
+    n_wide = sum(p.size for p in jax.tree.leaves(wide))
+    assert n_wide == (14 * 10 * 20 + 20) + 3 * (20 * 10 * 20 + 20) + (20 * 3 + 1) + 3100 + 101
     merged = {k: li[k] if k in li else ln[k] for k in ln}
     assert not np.allclose(
         make_model("dcnn").apply({"params": merged}, x),
