@@ -82,8 +82,6 @@ class EmaTrainState(train_state.TrainState):
 
     def _one_average(self, index: int | None) -> Any:
         """The shadow of one average (decay ``index``, default the first), params' dtypes."""
-        if self.num_averages is None:
-            return shadow(self.ema_state, index)
         return shadow(self.ema_state, 0 if index is None else index)
 
     def accumulators(self, ema_index: int | None = None) -> Any:

@@ -318,11 +318,12 @@ def shadow(state: EmaState, ema_index: int | None = None) -> Params:
         return tuple(shadow(state, i) for i in range(k))
     tree = accumulators(state, ema_index)
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(  # type: ignore[attr-defined]
+    return jax.tree.unflatten(
+        treedef,
         [
             x if x.dtype == d else x.astype(d)
             for x, d in zip(leaves, state.param_dtypes, strict=True)
-        ]
+        ],
     )
 
 
