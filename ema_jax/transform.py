@@ -285,14 +285,19 @@ def ema(
         def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
             p = p[..., None] if multi else p
             if not _is_float(a.dtype):
-                return jnp.broadcast_to(p, a.shape).astype(a.dtype)
+                # Copied on applied steps. Reading `a` (a no-op select when applied) keeps
+                # the donated buffer in use, so jit updates it in place.
+                return jnp.where(apply, jnp.broadcast_to(p, a.shape).astype(a.dtype), a)
             return _lerp(a, p.astype(a.dtype), a_k, keep_k)
 
         def averages(ema: Params) -> Params:
             return jax.tree.map(leaf, ema, params)
 
-        # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
-        new_ema = lax.cond(apply, averages, lambda ema: ema, state.ema)
+        if update_every == 1 and not skip_nonfinite:
+            new_ema = averages(state.ema)  # no step is ever skipped: no branch to wait on
+        else:
+            # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
+            new_ema = lax.cond(apply, averages, lambda ema: ema, state.ema)
         new_state = EmaState(
             count=t,
             num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),

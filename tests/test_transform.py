@@ -236,6 +236,25 @@ def test_nonfinite_propagates_when_not_skipping():
     assert np.isnan(np.asarray(out["w"])[0])  # once in, NaN stays
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": 0.9},
+        {"decay": 0.99, "debias": True},
+        {"decay": 0.9, "start_step": 3},
+        {"decay": (0.9, 0.99), "debias": (False, True)},
+    ],
+)
+def test_unguarded_update_equals_guarded_on_finite_params(kwargs):
+    """``skip_nonfinite=False`` with ``update_every=1`` runs the pass without a branch; on
+    finite params it gives bitwise the guarded update's shadows and state."""
+    thetas = jnp.asarray(THETAS[:13, :8], jnp.float32)
+    guarded = scan_updates(ema_jax.ema(**kwargs), thetas[0], thetas[1:])
+    unguarded = scan_updates(ema_jax.ema(**kwargs, skip_nonfinite=False), thetas[0], thetas[1:])
+    for got, want in zip(jax.tree.leaves(unguarded), jax.tree.leaves(guarded), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 # --------------------------------------------------------------------------- point 6
 
 
