@@ -7,6 +7,8 @@ round-robin (one update of each, repeated), and the median is reported:
 * ``ema_jax``        ``ema_jax.ema(0.999)`` jitted, state donated (the default: NaN/Inf guard on)
 * ``ema_jax nochk``  the same with ``skip_nonfinite=False``
 * ``flat lerp``      one flat jax buffer ``e + α(p - e)``, donated (a lower bound for XLA)
+* ``flat lerp+chk``  the same, skipped unless ``Σ p`` is finite (the guard's semantics on one
+                     buffer: the floor for ``ema_jax`` with its default guard)
 * ``optax.ema``      ``optax.ema(0.999, debias=False)`` jitted without donation (the naive way)
 * ``np copy``        ``np.copyto`` of the params (8 B/param): the machine's copy bandwidth
 * ``torch foreach``  ``torch._foreach_lerp_`` over the same leaves (timm ModelEmaV3's kernel),
@@ -19,6 +21,7 @@ without EMA), P3 (memory of params + Adam + EMA, donated), P4 (K decays in one u
 the measured effect of each implementation choice, and a few XLA_FLAGS.
 
     python -m experiments.bench_ema --quick            # smoke run, ~1 minute
+    python -m experiments.bench_ema --bandwidth-only   # the device goal alone (on a GPU)
     python -m experiments.bench_ema --json experiments/results/bench_cpu.json \\
         --md experiments/results/bench_cpu.md          # the full table (several minutes)
 
@@ -125,6 +128,11 @@ def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
 
     flat_p = jnp.asarray(np.concatenate([x.ravel() for x in host]))
     fns["flat lerp"] = _Donated(lambda p, e: e + ALPHA * (p - e), flat_p + 0, flat_p)
+
+    def flat_guarded(p: jax.Array, e: jax.Array) -> jax.Array:
+        return jax.lax.cond(jnp.isfinite(jnp.sum(p)), lambda e: e + ALPHA * (p - e), lambda e: e, e)
+
+    fns["flat lerp+chk"] = _Donated(flat_guarded, flat_p + 0, flat_p)
 
     naive = optax.ema(DECAY, debias=False)
     naive_update = jax.jit(naive.update)
@@ -311,11 +319,33 @@ def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
         ("adam+ema_jax nochk", ema_jax.ema(DECAY, skip_nonfinite=False)),
     ]:
         fns[name] = _Donated(with_ema(tx), (fresh(), adam.init(params), tx.init(params)), grads)
+
+    def with_lerp(branch: bool) -> Callable[..., Any]:
+        """References: a bare per-leaf lerp after Adam (the least an unfused EMA costs on
+        XLA), and the same inside a ``lax.cond`` (ema_jax's shape when steps can be skipped)."""
+
+        def step(g: Any, state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            params, opt_state = _adam_apply(adam, g, state[:2])
+
+            def lerp(ema: Any) -> Any:
+                return [e + ALPHA * (p - e) for e, p in zip(ema, params, strict=True)]
+
+            if not branch:
+                return params, opt_state, lerp(state[2])
+            count = cast(Any, opt_state)[0].count  # a traced predicate, always true
+            return params, opt_state, jax.lax.cond(count > 0, lerp, lambda e: e, state[2])
+
+        return step
+
+    fns["adam+lerp"] = _Donated(with_lerp(False), (fresh(), adam.init(params), fresh()), grads)
+    fns["adam+lerp in cond"] = _Donated(
+        with_lerp(True), (fresh(), adam.init(params), fresh()), grads
+    )
     flat = jnp.asarray(np.concatenate([x.ravel() for x in host]))
     fns["scale 8B/param"] = _Donated(lambda x: x * 1.0001, flat)
     ms = _median_ms(fns, repeats)
     cost8 = ms["scale 8B/param"]
-    extra = {k: ms[k] - ms["adam"] for k in ("adam+ema_jax", "adam+ema_jax nochk")}
+    extra = {k: v - ms["adam"] for k, v in ms.items() if k.startswith("adam+")}
     return {
         "params": n,
         "leaves": leaves,
@@ -323,6 +353,52 @@ def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
         "bandwidth_GBps": 8 * n / (cost8 * 1e-3) / 1e9,
         "extra_ms": extra,
         "extra_bytes_per_param": {k: 8 * v / cost8 for k, v in extra.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- device goal
+
+
+def bench_bandwidth(n: int, leaves: int, repeats: int) -> dict[str, Any]:
+    """The update's share of the copy bandwidth on JAX's default backend (the GPU goal).
+
+    References over one flat buffer of ``n`` params, 8 B/param each: ``copy`` (a jitted
+    ``jnp.copy`` into a fresh buffer) and ``scale in place`` (donated ``x * c``); the faster
+    is the copy bandwidth. The updates are counted at 12 B/param (read the average and the
+    params, write the average): the check's extra read is not useful traffic.
+    """
+    host = _params(n, leaves)
+    params = [jnp.asarray(x) for x in host]
+    flat = jnp.asarray(np.concatenate([x.ravel() for x in host]))
+    copy = jax.jit(jnp.copy)
+
+    def fresh_copy() -> None:
+        jax.block_until_ready(copy(flat))
+
+    fns: dict[str, Callable[[], Any]] = {
+        "copy": fresh_copy,
+        "scale in place": _Donated(lambda x: x * 1.0001, flat + 0),
+        "flat lerp": _Donated(lambda p, e: e + ALPHA * (p - e), flat + 0, flat),
+    }
+    for name, tx in [
+        ("ema_jax", ema_jax.ema(DECAY)),
+        ("ema_jax nochk", ema_jax.ema(DECAY, skip_nonfinite=False)),
+    ]:
+        fns[name] = _Donated(_ema_update(tx), tx.init(params), params)
+    ms = _median_ms(fns, repeats)
+    moved = {"copy": 8, "scale in place": 8}
+    gbps = {k: moved.get(k, 12) * n / (v * 1e-3) / 1e9 for k, v in ms.items()}
+    reference = max(gbps["copy"], gbps["scale in place"])
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "params": n,
+        "leaves": leaves,
+        "ms": ms,
+        "GBps": gbps,
+        "share_of_copy": {
+            k: gbps[k] / reference for k in ("flat lerp", "ema_jax", "ema_jax nochk")
+        },
     }
 
 
@@ -429,6 +505,42 @@ def bench_multi_decay(
     }
 
 
+# ----------------------------------------------------------------------------- per-leaf cost
+
+
+def bench_leaf_overhead(counts: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    """The fixed cost per leaf: ``L`` one-element leaves, so no time goes to memory traffic.
+
+    ``jit no-op``: a donated jitted call returning ``L`` new one-element arrays (``e + 0``):
+    JAX's dispatch (per-argument and per-output bookkeeping) plus ``L`` tiny XLA kernels.
+    ``torch foreach``: one ``_foreach_lerp_`` over ``L`` one-element tensors.
+    """
+    rows = []
+    for count in counts:
+        ones = [jnp.full((1,), 0.5, jnp.float32) for _ in range(count)]
+        fns: dict[str, Callable[[], Any]] = {
+            "jit no-op": _Donated(lambda p, e: [x + 0 for x in e], [x + 0 for x in ones], ones)
+        }
+        for name, tx in [
+            ("ema_jax", ema_jax.ema(DECAY)),
+            ("ema_jax nochk", ema_jax.ema(DECAY, skip_nonfinite=False)),
+        ]:
+            fns[name] = _Donated(_ema_update(tx), tx.init(ones), ones)
+        if torch is not None:
+            t_p = [torch.full((1,), 0.5) for _ in range(count)]
+            t_e = [torch.full((1,), 0.5) for _ in range(count)]
+
+            def torch_foreach(t_e: list[Any] = t_e, t_p: list[Any] = t_p) -> None:
+                torch._foreach_lerp_(t_e, t_p, ALPHA)
+
+            fns["torch foreach"] = torch_foreach
+        ms = _median_ms(fns, repeats)
+        rows.append(
+            {"leaves": count, "ms": ms, "us_per_leaf": {k: 1e3 * v / count for k, v in ms.items()}}
+        )
+    return rows
+
+
 # ----------------------------------------------------------------------------- choices
 
 
@@ -489,13 +601,14 @@ def bench_choices(n: int, leaves: int, repeats: int) -> dict[str, float]:
 
 
 def bench_flags(n: int, leaves: int, repeats: int, flag_sets: list[str]) -> list[dict[str, Any]]:
-    """The update (ema_jax, flat lerp) under other XLA_FLAGS, each in a fresh process."""
+    """The update (P1) and the Adam step (P2) under other XLA_FLAGS, each in a fresh process."""
     rows = []
     for flags in flag_sets:
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
         code = (
             "import json, experiments.bench_ema as b; "
-            f"print(json.dumps(b.bench_update({n}, {leaves}, {repeats})))"
+            f"print(json.dumps({{'update': b.bench_update({n}, {leaves}, {repeats}), "
+            f"'adam': b.bench_adam_step({n}, {leaves}, {repeats})}}))"
         )
         proc = subprocess.run(
             [sys.executable, "-c", code],
@@ -508,8 +621,8 @@ def bench_flags(n: int, leaves: int, repeats: int, flag_sets: list[str]) -> list
         if proc.returncode != 0:
             rows.append({"flags": flags, "error": proc.stderr.strip().splitlines()[-1]})
             continue
-        ms = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"flags": flags or "(default)", "ms": ms})
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"flags": flags or "(default)", "ms": measured["update"], **measured})
     return rows
 
 
@@ -531,6 +644,7 @@ def _p1_table(rows: list[dict[str, Any]]) -> list[str]:
         "ema_jax",
         "ema_jax nochk",
         "flat lerp",
+        "flat lerp+chk",
         "optax.ema",
         "np copy",
         "torch foreach",
@@ -559,11 +673,12 @@ def _p1_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def report(results: dict[str, Any]) -> str:
     out = [f"## EMA benchmark ({results['machine']})", "", f"load before: {results['load']}", ""]
-    out.append(
-        "### P1: one update, fp32, ms (median); speed = other ms / ema_jax ms (torch: the "
-        "faster of its two thread settings); > 1: ema_jax is faster"
-    )
-    out += _p1_table(results["p1"])
+    if results["p1"]:
+        out.append(
+            "### P1: one update, fp32, ms (median); speed = other ms / ema_jax ms (torch: the "
+            "faster of its two thread settings); > 1: ema_jax is faster"
+        )
+        out += _p1_table(results["p1"])
     summary = ["| goal | measured | target | met |", "|---|---|---|---|"]
     for r in results["p1"]:
         t = _best_torch(r["ms"])
@@ -571,10 +686,11 @@ def report(results: dict[str, Any]) -> str:
             ratio = t / r["ms"]["ema_jax"]
             nochk = t / r["ms"]["ema_jax nochk"]
             guarded = r["ms"]["torch foreach+guard"] / r["ms"]["ema_jax"]
+            floor = t / r["ms"]["flat lerp+chk"]
             summary.append(
                 f"| P1 throughput ema_jax / torch foreach, {r['params']:.0e} params, "
                 f"{r['leaves']} leaves (skip_nonfinite=False vs torch: {nochk:.2f}×; "
-                f"both guarded: {guarded:.2f}×) "
+                f"both guarded: {guarded:.2f}×; one guarded flat buffer vs torch: {floor:.2f}×) "
                 f"| {ratio:.2f}× | ≥ 1.0× | {'yes' if ratio >= 1 else 'no'} |"
             )
     if "p2_model" in results:
@@ -589,10 +705,14 @@ def report(results: dict[str, Any]) -> str:
             )
     if "p2_adam" in results:
         p = results["p2_adam"]
-        for k, b in p["extra_bytes_per_param"].items():
+        refs = p["extra_bytes_per_param"]
+        for k in ("adam+ema_jax", "adam+ema_jax nochk"):
+            b = refs[k]
             summary.append(
                 f"| P2 {k} − adam, {p['params']:.0e} params: extra "
                 f"{p['extra_ms'][k]:.2f} ms = {b:.1f} B/param at {p['bandwidth_GBps']:.1f} GB/s "
+                f"(references: a bare lerp after Adam {refs['adam+lerp']:.1f}, the same in a "
+                f"cond {refs['adam+lerp in cond']:.1f}) "
                 f"| {b:.1f} B/param | ≤ 8 B/param | {'yes' if b <= 8 else 'no'} |"
             )
     if "p3" in results:
@@ -615,26 +735,76 @@ def report(results: dict[str, Any]) -> str:
             f"| {p['ratio']:.3f} | ≤ {p['target']:.3f} "
             f"| {'yes' if p['ratio'] <= p['target'] else 'no'} |"
         )
+    bandwidth = results.get("bandwidth", [])
+    for b in bandwidth:
+        shares = b["share_of_copy"]
+        share = shares["ema_jax"]
+        on_gpu = b["backend"] == "gpu"
+        summary.append(
+            f"| device goal: ema_jax update GB/s (12 B/param) / copy GB/s, {b['params']:.0e} "
+            f"params, {b['leaves']} leaves, {b['backend']} {b['device']} (nochk "
+            f"{shares['ema_jax nochk']:.2f}; flat lerp {shares['flat lerp']:.2f})"
+            f"{'' if on_gpu else ' — the goal is for a GPU; informative here'} "
+            f"| {share:.2f} | ≥ 0.80 | {('yes' if share >= 0.8 else 'no') if on_gpu else 'n/a'} |"
+        )
     out += ["", "### Goals", *summary]
+    if bandwidth:
+        names = list(bandwidth[0]["GBps"])
+        out += [
+            "",
+            f"### Bandwidth on {bandwidth[0]['backend']} ({bandwidth[0]['device']}): GB/s "
+            "(copy, scale: 8 B/param; updates: 12 B/param)",
+            "| params | leaves | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        out += [
+            f"| {b['params']:.0e} | {b['leaves']} | "
+            + " | ".join(f"{b['GBps'][k]:.1f}" for k in names)
+            + " |"
+            for b in bandwidth
+        ]
+    if results.get("leaf_overhead"):
+        rows = results["leaf_overhead"]
+        names = list(rows[0]["ms"])
+        out += [
+            "",
+            "### Fixed cost per leaf (one-element leaves: no memory traffic), µs per leaf",
+            "| leaves | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        out += [
+            f"| {r['leaves']} | " + " | ".join(f"{r['us_per_leaf'][k]:.2f}" for k in names) + " |"
+            for r in rows
+        ]
     if results.get("choices"):
         c = results["choices"]
         out += ["", f"### Choices ({c['params']:.0e} params, {c['leaves']} leaves): ms per step"]
         out += ["| variant | ms |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in c["ms"].items()]
     if results.get("flags"):
-        out += ["", "### XLA flags (fresh process each; ms at the P1 flags size)"]
         out += [
-            "| XLA_FLAGS | ema_jax | ema_jax nochk | flat lerp | torch foreach (best) |",
-            "|---|---|---|---|---|",
+            "",
+            "### XLA flags (fresh process each, at the P2 Adam size): update ms (P1), "
+            "Adam step ms and the EMA's extra B/param in it (P2)",
+            "| XLA_FLAGS | ema_jax | ema_jax nochk | flat lerp | torch foreach (best) "
+            "| adam | adam+ema_jax | extra B/param | nochk extra B/param |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["flags"]:
             if "error" in r:
-                out.append(f"| {r['flags']} | error: {r['error']} | | | |")
+                out.append(f"| {r['flags']} | error: {r['error']} | | | | | | | |")
                 continue
-            ms = r["ms"]
+            ms, adam = r["ms"], r.get("adam")
+            adam_cells = (
+                f"{adam['ms']['adam']:.2f} | {adam['ms']['adam+ema_jax']:.2f} "
+                f"| {adam['extra_bytes_per_param']['adam+ema_jax']:.1f} "
+                f"| {adam['extra_bytes_per_param']['adam+ema_jax nochk']:.1f}"
+                if adam
+                else "— | — | — | —"
+            )
             out.append(
                 f"| {r['flags']} | {_fmt(ms['ema_jax'])} | {_fmt(ms['ema_jax nochk'])} "
-                f"| {_fmt(ms['flat lerp'])} | {_fmt(_best_torch(ms))} |"
+                f"| {_fmt(ms['flat lerp'])} | {_fmt(_best_torch(ms))} | {adam_cells} |"
             )
     out += ["", f"load after: {results['load_after']}", ""]
     return "\n".join(out)
@@ -656,6 +826,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--md", metavar="PATH", help="write the printed tables as Markdown")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per measurement")
     parser.add_argument("--no-flags", action="store_true", help="skip the XLA_FLAGS section")
+    parser.add_argument(
+        "--bandwidth-only",
+        action="store_true",
+        help="only the device goal (update vs copy bandwidth) on JAX's default backend: "
+        "the section to run on a GPU",
+    )
     parser.add_argument(
         "--p2-model",
         default="dcnn_li",
@@ -687,6 +863,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": repeats,
         "p1": [],
     }
+    bandwidth_sizes = [(1_000_000, 10)] if args.quick else [(10_000_000, 100), (100_000_000, 100)]
+    results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in bandwidth_sizes]
+    if not args.bandwidth_only:
+        _measure_goals(results, args, sizes, repeats, adam_size, flag_size)
+    results["load_after"] = _load()
+    text = report(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _measure_goals(
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    sizes: list[tuple[int, int]],
+    repeats: int,
+    adam_size: tuple[int, int],
+    flag_size: tuple[int, int],
+) -> None:
+    """P1–P4, the per-leaf cost, the choices and the flags, into ``results``."""
     for n, k in sizes:
         reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
         ms = bench_update(n, k, reps)
@@ -707,6 +908,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n, k in [adam_size, (adam_size[0], 10)]
         for chk in (True, False)
     ]
+    results["leaf_overhead"] = bench_leaf_overhead((10, 100, 1000), repeats)
     results["choices"] = {
         "params": adam_size[0],
         "leaves": adam_size[1],
@@ -718,20 +920,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--xla_cpu_multi_thread_eigen=false",
             "--xla_cpu_use_fusion_emitters=false",
             "--xla_cpu_enable_fast_math=true",
+            # XLA:CPU's multi-output fusion pass is a backend option, not a flag of its own.
+            "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion",
         ]
         results["flags"] = bench_flags(
             *flag_size, max(5, repeats // 2), flag_sets[: 2 if args.quick else None]
         )
-    results["load_after"] = _load()
-    text = report(results)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import pytest
 
 from experiments import bench_ema as bench
@@ -32,9 +33,16 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
         "p2_adam": bench.bench_adam_step(2_000, 2, 1),
         "p3": bench.bench_memory(2_000, 2),
         "p4": [bench.bench_multi_decay(3_000, 3, 1, skip_nonfinite=c) for c in (True, False)],
+        "leaf_overhead": bench.bench_leaf_overhead((2, 3), 1),
+        "bandwidth": [bench.bench_bandwidth(2_000, 2, 1)],
     }
-    for key in ("ema_jax", "ema_jax nochk", "flat lerp", "optax.ema", "np copy"):
-        assert results["p1"][0]["ms"][key] > 0
+    p1 = results["p1"][0]["ms"]
+    for key in ("ema_jax", "ema_jax nochk", "flat lerp", "flat lerp+chk", "optax.ema", "np copy"):
+        assert p1[key] > 0
+    # the flags section's row, as bench_flags builds it in each subprocess (not spawned here)
+    results["flags"] = [{"flags": "(default)", "ms": p1, "adam": results["p2_adam"]}]
+    for row in results["leaf_overhead"]:
+        assert {"jit no-op", "ema_jax", "ema_jax nochk"} <= set(row["us_per_leaf"])
     p2 = results["p2_model"]
     assert set(p2["ratios"]) == {"with EMA", "with EMA nochk"}
     assert all(math.isfinite(r["ratio"]) and r["q1"] <= r["q3"] for r in p2["ratios"].values())
@@ -45,3 +53,8 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     text = bench.report(results)
     for goal in ("P2 train step with EMA /", "P2 adam+ema_jax − adam", "P3 live bytes", "P4 K=3"):
         assert goal in text
+    assert "### Fixed cost per leaf" in text and "| (default) |" in text
+    bandwidth = results["bandwidth"][0]
+    assert bandwidth["backend"] == jax.default_backend()
+    assert all(share > 0 for share in bandwidth["share_of_copy"].values())
+    assert "device goal: ema_jax update GB/s" in text and "### Bandwidth on" in text
