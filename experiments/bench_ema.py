@@ -376,18 +376,29 @@ def bench_bandwidth(n: int, leaves: int, repeats: int) -> dict[str, Any]:
     ``jnp.copy`` into a fresh buffer) and ``scale in place`` (donated ``x * c``); the faster
     is the copy bandwidth. The updates are counted at 12 B/param (read the average and the
     params, write the average): the check's extra read is not useful traffic.
+
+    ``sum`` (4 B/param, read only) is what the NaN/Inf check costs on its own, so
+    ``checked_ceiling`` = flat lerp ms / (flat lerp ms + sum ms), times the flat lerp's share,
+    is the most a checked update can reach on this backend: the two passes at the speeds
+    this machine gives each.
     """
     host = _params(n, leaves)
     params = [jnp.asarray(x) for x in host]
     flat = jnp.asarray(np.concatenate([x.ravel() for x in host]))
     copy = jax.jit(jnp.copy)
 
+    total = jax.jit(jnp.sum)
+
     def fresh_copy() -> None:
         jax.block_until_ready(copy(flat))
+
+    def read_sum() -> None:
+        jax.block_until_ready(total(flat))
 
     fns: dict[str, Callable[[], Any]] = {
         "copy": fresh_copy,
         "scale in place": _scale_in_place(flat),
+        "sum": read_sum,
         "flat lerp": _flat_lerp(flat),
     }
     for name, tx in [
@@ -396,9 +407,10 @@ def bench_bandwidth(n: int, leaves: int, repeats: int) -> dict[str, Any]:
     ]:
         fns[name] = _Donated(_ema_update(tx), tx.init(params), params)
     ms = _median_ms(fns, repeats)
-    moved = {"copy": 8, "scale in place": 8}
+    moved = {"copy": 8, "scale in place": 8, "sum": 4}
     gbps = {k: moved.get(k, 12) * n / (v * 1e-3) / 1e9 for k, v in ms.items()}
     reference = max(gbps["copy"], gbps["scale in place"])
+    lerp_share = gbps["flat lerp"] / reference
     return {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
@@ -409,6 +421,7 @@ def bench_bandwidth(n: int, leaves: int, repeats: int) -> dict[str, Any]:
         "share_of_copy": {
             k: gbps[k] / reference for k in ("flat lerp", "ema_jax", "ema_jax nochk")
         },
+        "checked_ceiling": lerp_share * ms["flat lerp"] / (ms["flat lerp"] + ms["sum"]),
     }
 
 
@@ -753,7 +766,8 @@ def report(results: dict[str, Any]) -> str:
         summary.append(
             f"| device goal: ema_jax update GB/s (12 B/param) / copy GB/s, {b['params']:.0e} "
             f"params, {b['leaves']} leaves, {b['backend']} {b['device']} (nochk "
-            f"{shares['ema_jax nochk']:.2f}; flat lerp {shares['flat lerp']:.2f})"
+            f"{shares['ema_jax nochk']:.2f}; flat lerp {shares['flat lerp']:.2f}; a checked "
+            f"update's ceiling here, flat lerp + sum: {b['checked_ceiling']:.2f})"
             f"{'' if on_gpu else ' — the goal is for a GPU; informative here'} "
             f"| {share:.2f} | ≥ 0.80 | {('yes' if share >= 0.8 else 'no') if on_gpu else 'n/a'} |"
         )
@@ -763,7 +777,7 @@ def report(results: dict[str, Any]) -> str:
         out += [
             "",
             f"### Bandwidth on {bandwidth[0]['backend']} ({bandwidth[0]['device']}): GB/s "
-            "(copy, scale: 8 B/param; updates: 12 B/param)",
+            "(copy, scale: 8 B/param; sum: 4 B/param, read only; updates: 12 B/param)",
             "| params | leaves | " + " | ".join(names) + " |",
             "|---|---|" + "---|" * len(names),
         ]

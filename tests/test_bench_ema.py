@@ -57,4 +57,7 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     bandwidth = results["bandwidth"][0]
     assert bandwidth["backend"] == jax.default_backend()
     assert all(share > 0 for share in bandwidth["share_of_copy"].values())
+    # Two passes are slower than one: the ceiling is below the flat lerp's own share.
+    assert 0 < bandwidth["checked_ceiling"] < bandwidth["share_of_copy"]["flat lerp"]
+    assert set(bandwidth["GBps"]) >= {"copy", "scale in place", "sum", "flat lerp"}
     assert "device goal: ema_jax update GB/s" in text and "### Bandwidth on" in text
