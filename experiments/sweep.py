@@ -343,10 +343,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 result, _ = run(cfg, ds)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result))
-                t = result["test"]["last"]
+                # Validation only on the console: test figures go to the report, so nobody
+                # picks a configuration by watching them scroll past.
+                last = result["test"]["last"]
                 print(
-                    f"{model} seed {seed}: test RMSE raw {t['raw']['rmse']:.2f}  "
-                    f"ema0.999 {t['ema0.999']['rmse']:.2f}  "
+                    f"{model} seed {seed}: val RMSE raw {last['raw']['val_rmse']:.2f}  "
+                    f"ema0.999 {last['ema0.999']['val_rmse']:.2f}  "
                     f"({result['epoch_seconds']:.1f} s/epoch)",
                     flush=True,
                 )

@@ -245,6 +245,28 @@ def test_refit_all_trains_on_every_engine_and_selects_nothing(cli_run, tmp_path)
         assert result["test"]["best"][name]["epoch"] == 2
 
 
+def test_sweep_cli_runs_resumes_and_keeps_test_figures_off_the_console(cli_run, tmp_path, capsys):
+    """``sweep.main`` end to end (one seed, two epochs): the run JSON, table and plot are
+    written; the console names validation RMSE only; a second call trains nothing."""
+    _, out, _ = cli_run
+    data = json.loads((out / "history.json").read_text())["config"]["data_dir"]
+    argv = ["--data-dir", data, "--models", "dcnn", "--seeds", "1", "--epochs", "2"]
+    argv += ["--batch-size", "32", "--perturb", "--runs", str(tmp_path / "runs")]
+    argv += ["--out", str(tmp_path), "--name", "tiny"]
+    sweep.main(argv)
+    printed = capsys.readouterr().out
+    assert re.search(r"dcnn seed 0: val RMSE raw \d+\.\d\d  ema0\.999 \d+\.\d\d", printed)
+    progress = [line for line in printed.splitlines() if " seed " in line]
+    assert len(progress) == 1 and "test" not in progress[0].lower()
+    stored = json.loads((tmp_path / "runs" / "dcnn" / "seed0.json").read_text())
+    assert stored["config"]["epochs"] == 2 and set(stored["test"]) == {"last", "best"}
+    table = (tmp_path / "tiny.md").read_text()
+    assert "## dcnn: 1 seeds, 2 epochs" in table and "## Best configuration" in table
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep.main(argv)  # resumable: the stored run is reused, nothing is trained again
+    assert "seed 0:" not in capsys.readouterr().out
+
+
 def test_sweep_never_selects_a_refit_run():
     """Refit runs have no validation engines: their monitor column must not win selection,
     and their reproducing command names the schedule and ``--refit-all``."""
