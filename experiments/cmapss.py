@@ -279,6 +279,21 @@ def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -
     return RawSubset(train=raw.train, test=np.concatenate(pieces), rul=np.asarray(rul, float))
 
 
+def check_preprocessing(*, window: int, max_rul: float, smooth: float, min_prefix: int) -> None:
+    """Raise a ``ValueError`` naming the first of :func:`prepare`'s options out of range
+    (``train_rul.Config`` calls it too, so a bad option fails before any data is read)."""
+    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if not np.isfinite(max_rul) or max_rul <= 0:
+        raise ValueError(f"max_rul must be a finite number > 0, got {max_rul!r}")
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth must lie in [0, 1), got {smooth!r}")
+    if isinstance(min_prefix, bool) or not isinstance(min_prefix, int | np.integer):
+        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
+    if min_prefix < 0:
+        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
+
+
 def prepare(
     raw: RawSubset,
     *,
@@ -302,16 +317,7 @@ def prepare(
     the condition list are all computed from the training engines (after removing the validation
     engines), so no validation or test value influences the inputs.
     """
-    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if not np.isfinite(max_rul) or max_rul <= 0:
-        raise ValueError(f"max_rul must be a finite number > 0, got {max_rul!r}")
-    if not 0.0 <= smooth < 1.0:
-        raise ValueError(f"smooth must lie in [0, 1), got {smooth!r}")
-    if isinstance(min_prefix, bool) or not isinstance(min_prefix, int | np.integer):
-        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
-    if min_prefix < 0:
-        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
+    check_preprocessing(window=window, max_rul=max_rul, smooth=smooth, min_prefix=min_prefix)
     _check_table("raw.train", raw.train)
     _check_table("raw.test", raw.test)
     train_units, val_units = split_units(raw.train[:, _UNIT], val_fraction, seed)

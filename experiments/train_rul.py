@@ -83,18 +83,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size", "window", "members"):
+        for name in ("epochs", "batch_size", "members"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not (self.max_rul > 0 and np.isfinite(self.max_rul)):
-            raise ValueError(f"max_rul must be a finite number > 0, got {self.max_rul!r}")
-        if not 0.0 <= self.smooth < 1.0:
-            raise ValueError(f"smooth must lie in [0, 1), got {self.smooth!r}")
-        if isinstance(self.min_prefix, bool) or not isinstance(self.min_prefix, int):
-            raise ValueError(f"min_prefix must be an int >= 0, got {self.min_prefix!r}")
-        if self.min_prefix < 0:
-            raise ValueError(f"min_prefix must be an int >= 0, got {self.min_prefix!r}")
+        from experiments import cmapss
+
+        cmapss.check_preprocessing(
+            window=self.window, max_rul=self.max_rul, smooth=self.smooth, min_prefix=self.min_prefix
+        )
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):

@@ -140,11 +140,11 @@ def test_help_lists_every_option(capsys):
         ({"lr_drop_epoch": -1}, "lr_drop_epoch must be an int >= 0"),
         ({"lr_drop_epoch": 5, "cosine": True}, "exclusive schedules"),
         ({"lr_drop_factor": 0.0}, r"lr_drop_factor must lie in \(0, 1\]"),
-        ({"window": 0}, "window must be an int >= 1"),
+        ({"window": 0}, "window must be an integer >= 1"),
         ({"members": 0}, "members must be an int >= 1"),
         ({"max_rul": 0.0}, "max_rul must be a finite number > 0"),
         ({"smooth": 1.0}, r"smooth must lie in \[0, 1\)"),
-        ({"min_prefix": -1}, "min_prefix must be an int >= 0"),
+        ({"min_prefix": -1}, "min_prefix must be an integer >= 0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
