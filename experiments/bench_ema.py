@@ -2,7 +2,8 @@
 
 An EMA update is pure memory traffic: read the average, read the params, write the
 average — 12 B per fp32 parameter. Every implementation below runs in the same process,
-round-robin (one update of each, repeated), and the median is reported:
+round-robin (one update of each, repeated, each starting with cold CPU caches as in a
+training loop), and the median is reported:
 
 * ``ema_jax``        ``ema_jax.ema(0.999)`` jitted, state donated (the default: NaN/Inf guard on)
 * ``ema_jax nochk``  the same with ``skip_nonfinite=False``
@@ -67,18 +68,86 @@ ALPHA = 1.0 - DECAY
 # ----------------------------------------------------------------------------- timing
 
 
+def _largest_cache_bytes() -> int:
+    """The size of CPU 0's largest cache (Linux sysfs), 0 where it cannot be read."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
+
+
+def _cache_flusher() -> Callable[[], None]:
+    """A function that evicts the CPU caches: it rewrites a buffer twice the size of the
+    largest cache (at least 64 MiB).
+
+    Every timed call starts cold, as an EMA update does in training (the forward and
+    backward passes run in between). Without it an update whose buffers fit in the cache
+    is timed warm when few functions alternate (2 in a pair) and cold when many do (a
+    round-robin of 9): at 1M params torch's ``_foreach_lerp_`` took 0.19 vs 0.36 ms.
+    """
+    scratch = np.zeros(max(64 << 20, 2 * _largest_cache_bytes()) // 8)
+
+    def flush() -> None:
+        np.add(scratch, 1.0, out=scratch)
+
+    return flush
+
+
 def _median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Round-robin: one call of each function per round, ``repeats`` rounds; median ms."""
+    """Round-robin: one call of each function per round, ``repeats`` rounds; median ms.
+    Each timed call starts with cold caches (:func:`_cache_flusher`)."""
+    flush = _cache_flusher()
     for fn in fns.values():  # compile and warm up
         fn()
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            flush()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _paired_ratios(
+    base: Callable[[], Any], others: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """``others[k]`` time / ``base`` time, measured back to back in each round (the order
+    alternates), over ``repeats`` rounds: median, quartiles, and the medians' ms.
+
+    A ratio of neighbours cancels the slow drifts of a shared machine (other processes,
+    clock changes) that make a ratio of two separate medians noisy by several percent.
+    Each timed call starts with cold caches (:func:`_cache_flusher`).
+    """
+    flush = _cache_flusher()
+    for fn in (base, *others.values()):  # compile and warm up
+        fn()
+        fn()
+    ratios: dict[str, list[float]] = {k: [] for k in others}
+    times: dict[str, list[float]] = {"base": [], **{k: [] for k in others}}
+    for r in range(repeats):
+        for name, fn in others.items():
+            pair = [("base", base), (name, fn)]
+            spent = {}
+            for key, f in pair if r % 2 == 0 else pair[::-1]:
+                flush()
+                start = time.perf_counter()
+                f()
+                spent[key] = time.perf_counter() - start
+            ratios[name].append(spent[name] / spent["base"])
+            times["base"].append(spent["base"])
+            times[name].append(spent[name])
+    out = {}
+    for name, rs in ratios.items():
+        q1, med, q3 = np.percentile(rs, [25, 50, 75])
+        out[name] = {"ratio": float(med), "q1": float(q1), "q3": float(q3)}
+    out["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return out
 
 
 class _Donated:
@@ -125,8 +194,8 @@ def _ema_update(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
     return update
 
 
-def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
-    """One EMA update of ``n`` fp32 params in ``leaves`` leaves: ms per implementation."""
+def _update_fns(n: int, leaves: int) -> dict[str, Callable[[], Any]]:
+    """One EMA update of ``n`` fp32 params in ``leaves`` leaves, per implementation."""
     host = _params(n, leaves)
     params = [jnp.asarray(x) for x in host]
     fns: dict[str, Callable[[], Any]] = {}
@@ -180,46 +249,45 @@ def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
                 torch._foreach_lerp_(t_ema, t_params, ALPHA)
 
         fns["torch foreach+guard"] = torch_guarded
-        ms = _median_ms(fns, repeats)
-        torch.set_num_threads(threads)
-        return ms
-    return _median_ms(fns, repeats)
+    return fns
+
+
+def _torch_threads_kept(measure: Callable[[], Any]) -> Any:
+    """``measure()``, with torch's thread count as it was before (the torch rows change it)."""
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return measure()
+    finally:
+        if torch is not None:
+            torch.set_num_threads(threads)
+
+
+def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
+    """One EMA update of ``n`` fp32 params in ``leaves`` leaves: ms per implementation."""
+    fns = _update_fns(n, leaves)
+    return cast(dict[str, float], _torch_threads_kept(lambda: _median_ms(fns, repeats)))
+
+
+def bench_update_paired(n: int, leaves: int, repeats: int, torch_key: str) -> dict[str, Any]:
+    """ema_jax's speed relative to ``torch_key`` (``torch foreach`` or ``… 1T``), the two
+    timed back to back in each round (:func:`_paired_ratios`): median and quartiles of
+    torch time / ema_jax time, with and without the NaN/Inf check. ``{}`` without torch."""
+    if torch is None:
+        return {}
+    fns = _update_fns(n, leaves)
+    names = ("ema_jax", "ema_jax nochk")
+    paired = _torch_threads_kept(
+        lambda: _paired_ratios(fns[torch_key], {k: fns[k] for k in names}, repeats)
+    )
+    # time ratios ema_jax / torch → speeds torch / ema_jax: the quartiles swap.
+    speeds = {
+        k: {"speed": 1 / paired[k]["ratio"], "q1": 1 / paired[k]["q3"], "q3": 1 / paired[k]["q1"]}
+        for k in names
+    }
+    return {"torch": torch_key, "rounds": repeats, **speeds}
 
 
 # ----------------------------------------------------------------------------- P2
-
-
-def _paired_ratios(
-    base: Callable[[], Any], others: dict[str, Callable[[], Any]], repeats: int
-) -> dict[str, dict[str, float]]:
-    """``others[k]`` time / ``base`` time, measured back to back in each round (the order
-    alternates), over ``repeats`` rounds: median, quartiles, and the medians' ms.
-
-    A ratio of neighbours cancels the slow drifts of a shared machine (other processes,
-    clock changes) that make a ratio of two separate medians noisy by several percent.
-    """
-    for fn in (base, *others.values()):  # compile and warm up
-        fn()
-        fn()
-    ratios: dict[str, list[float]] = {k: [] for k in others}
-    times: dict[str, list[float]] = {"base": [], **{k: [] for k in others}}
-    for r in range(repeats):
-        for name, fn in others.items():
-            pair = [("base", base), (name, fn)]
-            spent = {}
-            for key, f in pair if r % 2 == 0 else pair[::-1]:
-                start = time.perf_counter()
-                f()
-                spent[key] = time.perf_counter() - start
-            ratios[name].append(spent[name] / spent["base"])
-            times["base"].append(spent["base"])
-            times[name].append(spent[name])
-    out = {}
-    for name, rs in ratios.items():
-        q1, med, q3 = np.percentile(rs, [25, 50, 75])
-        out[name] = {"ratio": float(med), "q1": float(q1), "q3": float(q3)}
-    out["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return out
 
 
 def bench_train_step(model_name: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -356,6 +424,10 @@ def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
     ms = _median_ms(fns, repeats)
     cost8 = ms["scale 8B/param"]
     extra = {k: v - ms["adam"] for k, v in ms.items() if k.startswith("adam+")}
+    # The same extras from Adam steps with and without EMA timed back to back.
+    steps_with_ema = ("adam+ema_jax", "adam+ema_jax nochk", "adam+lerp")
+    paired = _paired_ratios(fns["adam"], {k: fns[k] for k in steps_with_ema}, repeats)
+    per_ratio = 8 * paired["ms"]["base"] / cost8  # B/param per unit of (ratio − 1)
     return {
         "params": n,
         "leaves": leaves,
@@ -363,6 +435,10 @@ def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
         "bandwidth_GBps": 8 * n / (cost8 * 1e-3) / 1e9,
         "extra_ms": extra,
         "extra_bytes_per_param": {k: 8 * v / cost8 for k, v in extra.items()},
+        "paired_extra_bytes_per_param": {
+            k: {q: per_ratio * (paired[k][q] - 1) for q in ("ratio", "q1", "q3")}
+            for k in steps_with_ema
+        },
     }
 
 
@@ -710,10 +786,21 @@ def report(results: dict[str, Any]) -> str:
             nochk = t / r["ms"]["ema_jax nochk"]
             guarded = r["ms"]["torch foreach+guard"] / r["ms"]["ema_jax"]
             floor = t / r["ms"]["flat lerp+chk"]
+            paired = r.get("paired") or {}
+            detail = ""
+            if paired:  # the better estimate: the measured column then gives its median
+                a, b = paired["ema_jax"], paired["ema_jax nochk"]
+                detail = (
+                    f"; paired with `{paired['torch']}` over {paired['rounds']} rounds: "
+                    f"{a['speed']:.2f}× ({a['q1']:.2f}–{a['q3']:.2f}), skip_nonfinite=False "
+                    f"{b['speed']:.2f}× ({b['q1']:.2f}–{b['q3']:.2f})"
+                )
+                ratio = a["speed"]
             summary.append(
                 f"| P1 throughput ema_jax / torch foreach, {r['params']:.0e} params, "
-                f"{r['leaves']} leaves (skip_nonfinite=False vs torch: {nochk:.2f}×; "
-                f"both guarded: {guarded:.2f}×; one guarded flat buffer vs torch: {floor:.2f}×) "
+                f"{r['leaves']} leaves (ratio of medians {t / r['ms']['ema_jax']:.2f}×, "
+                f"skip_nonfinite=False {nochk:.2f}×; both guarded: {guarded:.2f}×; one guarded "
+                f"flat buffer vs torch: {floor:.2f}×{detail}) "
                 f"| {ratio:.2f}× | ≥ 1.0× | {'yes' if ratio >= 1 else 'no'} |"
             )
     if "p2_model" in results:
@@ -729,13 +816,17 @@ def report(results: dict[str, Any]) -> str:
     if "p2_adam" in results:
         p = results["p2_adam"]
         refs = p["extra_bytes_per_param"]
+        paired = p["paired_extra_bytes_per_param"]
+        lerp = paired["adam+lerp"]
         for k in ("adam+ema_jax", "adam+ema_jax nochk"):
-            b = refs[k]
+            b = paired[k]["ratio"]  # the better estimate; the ratio of medians is below
             summary.append(
-                f"| P2 {k} − adam, {p['params']:.0e} params: extra "
-                f"{p['extra_ms'][k]:.2f} ms = {b:.1f} B/param at {p['bandwidth_GBps']:.1f} GB/s "
-                f"(references: a bare lerp after Adam {refs['adam+lerp']:.1f}, the same in a "
-                f"cond {refs['adam+lerp in cond']:.1f}) "
+                f"| P2 {k} − adam, {p['params']:.0e} params, at {p['bandwidth_GBps']:.1f} GB/s:"
+                f" extra {b:.1f} B/param paired back to back (quartiles {paired[k]['q1']:.1f}–"
+                f"{paired[k]['q3']:.1f}; difference of medians {p['extra_ms'][k]:.2f} ms = "
+                f"{refs[k]:.1f} B/param; references: a bare lerp after Adam {lerp['ratio']:.1f} "
+                f"paired, {refs['adam+lerp']:.1f} of medians, the same in a cond "
+                f"{refs['adam+lerp in cond']:.1f}) "
                 f"| {b:.1f} B/param | ≤ 8 B/param | {'yes' if b <= 8 else 'no'} |"
             )
     if "p3" in results:
@@ -915,7 +1006,11 @@ def _measure_goals(
     for n, k in sizes:
         reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
         ms = bench_update(n, k, reps)
-        results["p1"].append({"params": n, "leaves": k, "repeats": reps, "ms": ms})
+        row = {"params": n, "leaves": k, "repeats": reps, "ms": ms}
+        if torch is not None:  # against the faster of torch's two thread settings
+            faster = min(("torch foreach", "torch foreach 1T"), key=ms.__getitem__)
+            row["paired"] = bench_update_paired(n, k, reps, faster)
+        results["p1"].append(row)
         print(
             f"P1 {n:.0e} params / {k} leaves: " + ", ".join(f"{a} {b:.2f}" for a, b in ms.items()),
             flush=True,

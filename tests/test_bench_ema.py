@@ -43,6 +43,9 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     results["flags"] = [{"flags": "(default)", "ms": p1, "adam": results["p2_adam"]}]
     for row in results["leaf_overhead"]:
         assert {"jit no-op", "ema_jax", "ema_jax nochk"} <= set(row["us_per_leaf"])
+    adam = results["p2_adam"]["paired_extra_bytes_per_param"]
+    assert set(adam) == {"adam+ema_jax", "adam+ema_jax nochk", "adam+lerp"}
+    assert all(b["q1"] <= b["ratio"] <= b["q3"] for b in adam.values())
     p2 = results["p2_model"]
     assert set(p2["ratios"]) == {"with EMA", "with EMA nochk"}
     assert all(math.isfinite(r["ratio"]) and r["q1"] <= r["q3"] for r in p2["ratios"].values())
@@ -61,3 +64,21 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     assert 0 < bandwidth["checked_ceiling"] < bandwidth["share_of_copy"]["flat lerp"]
     assert set(bandwidth["GBps"]) >= {"copy", "scale in place", "sum", "flat lerp"}
     assert "device goal: ema_jax update GB/s" in text and "### Bandwidth on" in text
+
+
+def test_p1_paired_with_torch_reports_speeds_and_quartiles() -> None:
+    """Without torch there is nothing to pair with; with it, each speed is a median of
+    per-round torch/ema_jax ratios and lies within its quartiles, and the report shows it."""
+    paired = bench.bench_update_paired(2_000, 2, 3, "torch foreach")
+    if bench.torch is None:
+        assert paired == {}
+        return
+    assert paired["torch"] == "torch foreach" and paired["rounds"] == 3
+    for key in ("ema_jax", "ema_jax nochk"):
+        assert 0 < paired[key]["q1"] <= paired[key]["speed"] <= paired[key]["q3"]
+    ms = bench.bench_update(2_000, 2, 1)
+    results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1}
+    results["p1"] = [{"params": 2_000, "leaves": 2, "ms": ms, "paired": paired}]
+    row = next(r for r in bench.report(results).splitlines() if r.startswith("| P1 throughput"))
+    assert "paired with `torch foreach` over 3 rounds" in row
+    assert row.split(" | ")[-3] == f"{paired['ema_jax']['speed']:.2f}×"
