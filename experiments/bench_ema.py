@@ -32,6 +32,7 @@ torch is optional (``pip install -e '.[bench]'``); without it its column is empt
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -883,13 +884,24 @@ def report(results: dict[str, Any]) -> str:
         names = list(rows[0]["ms"])
         out += [
             "",
-            "### Fixed cost per leaf (one-element leaves: no memory traffic), µs per leaf",
+            "### Fixed cost per leaf (one-element leaves: no memory traffic), µs per leaf: "
+            "time / leaves; `a→b`: the cost of each leaf added from a to b leaves (the "
+            "per-call cost cancels)",
             "| leaves | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),
         ]
         out += [
             f"| {r['leaves']} | " + " | ".join(f"{r['us_per_leaf'][k]:.2f}" for k in names) + " |"
             for r in rows
+        ]
+        out += [
+            f"| {a['leaves']}→{b['leaves']} | "
+            + " | ".join(
+                f"{1e3 * (b['ms'][k] - a['ms'][k]) / (b['leaves'] - a['leaves']):.2f}"
+                for k in names
+            )
+            + " |"
+            for a, b in itertools.pairwise(rows)
         ]
     if results.get("choices"):
         c = results["choices"]

@@ -57,6 +57,12 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     for goal in ("P2 train step with EMA /", "P2 adam+ema_jax − adam", "P3 live bytes", "P4 K=3"):
         assert goal in text
     assert "### Fixed cost per leaf" in text and "| (default) |" in text
+    two, three = results["leaf_overhead"]
+    marginal = next(line for line in text.splitlines() if line.startswith("| 2→3 |"))
+    assert (
+        marginal.split(" | ")[1]
+        == f"{1e3 * (three['ms']['jit no-op'] - two['ms']['jit no-op']):.2f}"
+    )
     bandwidth = results["bandwidth"][0]
     assert bandwidth["backend"] == jax.default_backend()
     assert all(share > 0 for share in bandwidth["share_of_copy"].values())
