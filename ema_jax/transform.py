@@ -200,7 +200,8 @@ def ema(
       skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
         (average and weight unchanged) and ``num_skipped`` is incremented. The check is
         one extra read of the params and scalar all-reduces when they are sharded;
-        everything else is shard-local.
+        everything else is shard-local. Steps on which no update is due (``update_every``)
+        are neither checked nor counted.
 
     Raises:
       ValueError / TypeError naming the argument, for out-of-range settings.
@@ -268,9 +269,14 @@ def ema(
             betas = betas**update_every
         copying = t <= start_step
         betas = jnp.where(copying, 0.0, betas)
-        apply = copying | (t % update_every == 0)
-        finite = _all_finite(params) if skip_nonfinite else jnp.bool_(True)
-        apply = apply & finite
+        due = copying | (t % update_every == 0)
+        if not skip_nonfinite:
+            finite = jnp.bool_(True)
+        elif update_every == 1:
+            finite = _all_finite(params)  # every step is due
+        else:  # read the params only on the steps that update
+            finite = lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
+        apply = due & finite
 
         weight = state.weight.reshape(num_decays)
         new_weight = betas * weight + (1.0 - betas)

@@ -106,17 +106,19 @@ def test_nonfinite_check_is_one_scalar_all_reduce():
     """Point 8: with ``skip_nonfinite=True`` and params on a 1-D mesh (one leaf sharded, one
     replicated, one int leaf sharded) the compiled update's only collective on the path that
     always runs is one all-reduce of one scalar (the predicate); any other collective sits
-    in a conditional branch and is a scalar all-reduce too."""
+    in a conditional branch and is a scalar all-reduce too. With ``update_every=3`` the
+    check itself runs only on due steps, so the path that always runs has none."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
     params = {
         "w": jax.device_put(jnp.ones((16, 3)), NamedSharding(mesh, P("data"))),
         "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, P())),
         "n": jax.device_put(jnp.arange(8), NamedSharding(mesh, P("data"))),
     }
-    for tx in (ema_jax.ema(0.9), ema_jax.ema(0.9, debias=True, update_every=3)):
+    for tx, always in ((ema_jax.ema(0.9), 1), (ema_jax.ema(0.9, debias=True, update_every=3), 0)):
         found = _collectives(tx, params)
-        [(op, shape)] = found.pop("ENTRY")
-        assert op == "all-reduce" and SCALAR.fullmatch(shape), (op, shape)
+        entry = found.pop("ENTRY", [])
+        assert len(entry) == always and all(_is_scalar_all_reduce(*c) for c in entry), entry
+        assert any(found.values()) or always, "the non-finite check must reach every shard"
         for ops in found.values():
             assert all(_is_scalar_all_reduce(*c) for c in ops), ops
 

@@ -75,7 +75,8 @@ def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
         jnp.asarray(thetas[0]),
         jnp.asarray(thetas[1:]),
     )
-    assert int(state.num_skipped) == len(bad_steps)
+    # Only updates that were due and skipped count: a NaN on a step in between is not read.
+    assert int(state.num_skipped) == sum(t % update_every == 0 for t in bad_steps)
     assert int(state.count) == n
     # β the transform uses: the schedule's float32 value, raised to update_every.
     steps = range(1, n + 1)
@@ -222,6 +223,27 @@ def test_large_finite_params_are_not_skipped(dtype, big):
         for key in ("a", "b"):
             np.testing.assert_array_equal(state.ema[key], before[key])
     assert int(state.num_skipped) == 3
+
+
+def test_nan_between_due_updates_is_neither_read_nor_counted():
+    """``update_every=4``: a NaN on steps 1–3 (no update due) changes nothing and is not a
+    skipped update; the same NaN on step 4 (due) is skipped and counted."""
+    tx = ema_jax.ema(0.5, update_every=4)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.ones(2))
+    bad = jnp.asarray([np.nan, 1.0])
+    for _ in range(3):
+        _, state = update(bad, state)
+    assert int(state.num_skipped) == 0
+    np.testing.assert_array_equal(state.ema, [1.0, 1.0])
+    _, state = update(bad, state)
+    assert int(state.num_skipped) == 1 and int(state.count) == 4
+    np.testing.assert_array_equal(state.ema, [1.0, 1.0])
+    for _ in range(4):
+        out, state = update(jnp.asarray([3.0, 3.0]), state)
+    # β^4 = 1/16 on step 8: 1/16 · 1 + 15/16 · 3 = 46/16
+    np.testing.assert_allclose(out, [46 / 16, 46 / 16], rtol=1e-6)
+    assert int(state.num_skipped) == 1
 
 
 def test_nonfinite_propagates_when_not_skipping():
