@@ -63,11 +63,17 @@ def _is_float(dtype: Any) -> bool:
 
 
 def _accumulator_dtype(dtype: Any, requested: Any) -> np.dtype:
-    """float32 for floats narrower than 32 bits unless ``requested``; others unchanged."""
+    """float32 for floats narrower than 32 bits unless ``requested``; others unchanged.
+
+    A complex leaf gets the complex dtype of the requested precision (float32 →
+    complex64), never the real dtype itself, which would drop the imaginary part.
+    """
     dtype = np.dtype(dtype)
     if not _is_float(dtype):
         return dtype
     if requested is not None:
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            return np.dtype(jnp.promote_types(requested, jnp.complex64))
         return np.dtype(requested)
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
         return np.dtype(jnp.float32)
@@ -195,7 +201,8 @@ def ema(
         horizon stays in optimizer steps. Steps in between leave the average unchanged.
       start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
       accumulator_dtype: dtype of the floating accumulators; ``None`` means float32 for
-        floats narrower than 32 bits, else the leaf's own dtype. Integer and bool leaves
+        floats narrower than 32 bits, else the leaf's own dtype. Complex leaves get the
+        complex dtype of that precision (complex64 for float32). Integer and bool leaves
         are copied on every applied update, never averaged.
       skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
         (average and weight unchanged) and ``num_skipped`` is incremented. The check is
@@ -227,6 +234,8 @@ def ema(
         )
     if isinstance(debias, (tuple, list)) and not multi:
         raise ValueError("debias may be a tuple only when decay is a tuple")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     initial_weights = tuple(0.0 if d else 1.0 for d in debiases)
 
     def init_fn(params: Params) -> EmaState:

@@ -141,6 +141,28 @@ def test_bf16_params_follow_fp32_prediction_without_stall():
     assert np.all(stalled == init)  # no progress at all in bf16 arithmetic
 
 
+@pytest.mark.parametrize("accumulator_dtype", [None, jnp.float32, jnp.bfloat16])
+def test_complex_params_keep_their_imaginary_part(accumulator_dtype):
+    """A complex leaf is averaged in the complex dtype of the requested precision (a real
+    accumulator would drop the imaginary part), beside a bf16 leaf that gets the request."""
+    tx = ema_jax.ema(0.75, accumulator_dtype=accumulator_dtype)
+    params = {"z": jnp.asarray([1 + 1j, -2j], jnp.complex64), "h": jnp.ones(2, jnp.bfloat16)}
+    state = tx.init(params)
+    assert state.ema["z"].dtype == jnp.complex64
+    assert state.ema["h"].dtype == (accumulator_dtype or jnp.float32)
+    out, state = tx.update({"z": jnp.asarray([5 + 9j, 4j], jnp.complex64), "h": params["h"]}, state)
+    assert out["z"].dtype == jnp.complex64
+    # 0.75·(1+1j) + 0.25·(5+9j) = 2+3j;  0.75·(−2j) + 0.25·4j = −0.5j
+    np.testing.assert_array_equal(np.asarray(out["z"]), [2 + 3j, -0.5j])
+
+
+def test_complex128_accumulators_for_a_float64_request():
+    with jax.enable_x64(True):
+        tx = ema_jax.ema(0.5, accumulator_dtype=jnp.float64)
+        state = tx.init({"z": jnp.asarray([1j], jnp.complex64)})
+        assert state.ema["z"].dtype == jnp.complex128
+
+
 # --------------------------------------------------------------------------- point 5
 
 
@@ -367,6 +389,8 @@ def test_multi_decay_equals_separate_runs():
         ({"decay": 0.9, "debias": 1}, ValueError, "debias"),
         ({"decay": (0.9, 0.99), "debias": (True,)}, ValueError, "debias"),
         ({"decay": 0.9, "debias": (True,)}, ValueError, "debias"),
+        ({"decay": 0.9, "skip_nonfinite": None}, TypeError, "skip_nonfinite"),
+        ({"decay": 0.9, "skip_nonfinite": 1}, TypeError, "skip_nonfinite"),
     ],
 )
 def test_bad_settings_raise_naming_the_argument(kwargs, error, names):
