@@ -45,3 +45,14 @@ def decay(name: str, value: Any) -> float:
 
 def positive(name: str, value: Any) -> float:
     return real(name, value, low=0.0, low_open=True)
+
+
+def below_one(beta: float, name: str, value: Any, formula: str) -> float:
+    """``beta`` if it is < 1, else a ``ValueError`` blaming argument ``name``: a decay
+    computed from it (``formula``) rounded to 1.0, and an average with β = 1 never moves."""
+    if beta >= 1.0:
+        raise ValueError(
+            f"{name}={value!r} is out of range: {formula} rounds to 1.0 in float64 and an "
+            "average with decay 1.0 never moves"
+        )
+    return beta

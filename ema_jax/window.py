@@ -42,13 +42,15 @@ def half_life(decay: float) -> float:
 
 def decay_for_window(steps: float) -> float:
     """Inverse of :func:`effective_window`: ``β = 1 - 1/steps`` (``steps >= 1``)."""
-    return 1.0 - 1.0 / _checks.real("steps", steps, low=1.0)
+    beta = 1.0 - 1.0 / _checks.real("steps", steps, low=1.0)
+    return _checks.below_one(beta, "steps", steps, "1 - 1/steps")
 
 
 def scale_decay(decay: float, batch_scale: float) -> float:
     """``β^κ``: the decay that keeps the same horizon in samples when the batch is κ× larger."""
     decay = _checks.decay("decay", decay)
-    return decay ** _checks.positive("batch_scale", batch_scale)
+    beta = decay ** _checks.positive("batch_scale", batch_scale)
+    return _checks.below_one(beta, "batch_scale", batch_scale, "decay**batch_scale")
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

@@ -127,6 +127,9 @@ def test_schedule_as_decay_under_vmap():
         (lambda: schedules.half_life(-3.0), ValueError, "steps"),
         (lambda: schedules.half_life(float("nan")), ValueError, "steps"),
         (lambda: schedules.half_life("10"), TypeError, "steps"),
+        (lambda: schedules.half_life(1e17), ValueError, "steps=1e+17"),
+        (lambda: schedules.half_life(1e9), ValueError, "steps=1000000000.0 is out of range"),
+        (lambda: schedules.constant(0.99999999), ValueError, "rounds to 1.0 in float32"),
     ],
 )
 def test_bad_schedule_arguments_raise_naming_them(make, error, names):

@@ -109,6 +109,8 @@ def test_sigma_rel_max_is_the_profile_maximum():
         (lambda: ema_jax.decay_for_window(0.5), ValueError, "steps"),
         (lambda: ema_jax.decay_for_window(float("inf")), ValueError, "steps"),
         (lambda: ema_jax.decay_for_window(True), TypeError, "steps"),
+        (lambda: ema_jax.decay_for_window(1e17), ValueError, "steps=1e+17"),
+        (lambda: ema_jax.scale_decay(0.9, 1e-20), ValueError, "batch_scale=1e-20"),
         (lambda: ema_jax.scale_decay(1.0, 2.0), ValueError, "decay"),
         (lambda: ema_jax.scale_decay(0.9, 0.0), ValueError, "batch_scale"),
         (lambda: ema_jax.scale_decay(0.9, -2.0), ValueError, "batch_scale"),
