@@ -47,12 +47,17 @@ def positive(name: str, value: Any) -> float:
     return real(name, value, low=0.0, low_open=True)
 
 
-def below_one(beta: float, name: str, value: Any, formula: str) -> float:
-    """``beta`` if it is < 1, else a ``ValueError`` blaming argument ``name``: a decay
-    computed from it (``formula``) rounded to 1.0, and an average with β = 1 never moves."""
-    if beta >= 1.0:
+def below_one(beta: float, name: str, value: Any, formula: str, dtype: Any = np.float64) -> float:
+    """``beta`` if it stays < 1 in ``dtype``, else a ``ValueError`` blaming argument ``name``:
+    the decay computed from it (``formula``) rounds to 1.0, and such an average never moves."""
+    if np.asarray(beta, dtype) == 1.0:
         raise ValueError(
-            f"{name}={value!r} is out of range: {formula} rounds to 1.0 in float64 and an "
-            "average with decay 1.0 never moves"
+            f"{name}={value!r} is out of range: {formula} rounds to 1.0 in {np.dtype(dtype)} "
+            "and an average with decay 1.0 never moves"
+            + (
+                ""
+                if np.dtype(dtype) == np.float64
+                else " (enable jax_enable_x64 for longer windows)"
+            )
         )
     return beta

@@ -38,25 +38,13 @@ def _float(t: jax.Array) -> jax.Array:
     return jnp.asarray(t, dtype=default_float())
 
 
-def _check_below_one(beta: float, name: str, value: object, formula: str) -> None:
-    """Raise if ``beta`` (``formula`` of argument ``name``) rounds to 1.0 in the default
-    float: an average with decay 1.0 never moves."""
-    if jnp.asarray(beta, default_float()) == 1.0:
-        raise ValueError(
-            f"{name}={value!r} is out of range: {formula} rounds to 1.0 in {default_float()}, "
-            "JAX's default float, and an average with decay 1.0 never moves (enable "
-            "jax_enable_x64 for longer windows)"
-        )
-
-
 def constant(decay: float) -> Schedule:
     """``β_t = decay`` for every step.
 
     ``decay`` must not round to 1.0 in the default float: in float32 it must be below
     ``1 - 2^-25`` (a window of ~3·10^7 steps) unless x64 is enabled.
     """
-    decay = _checks.decay("decay", decay)
-    _check_below_one(decay, "decay", decay, "decay")
+    decay = _checks.below_one(_checks.decay("decay", decay), "decay", decay, "it", default_float())
 
     def schedule(t: jax.Array) -> jax.Array:
         return jnp.full(jnp.shape(t), decay, dtype=default_float())
@@ -129,5 +117,4 @@ def power_function(gamma: float | None = None, *, sigma_rel: float | None = None
 def half_life(steps: float) -> Schedule:
     """Constant decay whose half-life is ``steps`` optimizer steps: ``β = 0.5^(1/steps)``."""
     beta = 0.5 ** (1.0 / _checks.positive("steps", steps))
-    _check_below_one(beta, "steps", steps, "0.5**(1/steps)")
-    return constant(beta)
+    return constant(_checks.below_one(beta, "steps", steps, "0.5**(1/steps)", default_float()))
