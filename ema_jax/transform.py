@@ -149,8 +149,9 @@ def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.
     """
     alpha = alpha.astype(a.dtype)
     keep = keep.astype(a.dtype)
-    diff = b - a
-    return jnp.where(alpha < 0.5, a + alpha * diff, b - keep * diff)
+    # α·b - α·a rather than α·(b - a): b - a overflows for huge finite values of
+    # opposite signs, the scaled terms cannot (α, keep ≤ 1); a == b still gives a.
+    return jnp.where(alpha < 0.5, a + (alpha * b - alpha * a), b - (keep * b - keep * a))
 
 
 def _all_finite(tree: Params) -> jax.Array:

@@ -247,6 +247,18 @@ def test_large_finite_params_are_not_skipped(dtype, big):
     assert int(state.num_skipped) == 3
 
 
+@pytest.mark.parametrize(("dtype", "big"), [(jnp.float32, 3e38), (jnp.float16, 6e4)])
+def test_huge_values_of_opposite_signs_average_without_overflow(dtype, big):
+    """θ − average overflows for huge finite values of opposite signs; the average itself
+    is representable (here 0 or ±big/2) and must come out, for α < 0.5 and α ≥ 0.5."""
+    for decay, expected in ((0.5, 0.0), (0.75, big / 2), (0.25, -big / 2)):
+        tx = ema_jax.ema(decay, accumulator_dtype=dtype)
+        state = tx.init(jnp.asarray([big], dtype))
+        out, state = tx.update(jnp.asarray([-big], dtype), state)
+        assert int(state.num_skipped) == 0
+        np.testing.assert_allclose(np.asarray(out, np.float64), [expected], rtol=1e-3, atol=0)
+
+
 def test_nan_between_due_updates_is_neither_read_nor_counted():
     """``update_every=4``: a NaN on steps 1–3 (no update due) changes nothing and is not a
     skipped update; the same NaN on step 4 (due) is skipped and counted."""
