@@ -133,8 +133,14 @@ def make_paired_eval_step(
 
 
 def _batch_size(batch: Batch) -> int:
-    leaves = jax.tree.leaves(batch)
-    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1
+    """The leading dimension that every non-scalar leaf of ``batch`` shares (1 if none)."""
+    sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(batch) if np.ndim(x)}
+    if len(sizes) > 1:
+        raise ValueError(
+            "evaluate_dataset weights each batch by its size, the leading dimension of its "
+            f"arrays, but this batch's arrays have leading dimensions {sorted(sizes)}"
+        )
+    return sizes.pop() if sizes else 1
 
 
 def _named(metrics: Metrics) -> dict[str, Any]:
@@ -148,14 +154,15 @@ def evaluate_dataset(
 ) -> dict[str, float | list[float]]:
     """Batch-size-weighted means over ``batches`` of raw and EMA metrics.
 
-    Keys: ``val_<name>`` (raw) and ``val_<name>_ema`` (a list over decays when there are
-    several). One host transfer at the end, not one per batch.
+    A batch's size is the leading dimension its non-scalar arrays share (scalars, such as
+    a step number, are ignored). Keys: ``val_<name>`` (raw) and ``val_<name>_ema`` (a list
+    over decays when there are several). One host transfer at the end, not one per batch.
     """
     totals: dict[str, Any] | None = None
     count = 0
     for batch in batches:
-        out = paired_eval_step(state, batch)
         n = _batch_size(batch)
+        out = paired_eval_step(state, batch)
         flat: dict[str, Any] = {"raw": _named(out["raw"])}
         ema_out = out["ema"]
         flat["ema"] = (

@@ -332,6 +332,29 @@ def test_evaluate_dataset_dict_metrics_and_several_decays():
         np.testing.assert_allclose(out[f"val_{name}_ema"], want, rtol=1e-5)
 
 
+def test_evaluate_dataset_sizes_a_batch_by_its_arrays_not_its_scalars():
+    """A scalar in the batch (first in key order) does not make the batch weigh 1; arrays
+    that disagree on their leading dimension are an error, not a guess."""
+
+    def metrics(params, batch):
+        err = batch["x"] @ params["w"] + params["b"] - batch["y"]
+        return jnp.mean(err**2)
+
+    params = linear_params(jax.random.key(7))
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params=params, tx=optax.sgd(0.1), ema=ema_jax.ema(0.9)
+    )
+    pairs = [regression_batches(seed=5, num=1, batch_size=n)[0] for n in (2, 14)]
+    val = [{"a_step": jnp.int32(i), "x": x, "y": y} for i, (x, y) in enumerate(pairs)]
+    step = ema_jax.make_paired_eval_step(metrics)
+    out = ema_jax.evaluate_dataset(step, state, val)
+    per_batch = [float(metrics(params, b)) for b in val]
+    assert out["val_loss"] == pytest.approx((2 * per_batch[0] + 14 * per_batch[1]) / 16, rel=1e-5)
+    ragged = [{"x": pairs[0][0], "y": pairs[1][1]}]
+    with pytest.raises(ValueError, match=r"leading dimensions \[2, 14\]"):
+        ema_jax.evaluate_dataset(step, state, ragged)
+
+
 def test_train_with_ema_rejects_bad_epochs_and_empty_data():
     """Point 10: ``epochs`` must be an int >= 1; empty train / val data is an error."""
     for epochs in (0, -1, 2.0, True):
