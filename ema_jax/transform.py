@@ -142,15 +142,16 @@ def _stacked_copy(x: jax.Array, dtype: np.dtype, k: int) -> jax.Array:
 
 
 def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
-    """``a + α·(b - a)``, exact at both ends: α = 0 gives ``a``, α = 1 (keep = 0) gives ``b``.
+    """``a + α·(b - a)``, exact at both ends: α = 0 gives ``a``, α = 1 (keep = 0) gives ``b``,
+    and ``a == b`` gives ``a``.
 
-    ``keep = 1 - α`` is passed in so it is not re-rounded; the scalar branch costs nothing
-    in a memory-bound loop.
+    Computed as ``a + (α·b - α·a)`` (``b - (keep·b - keep·a)`` for α ≥ 0.5): ``b - a``
+    overflows for huge finite values of opposite signs, the scaled terms cannot. ``keep =
+    1 - α`` is passed in so it is not re-rounded; the scalar branch costs nothing in a
+    memory-bound loop.
     """
     alpha = alpha.astype(a.dtype)
     keep = keep.astype(a.dtype)
-    # α·b - α·a rather than α·(b - a): b - a overflows for huge finite values of
-    # opposite signs, the scaled terms cannot (α, keep ≤ 1); a == b still gives a.
     return jnp.where(alpha < 0.5, a + (alpha * b - alpha * a), b - (keep * b - keep * a))
 
 
