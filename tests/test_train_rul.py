@@ -99,11 +99,42 @@ def test_exported_ema_params_reproduce_the_reported_test_metrics(cli_run):
         np.testing.assert_allclose(reported["score"], score, rtol=1e-4)
 
 
-def test_flatness_probe_ran_for_every_variant(cli_run):
-    result, _, _ = cli_run
+def test_best_rule_metrics_are_those_of_the_best_epoch(cli_run, tmp_path):
+    """The ``best`` rule's test figures are the weights of the best validation epoch: a run
+    stopped at that epoch (same seed; constant learning rate, so its epochs are the same)
+    reports them under ``last``."""
+    result, out, _ = cli_run
+    best = result["test"]["best"]
+    name = min(best, key=lambda n: best[n]["epoch"])
+    stop = best[name]["epoch"]
+    assert stop < EPOCHS, "the tiny run should peak before its last epoch"
+    data = json.loads((out / "history.json").read_text())["config"]["data_dir"]
+    argv = ["--data-dir", data, "--model", "dcnn", "--epochs", str(stop), "--batch-size", "32"]
+    argv += ["--lr", "3e-3", "--ema-decay", "0.9", "0.98", "--ema-debias"]
+    argv += ["--out", str(tmp_path), "--no-progress"]
+    short = main(argv)["test"]["last"][name]
+    for key in ("rmse", "score", "val_rmse"):
+        np.testing.assert_allclose(short[key], best[name][key], rtol=1e-6)
+
+
+def test_flatness_probe_perturbs_each_variants_own_weights(cli_run):
+    """Each EMA variant's probe, recomputed from its exported weights with the run's probe
+    key (the third split of ``key(seed)``) on the validation windows, is what was reported."""
+    result, out, ds = cli_run
     probe = result["perturb"]
     assert set(probe) == {"raw", "ema0.9-debiased", "ema0.98-debiased"}
     assert all(probe[name]["0.05"] > 0 for name in probe)  # noise raises the loss
+    model = make_model("dcnn")
+
+    def val_loss(params, x, y):
+        return jnp.mean((model.apply({"params": params}, x) - y / ds.max_rul) ** 2)
+
+    probe_key = jax.random.split(jax.random.key(0), 3)[2]
+    data = (jnp.asarray(ds.x_val), jnp.asarray(ds.y_val))
+    for name in ("ema0.9-debiased", "ema0.98-debiased"):
+        params = checkpoint.load_exported(out / "ema_params" / name)
+        again = perturbed_losses(val_loss, params, [0.05], probe_key, 4, data)
+        np.testing.assert_allclose(again["0.05"], probe[name]["0.05"], rtol=1e-4)
 
 
 def test_help_lists_every_option(capsys):
@@ -175,6 +206,14 @@ def test_perturbation_probe_matches_quadratic_closed_form():
     base = float(loss(params))
     np.testing.assert_allclose(out["0.1"], 0.01 * base, rtol=0.1)
     np.testing.assert_allclose(out["0.3"], 0.09 * base, rtol=0.1)
+
+    # The noise is scaled per leaf: a loss of leaf "a" alone rises by r²·Σa². (One rms over
+    # all leaves would give n_a·r²·(Σa² + Σb²)/70, 3.3× as much here.)
+    def loss_a(p):
+        return jnp.sum(p["a"] ** 2)
+
+    out = perturbed_losses(loss_a, params, [0.3], jax.random.key(1), draws=32)
+    np.testing.assert_allclose(out["0.3"], 0.09 * float(loss_a(params)), rtol=0.1)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -394,12 +433,21 @@ def test_sweep_command_names_non_default_data_options():
     assert sweep.data_description(_fake(0, [1.0, 1.0], [1.0, 1.0])["config"]) == ""
 
 
-def test_window_check_scores_the_truncated_validation_engines() -> None:
+def test_window_check_scores_the_truncated_validation_engines(monkeypatch) -> None:
     """``experiments.window_check`` trains like ``train_rul`` and scores every cut of the
-    validation engines (cycles >= 31) — the same endpoints for every window length."""
-    from experiments import cmapss, window_check
+    validation engines (cycles >= 31) — the same endpoints for every window length. The
+    RMSEs it reports are those of the trained weights on those cuts (float64 NumPy)."""
+    from experiments import cmapss, train_rul, window_check
     from experiments.synthetic import generate
 
+    seen = []
+
+    def run_and_keep(cfg, ds):  # the real run; keeps what it trained and scored
+        result, state = train_rul.run(cfg, ds)
+        seen.append((cfg, ds, state))
+        return result, state
+
+    monkeypatch.setattr(window_check, "run", run_and_keep)
     (row,) = window_check.main(
         ["--windows", "35", "--epochs", "1", "--model", "dcnn_li", "--batch-size", "1024"]
     )
@@ -409,6 +457,12 @@ def test_window_check_scores_the_truncated_validation_engines() -> None:
     assert row["seed"] == 0 and row["window"] == 35
     assert row["endpoints"] == sum(life - 30 for life in lives)
     assert set(row["last"]) == {"raw", "ema0.999"}
-    assert all(0 < v < 1000 for v in row["last"].values())
+    [(cfg, ds, state)] = seen
+    model = make_model(cfg.model)
+    (ema,) = state.ema_params  # train_rul keeps its decays as a tuple, here of one
+    for name, params in (("raw", state.params), ("ema0.999", ema)):
+        pred = np.asarray(model.apply({"params": params}, ds.x_test), np.float64) * ds.max_rul
+        rmse = np.sqrt(np.mean((pred - ds.y_test.astype(np.float64)) ** 2))
+        np.testing.assert_allclose(row["last"][name], rmse, rtol=1e-4, atol=1e-3)
     with pytest.raises(SystemExit):
         window_check.main(["--members", "2"])
