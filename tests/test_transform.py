@@ -357,6 +357,41 @@ def test_start_step_copies_then_averages(debias):
     np.testing.assert_allclose(outs[s:], ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("debias", [False, True])
+def test_start_step_with_update_every_matches_float64_loop(debias):
+    """``start_step=4, update_every=3``: θ_t is copied for t ≤ 4 (every step, due or not);
+    afterwards only t = 6, 9, … update, with β³ (float64 loop, float32 β)."""
+    s, k, beta, n = 4, 3, 0.8, 20
+    thetas = jnp.asarray(THETAS[: n + 1, :8], jnp.float32)
+    tx = ema_jax.ema(beta, debias=debias, start_step=s, update_every=k)
+    outs = np.asarray(scan_updates(tx, thetas[0], thetas[1:])[0])
+    theta64 = np.asarray(thetas, np.float64)
+    b = f32(f32(beta) ** k)
+    ema, want = theta64[0], []
+    for t in range(1, n + 1):
+        if t <= s:
+            ema = theta64[t]
+        elif t % k == 0:
+            ema = b * ema + (1 - b) * theta64[t]
+        want.append(ema)
+    np.testing.assert_array_equal(outs[:s], np.asarray(thetas[1 : s + 1]))
+    np.testing.assert_allclose(outs, np.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def test_debiased_schedule_at_one_before_any_weight_keeps_the_copy():
+    """A schedule that returns β = 1 before anything was averaged (debiased weight 0) must
+    not divide 0 by 0: the shadow keeps the initial copy until β < 1, then restarts from θ."""
+
+    def schedule(t):
+        return jnp.where(t < 3, 1.0, 0.5).astype(schedules.default_float())
+
+    tx = ema_jax.ema(schedule, debias=True)
+    thetas = jnp.asarray([[1.0], [2.0], [3.0], [5.0], [8.0]])
+    outs = np.asarray(scan_updates(tx, thetas[0], thetas[1:])[0])
+    # t = 1, 2: w stays 0, copy kept; t = 3: w = 0.5, α = 1 (θ_3); t = 4: w = 0.75, α = 2/3
+    np.testing.assert_allclose(outs[:, 0], [1.0, 1.0, 5.0, 5.0 + 2.0 / 3.0 * 3.0], rtol=1e-6)
+
+
 # ------------------------------------------------------------------- multi-decay, lightly
 
 
