@@ -266,6 +266,21 @@ def test_lr_drop_multiplies_the_step_size_from_the_given_epoch():
     np.testing.assert_allclose(steps[6:], 1e-3, rtol=1e-4)
 
 
+def test_cosine_decays_the_step_size_to_zero_over_all_epochs():
+    """Adam's first steps on a constant gradient move each weight by ≈ lr·schedule(t):
+    ``lr·½(1 + cos(π·t/T))`` with T = epochs · steps_per_epoch = 8 (closed form)."""
+    cfg = Config(lr=1e-2, cosine=True, epochs=2)
+    tx = optimizer(cfg, steps_per_epoch=4)
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    steps = []
+    for _ in range(8):
+        updates, state = tx.update(jnp.ones(2), state, params)
+        steps.append(float(-updates[0]))
+    want = [1e-2 * 0.5 * (1 + np.cos(np.pi * t / 8)) for t in range(8)]
+    np.testing.assert_allclose(steps, want, rtol=1e-4, atol=1e-9)
+
+
 def test_refit_all_trains_on_every_engine_and_selects_nothing(cli_run, tmp_path):
     """``--refit-all``: every training engine is trained on (no validation engines), and the
     ``best`` rule is the final epoch (nothing is selected without validation data)."""
