@@ -251,6 +251,20 @@ def test_sweep_table_pairs_by_seed_and_selects_on_validation_only():
     )
 
 
+def test_sweep_picks_a_best_configuration_per_rule_without_ranking_the_rules():
+    """Under rule ``best`` the validation RMSE is the minimum of the curve it selects on, so
+    it would win any comparison with ``last``: each rule gets its own pick instead."""
+    runs = {"m": [_fake(s, [14.0, 13.0], [12.0, 12.5]) for s in range(2)]}
+    for r in runs["m"]:  # raw's best epoch looks better on validation than anything `last`
+        r["test"]["best"] = {**r["test"]["last"], "raw": {**r["test"]["last"]["raw"]}}
+        r["test"]["best"]["raw"].update(val_rmse=11.0, rmse=15.0, epoch=1)
+    section = sweep.markdown(runs, "cmd").split("## Best configuration per rule")[1]
+    last = next(line for line in section.splitlines() if line.startswith("- rule `last`"))
+    best = next(line for line in section.splitlines() if line.startswith("- rule `best`"))
+    assert "weights `ema0.9`" in last and "test RMSE 12.50" in last
+    assert "weights `raw`" in best and "validation RMSE 11.00" in best
+
+
 def test_lr_drop_multiplies_the_step_size_from_the_given_epoch():
     """Adam's first steps on a constant gradient move each weight by ≈ lr (m̂/√v̂ = 1):
     lr for the first ``lr_drop_epoch`` epochs, lr·factor afterwards."""
@@ -319,6 +333,11 @@ def test_sweep_cli_runs_resumes_and_keeps_test_figures_off_the_console(cli_run, 
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep.main(argv)  # resumable: the stored run is reused, nothing is trained again
     assert "seed 0:" not in capsys.readouterr().out
+    other = [a if a != "2" else "3" for a in argv]  # --epochs 3 into the same --runs
+    with pytest.raises(
+        SystemExit, match=r"seed0\.json was run with other settings \(epochs=2 there, 3 now\)"
+    ):
+        sweep.main(other)
 
 
 def test_sweep_never_selects_a_refit_run():
