@@ -137,7 +137,7 @@ def data_description(cfg: dict[str, Any]) -> str:
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
-    """The results tables (one per model and rule) and the validation-chosen best config."""
+    """The results tables (one per model and rule) and, per rule, the validation-chosen best."""
     lines = [
         "# RUL β sweep: raw vs EMA weights",
         "",
