@@ -265,32 +265,29 @@ def test_sweep_picks_a_best_configuration_per_rule_without_ranking_the_rules():
     assert "weights `raw`" in best and "validation RMSE 11.00" in best
 
 
-def test_lr_drop_multiplies_the_step_size_from_the_given_epoch():
-    """Adam's first steps on a constant gradient move each weight by ≈ lr (m̂/√v̂ = 1):
-    lr for the first ``lr_drop_epoch`` epochs, lr·factor afterwards."""
-    cfg = Config(lr=1e-2, lr_drop_epoch=2, lr_drop_factor=0.1)
-    tx = optimizer(cfg, steps_per_epoch=3)
+def _step_sizes(cfg, steps_per_epoch, n):
+    """How far each of the first ``n`` steps moves a weight under a constant gradient: Adam's
+    m̂/√v̂ is then 1, so each step moves it by the learning rate of that step."""
+    tx = optimizer(cfg, steps_per_epoch=steps_per_epoch)
     params = jnp.zeros(2)
     state = tx.init(params)
-    steps = []
-    for _ in range(9):
+    sizes = []
+    for _ in range(n):
         updates, state = tx.update(jnp.ones(2), state, params)
-        steps.append(float(-updates[0]))
+        sizes.append(float(-updates[0]))
+    return sizes
+
+
+def test_lr_drop_multiplies_the_step_size_from_the_given_epoch():
+    """lr for the first ``lr_drop_epoch`` epochs, lr·factor afterwards."""
+    steps = _step_sizes(Config(lr=1e-2, lr_drop_epoch=2, lr_drop_factor=0.1), 3, 9)
     np.testing.assert_allclose(steps[:6], 1e-2, rtol=1e-4)
     np.testing.assert_allclose(steps[6:], 1e-3, rtol=1e-4)
 
 
 def test_cosine_decays_the_step_size_to_zero_over_all_epochs():
-    """Adam's first steps on a constant gradient move each weight by ≈ lr·schedule(t):
-    ``lr·½(1 + cos(π·t/T))`` with T = epochs · steps_per_epoch = 8 (closed form)."""
-    cfg = Config(lr=1e-2, cosine=True, epochs=2)
-    tx = optimizer(cfg, steps_per_epoch=4)
-    params = jnp.zeros(2)
-    state = tx.init(params)
-    steps = []
-    for _ in range(8):
-        updates, state = tx.update(jnp.ones(2), state, params)
-        steps.append(float(-updates[0]))
+    """``lr·½(1 + cos(π·t/T))`` with T = epochs · steps_per_epoch = 8 (closed form)."""
+    steps = _step_sizes(Config(lr=1e-2, cosine=True, epochs=2), 4, 8)
     want = [1e-2 * 0.5 * (1 + np.cos(np.pi * t / 8)) for t in range(8)]
     np.testing.assert_allclose(steps, want, rtol=1e-4, atol=1e-9)
 
