@@ -269,23 +269,32 @@ def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
     return cast(dict[str, float], _torch_threads_kept(lambda: _median_ms(fns, repeats)))
 
 
-def bench_update_paired(n: int, leaves: int, repeats: int, torch_key: str) -> dict[str, Any]:
-    """ema_jax's speed relative to ``torch_key`` (``torch foreach`` or ``… 1T``), the two
-    timed back to back in each round (:func:`_paired_ratios`): median and quartiles of
-    torch time / ema_jax time, with and without the NaN/Inf check. ``{}`` without torch."""
-    if torch is None:
-        return {}
+def bench_p1(n: int, leaves: int, repeats: int) -> dict[str, Any]:
+    """:func:`bench_update`'s medians (``ms``) and, with torch, ``paired``: ema_jax's speed
+    relative to the faster torch setting, the two timed back to back in each round
+    (:func:`_paired_ratios`): median and quartiles of torch time / ema_jax time, with and
+    without the NaN/Inf check (``{}`` without torch). One set of buffers serves both."""
     fns = _update_fns(n, leaves)
     names = ("ema_jax", "ema_jax nochk")
-    paired = _torch_threads_kept(
-        lambda: _paired_ratios(fns[torch_key], {k: fns[k] for k in names}, repeats)
-    )
-    # time ratios ema_jax / torch → speeds torch / ema_jax: the quartiles swap.
-    speeds = {
-        k: {"speed": 1 / paired[k]["ratio"], "q1": 1 / paired[k]["q3"], "q3": 1 / paired[k]["q1"]}
-        for k in names
-    }
-    return {"torch": torch_key, "rounds": repeats, **speeds}
+
+    def measure() -> dict[str, Any]:
+        ms = _median_ms(fns, repeats)
+        if torch is None:
+            return {"ms": ms, "paired": {}}
+        torch_key = min(("torch foreach", "torch foreach 1T"), key=ms.__getitem__)
+        paired = _paired_ratios(fns[torch_key], {k: fns[k] for k in names}, repeats)
+        # time ratios ema_jax / torch → speeds torch / ema_jax: the quartiles swap.
+        speeds = {
+            k: {
+                "speed": 1 / paired[k]["ratio"],
+                "q1": 1 / paired[k]["q3"],
+                "q3": 1 / paired[k]["q1"],
+            }
+            for k in names
+        }
+        return {"ms": ms, "paired": {"torch": torch_key, "rounds": repeats, **speeds}}
+
+    return cast(dict[str, Any], _torch_threads_kept(measure))
 
 
 # ----------------------------------------------------------------------------- P2
@@ -1017,11 +1026,8 @@ def _measure_goals(
     """P1–P4, the per-leaf cost, the choices and the flags, into ``results``."""
     for n, k in sizes:
         reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
-        ms = bench_update(n, k, reps)
-        row = {"params": n, "leaves": k, "repeats": reps, "ms": ms}
-        if torch is not None:  # against the faster of torch's two thread settings
-            faster = min(("torch foreach", "torch foreach 1T"), key=ms.__getitem__)
-            row["paired"] = bench_update_paired(n, k, reps, faster)
+        row = {"params": n, "leaves": k, "repeats": reps, **bench_p1(n, k, reps)}
+        ms = row["ms"]
         results["p1"].append(row)
         print(
             f"P1 {n:.0e} params / {k} leaves: " + ", ".join(f"{a} {b:.2f}" for a, b in ms.items()),
