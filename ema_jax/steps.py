@@ -16,6 +16,7 @@ static): the state is never modified, so there is nothing to swap in or restore.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -217,7 +218,9 @@ def train_with_ema(
 
     Returns:
       ``(history, state)``: ``history`` has ``train_loss``, ``val_loss``, ``val_loss_ema``
-      (one entry per epoch; plus ``val_<name>[_ema]`` for every metric), and ``state``'s
+      (one entry per epoch; plus ``val_<name>[_ema]`` for every metric) and ``seconds``
+      (each epoch's wall time, training and evaluation; the first includes compilation),
+      and ``state``'s
       ``ema_params`` are the weights to deploy.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -228,6 +231,7 @@ def train_with_ema(
     )
     history: dict[str, list[Any]] = {"train_loss": []}
     for epoch in range(epochs):
+        start = time.perf_counter()
         batches = train_data(epoch) if callable(train_data) else train_data
         losses = []
         for batch in batches:
@@ -237,6 +241,7 @@ def train_with_ema(
             raise ValueError("train_data yielded no batches")
         record: dict[str, Any] = {"train_loss": float(jnp.mean(jnp.stack(losses)))}
         record.update(evaluate_dataset(paired_eval, state, val_data))
+        record["seconds"] = time.perf_counter() - start
         for key, value in record.items():
             history.setdefault(key, []).append(value)
         if callback is not None:

@@ -1,6 +1,6 @@
 """ema_jax.checkpoint: real Orbax writes to tmp dirs, new processes, meshes, kills.
 
-The subprocess side (and the tiny model both sides train) is tests/ckpt_worker.py.
+The subprocess side (and the tiny model both sides train) is tests/ema_jax/ckpt_worker.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import ema_jax
 from ema_jax import checkpoint as ckpt
 
 WORKER = str(Path(__file__).with_name("ckpt_worker.py"))
-ROOT = str(Path(__file__).resolve().parents[1])
+ROOT = str(Path(__file__).resolve().parents[2])
 TIMEOUT = 180
 
 
