@@ -1,12 +1,17 @@
 """ema_jax: exponential moving averages of JAX/Flax model weights.
 
-tx = ema_jax.ema(0.999)                      # optax-style init / update
+tx = ema_jax.ema(0.999)                      # a pure init / update pair over params
 state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-3), ema=tx)
 state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
+
+``ema_jax.checkpoint`` (Orbax) is imported on first use, so ``import ema_jax`` stays light.
 """
 
-from ema_jax import checkpoint, schedules
+import importlib
+from typing import Any
+
+from ema_jax import schedules
 from ema_jax.steps import (
     evaluate_dataset,
     make_eval_step,
@@ -15,7 +20,15 @@ from ema_jax.steps import (
     train_with_ema,
 )
 from ema_jax.train_state import EmaTrainState
-from ema_jax.transform import Decay, EmaState, accumulators, ema, num_averages, shadow
+from ema_jax.transform import (
+    Decay,
+    EmaState,
+    EmaTransform,
+    accumulators,
+    ema,
+    num_averages,
+    shadow,
+)
 from ema_jax.window import (
     decay_for_window,
     effective_window,
@@ -31,6 +44,7 @@ __all__ = [
     "Decay",
     "EmaState",
     "EmaTrainState",
+    "EmaTransform",
     "accumulators",
     "checkpoint",
     "decay_for_window",
@@ -49,3 +63,10 @@ __all__ = [
     "sigma_rel_to_gamma",
     "train_with_ema",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ema_jax.checkpoint`` loads Orbax (and tensorstore) only when it is first used."""
+    if name == "checkpoint":
+        return importlib.import_module("ema_jax.checkpoint")
+    raise AttributeError(f"module 'ema_jax' has no attribute {name!r}")

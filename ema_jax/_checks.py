@@ -1,11 +1,13 @@
-"""Argument checks shared by the public constructors: clear errors at construction time."""
+"""Argument and tree checks, each written once: clear errors naming the argument or path."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -61,3 +63,84 @@ def below_one(beta: float, name: str, value: Any, formula: str, dtype: Any = np.
             )
         )
     return beta
+
+
+def integer(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> int | None:
+    """``int(value)`` if it is an int ``>= minimum`` (or ``None`` when allowed), else a clear
+    error. Bools are rejected: ``True`` is no step count."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        kind = "None or an int" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (``None`` or ``1`` would silently mean something)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def floating_dtype(name: str, value: Any) -> np.dtype:
+    """``np.dtype(value)`` if it names a real floating dtype (float16/bfloat16/float32/...)."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a floating dtype, got {value!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {dtype}")
+    return dtype
+
+
+def first_difference(
+    expected: Mapping[str, Any],
+    got: Mapping[str, Any],
+    *,
+    expected_name: str,
+    got_name: str,
+    compare_dtypes: bool = False,
+) -> str | None:
+    """A message naming the first path (in ``expected``'s order) where two flattened trees
+    differ, or ``None`` when they match.
+
+    ``expected`` and ``got`` map a readable path to a leaf (anything with ``.shape``, or a
+    Python scalar). Compared: the paths, the shapes and, with ``compare_dtypes``, floating
+    dtypes (integer widths may differ: a Python-int step and an int32 step are the same
+    value; leaves without a dtype are not compared).
+    """
+    for path, leaf in expected.items():
+        if path not in got:
+            instead = [p for p in got if p not in expected][:3]
+            return (
+                f"{path} is in the {expected_name} but not in the {got_name} "
+                f"(the {got_name} has instead: {', '.join(instead) or 'nothing'})"
+            )
+        other = got[path]
+        if tuple(np.shape(other)) != tuple(np.shape(leaf)):
+            return (
+                f"{path} has shape {tuple(np.shape(other))} in the {got_name}, "
+                f"{tuple(np.shape(leaf))} in the {expected_name}"
+            )
+        if compare_dtypes:
+            want, have = _dtype_of(leaf), _dtype_of(other)
+            if want is None or have is None or want == have:
+                continue
+            if np.issubdtype(want, np.integer) and np.issubdtype(have, np.integer):
+                continue
+            return (
+                f"{path} has dtype {have.name} in the {got_name}, {want.name} in the "
+                f"{expected_name}"
+            )
+    for path in got:
+        if path not in expected:
+            return f"{path} is in the {got_name} but not in the {expected_name}"
+    return None
+
+
+def _dtype_of(leaf: Any) -> np.dtype | None:
+    dtype = getattr(leaf, "dtype", None)
+    return None if dtype is None else np.dtype(dtype)

@@ -35,23 +35,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ema_jax import _checks
 from ema_jax.train_state import EmaTrainState
 from ema_jax.transform import Params
 
 STATE = "state"
 EMA_PARAMS = "ema_params"
 _META_KEY = "ema_jax"
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        kind = "None or an int" if allow_none else "an int"
-        raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_state(state: Any) -> EmaTrainState:
@@ -84,8 +74,8 @@ def manager(
 
     The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it).
     """
-    _check_int("max_to_keep", max_to_keep, 1, allow_none=True)
-    _check_int("save_interval_steps", save_interval_steps, 1)
+    _checks.integer("max_to_keep", max_to_keep, 1, allow_none=True)
+    _checks.integer("save_interval_steps", save_interval_steps, 1)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {async_save!r}")
     options = ocp.CheckpointManagerOptions(
@@ -100,10 +90,11 @@ def manager(
 
 
 def _static_metadata(state: EmaTrainState) -> dict[str, Any]:
-    return {
-        "param_dtypes": [np.dtype(d).name for d in state.ema_state.param_dtypes],
-        "average_model_state": bool(state.average_model_state),
-    }
+    """What the arrays alone do not say: the params' dtypes the shadow casts back to (an
+    fp32 accumulator may average bf16 or fp32 params). Everything else static (``tx``,
+    ``ema``, ``average_model_state``, whose averaged tree differs anyway) comes from the
+    target, like a learning rate comes from the code."""
+    return {"param_dtypes": [np.dtype(d).name for d in state.ema_state.param_dtypes]}
 
 
 def save(
@@ -116,7 +107,7 @@ def save(
     continues in the background: the arrays are already copied, so ``state`` may be donated
     to the next train step right away. In multi-process training every process calls this.
     """
-    step = _check_int("step", step, 0)  # type: ignore[assignment]
+    step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     state = _check_state(state)
     args = ocp.args.Composite(
         **{
@@ -135,7 +126,7 @@ def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
         return int(latest)
-    step = _check_int("step", step, 0)  # type: ignore[assignment]
+    step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     if step not in mngr.all_steps():
         raise FileNotFoundError(
             f"step {step} is not in {mngr.directory}; available: {sorted(mngr.all_steps())}"
@@ -143,51 +134,21 @@ def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
     return step  # type: ignore[return-value]
 
 
-def _path(key: tuple[str, ...]) -> str:
-    return ".".join(key)
-
-
-def _leaf_dtype(leaf: Any) -> np.dtype | None:
-    dtype = getattr(leaf, "dtype", None)
-    return None if dtype is None else np.dtype(dtype)
-
-
-def _first_difference(item: str, saved: Any, target: Any) -> str | None:
-    """The first path (in the target's order) where ``target`` and the saved metadata differ.
-
-    Compares paths, shapes and floating dtypes; integer widths may differ (a Python int
-    ``step`` and an int32 ``step`` are the same value), and Python scalars carry no dtype.
-    """
-    saved_flat = ocp.tree.to_flat_dict(saved)
-    target_flat = ocp.tree.to_flat_dict(target)
-    for key, leaf in target_flat.items():
-        where = f"{item}.{_path(key)}"
-        if key not in saved_flat:
-            only_saved = [_path(k) for k in saved_flat if k not in target_flat][:3]
-            return (
-                f"{where} is in the target but not in the checkpoint "
-                f"(the checkpoint has instead: {only_saved or 'nothing'})"
-            )
-        meta = saved_flat[key]
-        if tuple(meta.shape) != tuple(np.shape(leaf)):
-            return (
-                f"{where} has shape {tuple(meta.shape)} in the checkpoint, "
-                f"{tuple(np.shape(leaf))} in the target"
-            )
-        want, got = _leaf_dtype(leaf), _leaf_dtype(meta)
-        if want is None or got is None or want == got:
-            continue
-        if jnp.issubdtype(want, jnp.integer) and jnp.issubdtype(got, jnp.integer):
-            continue
-        return f"{where} has dtype {got.name} in the checkpoint, {want.name} in the target"
-    for key in saved_flat:
-        if key not in target_flat:
-            return f"{item}.{_path(key)} is in the checkpoint but not in the target"
-    return None
+def _flat(item: str, tree: Any) -> dict[str, Any]:
+    """``{"item.a.b": leaf}``, Orbax's flattening (the key paths it writes)."""
+    return {".".join((item, *key)): leaf for key, leaf in ocp.tree.to_flat_dict(tree).items()}
 
 
 def _check_matches(item: str, metadata: Any, target: Any) -> None:
-    problem = _first_difference(item, metadata.tree, target)
+    """A ``ValueError`` naming the first path where ``target`` and the checkpoint differ in
+    paths, shapes or floating dtypes, before any array is read."""
+    problem = _checks.first_difference(
+        _flat(item, target),
+        _flat(item, metadata.tree),
+        expected_name="target",
+        got_name="checkpoint",
+        compare_dtypes=True,
+    )
     if problem is not None:
         raise ValueError(f"checkpoint does not match the target: {problem}")
 
@@ -196,12 +157,11 @@ def _check_static(metadata: Any, target: EmaTrainState) -> None:
     saved = (metadata.custom_metadata or {}).get(_META_KEY)
     if saved is None:
         raise ValueError("checkpoint has no ema_jax metadata: was it written by ema_jax.save?")
-    expected = _static_metadata(target)
-    for name in ("average_model_state", "param_dtypes"):
-        if saved.get(name) != expected[name]:
+    for name, expected in _static_metadata(target).items():
+        if saved.get(name) != expected:
             raise ValueError(
                 f"checkpoint does not match the target: ema_state.{name} is {saved.get(name)} "
-                f"in the checkpoint, {expected[name]} in the target"
+                f"in the checkpoint, {expected} in the target"
             )
 
 
@@ -282,7 +242,7 @@ def load_ema_params(
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
     else:
-        _check_int("step", step, 0)
+        _checks.integer("step", step, 0)
         try:
             found = name_format.find_step(directory, step)
         except ValueError as e:
@@ -303,12 +263,7 @@ def deploy_params(
     state = _check_state(state)
     if dtype is None:
         return state.select_params(True, ema_index)
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"dtype must be a floating dtype or None, got {dtype!r}") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype or None, got {dtype}")
+    dtype = _checks.floating_dtype("dtype", dtype)
     averages = state.accumulators(ema_index)
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, averages

@@ -21,14 +21,14 @@ from flax import struct
 from flax.training import train_state
 
 from ema_jax import transform
-from ema_jax.transform import EmaState, Params, num_averages, shadow
+from ema_jax.transform import EmaState, EmaTransform, Params
 
 
 class EmaTrainState(train_state.TrainState):
-    """``TrainState`` + ``ema_state`` (a pytree) + ``ema`` (the static transform)."""
+    """``TrainState`` + ``ema_state`` (a pytree) + ``ema`` (the static :class:`EmaTransform`)."""
 
     ema_state: EmaState
-    ema: optax.GradientTransformation = struct.field(pytree_node=False)
+    ema: EmaTransform = struct.field(pytree_node=False)
     model_state: Any = None
     average_model_state: bool = struct.field(pytree_node=False, default=False)
 
@@ -39,7 +39,7 @@ class EmaTrainState(train_state.TrainState):
         apply_fn: Any,
         params: Params,
         tx: optax.GradientTransformation,
-        ema: optax.GradientTransformation,
+        ema: EmaTransform,
         model_state: Any = None,
         average_model_state: bool = False,
         **kwargs: Any,
@@ -48,16 +48,25 @@ class EmaTrainState(train_state.TrainState):
 
         ``step`` starts as an int32 array (not flax's Python ``0``), so a jitted step sees
         the same input type on its first call as on every later one and compiles once.
+
+        Raises:
+          TypeError: ``ema`` is not an :class:`EmaTransform` (e.g. ``optax.ema(...)``).
+          ValueError: ``average_model_state=True`` without a ``model_state``.
         """
+        if not isinstance(ema, EmaTransform):
+            raise TypeError(
+                "ema must be an ema_jax.EmaTransform, made by ema_jax.ema(...), got "
+                f"{type(ema).__name__}"
+                + (" (optax.ema averages updates, not params)" if hasattr(ema, "update") else "")
+            )
         if average_model_state and model_state is None:
             raise ValueError("average_model_state=True needs a model_state to average")
-        target = {"params": params, "model_state": model_state} if average_model_state else params
         state = super().create(
             apply_fn=apply_fn,
             params=params,
             tx=tx,
             ema=ema,
-            ema_state=ema.init(target),
+            ema_state=ema.init(_averaged_tree(params, model_state, average_model_state)),
             model_state=model_state,
             average_model_state=average_model_state,
             **kwargs,
@@ -67,28 +76,26 @@ class EmaTrainState(train_state.TrainState):
     def apply_gradients(self, *, grads: Params, **kwargs: Any) -> EmaTrainState:
         """Optimizer step, then EMA update from the new params (and new ``model_state``)."""
         new = super().apply_gradients(grads=grads, **kwargs)
-        target = (
-            {"params": new.params, "model_state": new.model_state}
-            if new.average_model_state
-            else new.params
-        )
+        target = _averaged_tree(new.params, new.model_state, self.average_model_state)
         _, ema_state = self.ema.update(target, self.ema_state)
         return new.replace(ema_state=ema_state)
 
     @property
     def num_averages(self) -> int | None:
         """K when the EMA keeps several decays, else ``None``."""
-        return num_averages(self.ema_state)
+        return transform.num_averages(self.ema_state)
 
-    def _one_average(self, index: int | None) -> Any:
-        """The shadow of one average (decay ``index``, default the first), params' dtypes."""
-        return shadow(self.ema_state, 0 if index is None else index)
+    def _average(self, ema_index: int | None) -> tuple[Params, Any]:
+        """``(params, model_state)`` of average ``ema_index`` (default the first), in the
+        params' dtypes; ``model_state`` is ``None`` unless it is averaged too."""
+        averaged = transform.shadow(self.ema_state, 0 if ema_index is None else ema_index)
+        return _split(averaged, self.average_model_state)
 
     def accumulators(self, ema_index: int | None = None) -> Any:
         """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
         params), params-shaped: decay ``ema_index`` (default the first) of several."""
-        acc = transform.accumulators(self.ema_state, ema_index)
-        return acc["params"] if self.average_model_state else acc
+        averaged = transform.accumulators(self.ema_state, ema_index)
+        return _split(averaged, self.average_model_state)[0]
 
     @property
     def ema_params(self) -> Params:
@@ -98,22 +105,28 @@ class EmaTrainState(train_state.TrainState):
         the state invalidates them. Keep a copy (``jax.tree.map(jnp.copy, ...)``) to hold
         on to them across steps.
         """
-        averages = shadow(self.ema_state)
-        if not self.average_model_state:
-            return averages
         if self.num_averages is None:
-            return averages["params"]
-        return tuple(a["params"] for a in averages)
+            return self._average(None)[0]
+        return tuple(self._average(i)[0] for i in range(self.num_averages))
 
     def select_params(self, use_ema: bool, ema_index: int | None = None) -> Params:
         """``params`` or the shadow params (decay ``ema_index`` when there are several)."""
-        if not use_ema:
-            return self.params
-        chosen = self._one_average(ema_index)
-        return chosen["params"] if self.average_model_state else chosen
+        return self._average(ema_index)[0] if use_ema else self.params
 
     def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:
         """``model_state``, or its average when ``average_model_state`` and ``use_ema``."""
-        if not (use_ema and self.average_model_state):
-            return self.model_state
-        return self._one_average(ema_index)["model_state"]
+        if use_ema and self.average_model_state:
+            return self._average(ema_index)[1]
+        return self.model_state
+
+
+def _averaged_tree(params: Params, model_state: Any, average_model_state: bool) -> Any:
+    """What the EMA averages: ``params``, or ``{"params", "model_state"}`` together."""
+    return {"params": params, "model_state": model_state} if average_model_state else params
+
+
+def _split(averaged: Any, average_model_state: bool) -> tuple[Params, Any]:
+    """The inverse of :func:`_averaged_tree`: ``(params, model_state or None)``."""
+    if average_model_state:
+        return averaged["params"], averaged["model_state"]
+    return averaged, None

@@ -1,25 +1,22 @@
-"""The EMA of a parameter pytree as an optax-style ``init`` / ``update`` pair.
+"""The EMA of a parameter pytree as a pure ``init`` / ``update`` pair: :class:`EmaTransform`.
 
-Plain (``debias=False``; the seed's and torch_ema's semantics)::
+The update rule, its bias correction and its step conventions are written once, in
+``docs/semantics.md``; this module implements them in three pieces:
 
-    ema_0 = θ_0                       (a copy, in the accumulator dtype)
-    ema_t = β_t·ema_{t-1} + (1 - β_t)·θ_t = lerp(ema_{t-1}, θ_t, 1 - β_t)
+* :func:`_decays_at` — the decays ``β_t`` of the K averages at step ``t`` (scalar work);
+* :func:`_coefficients` — the lerp factor, its complement and the new total weight
+  ``w_t`` from ``β_t`` and ``w_{t-1}`` (scalar work);
+* :func:`_average` — one elementwise pass over the leaves (the only memory traffic).
 
-Bias-corrected (``debias=True``): the zero-initialised EMA divided by its total weight,
-exact under any schedule and any skipped update::
-
-    w_t   = β_t·w_{t-1} + (1 - β_t),  w_0 = 0
-    ema_t = Σ_k (1 - β_k)·Π_{j>k} β_j·θ_k / w_t
-
-It is stored in one buffer, already divided, using the effective decay
-``β̃_t = β_t·w_{t-1}/w_t`` (so ``1 - β̃_t = (1 - β_t)/w_t``; the first update copies θ_1).
-Both variants run the same code: plain is the special case ``w_0 = 1`` (then ``w_t = 1``).
-
-``t`` is the 1-based optimizer step (``count + 1``); see :mod:`ema_jax.schedules`.
+One decay is the case K = 1 of the same code. The only difference is the layout: a single
+decay keeps params-shaped accumulators and a scalar weight, ``decay=(β_1, ..., β_K)``
+gives every accumulator a trailing axis of size K and a ``[K]`` weight (so one pass reads
+each param once for all K). The layout is read off the weight's shape, never re-decided.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 from jax import lax
 
@@ -38,16 +34,15 @@ Params = Any
 
 
 class EmaState(struct.PyTreeNode):
-    """State of :func:`ema`. A pytree; nothing in it aliases the params.
+    """State of an :class:`EmaTransform`. A pytree; nothing in it aliases the params.
 
     Attributes:
       count: int32, optimizer steps seen (calls to ``update``).
       num_skipped: int32, updates skipped because the params held NaN/Inf.
-      weight: ``[]`` (one decay) or ``[K]`` (K decays): ``w_t`` of the average, in JAX's
-        default float dtype (float32; float64 under x64), like all decay arithmetic.
+      weight: ``w_t`` of each average, in JAX's default float dtype (float32; float64 under
+        x64), like all decay arithmetic: ``[]`` for one decay, ``[K]`` for K decays.
       ema: the accumulators, a tree like the params. With K decays every leaf has a
-        trailing axis of size K (``[*param.shape, K]``), so one pass reads each param once
-        and updates its K averages side by side; :func:`shadow` splits them.
+        trailing axis of size K (``[*param.shape, K]``); :func:`shadow` splits them.
       param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
     """
 
@@ -58,87 +53,264 @@ class EmaState(struct.PyTreeNode):
     param_dtypes: tuple[np.dtype, ...] = struct.field(pytree_node=False)
 
 
-def _is_float(dtype: Any) -> bool:
-    return bool(jnp.issubdtype(dtype, jnp.inexact))
+@dataclasses.dataclass(frozen=True)
+class EmaTransform:
+    """An exponential moving average of params: ``init(params)``, ``update(params, state)``.
 
-
-def _accumulator_dtype(dtype: Any, requested: Any) -> np.dtype:
-    """float32 for floats narrower than 32 bits unless ``requested``; others unchanged.
-
-    A complex leaf gets the complex dtype of the requested precision (float32 →
-    complex64), never the real dtype itself, which would drop the imaginary part.
+    Made by :func:`ema`, which documents the settings. It averages *params*, not updates:
+    it is not an ``optax.GradientTransformation`` and cannot be chained with one or used as
+    an optimizer (the extra arguments optax and ``TrainState`` pass raise a ``TypeError``).
+    Call it after the optimizer step with the new params, or let
+    :class:`~ema_jax.EmaTrainState` do so. Frozen and hashable, so it can be a static field
+    of a pytree; transforms built from equal constant decays compare equal.
     """
-    dtype = np.dtype(dtype)
-    if not _is_float(dtype):
+
+    decays: tuple[float | schedules.Schedule, ...]
+    debias: tuple[bool, ...]
+    stacked: bool  # decay was a tuple: accumulators carry a trailing axis of K averages
+    update_every: int = 1
+    start_step: int = 0
+    accumulator_dtype: np.dtype | None = None
+    skip_nonfinite: bool = True
+
+    @property
+    def num_averages(self) -> int | None:
+        """K when built from a tuple of decays, ``None`` for a single decay."""
+        return len(self.decays) if self.stacked else None
+
+    def init(self, params: Params) -> EmaState:
+        """A state whose averages are copies of ``params`` (fresh buffers, same shardings)."""
+        leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        for path, leaf in leaves_with_paths:
+            if not hasattr(leaf, "dtype"):
+                where = jax.tree_util.keystr(path)
+                raise TypeError(f"params{where} must be an array, got {type(leaf).__name__}")
+        averages_shape = (len(self.decays),) if self.stacked else ()
+        initial_weights = [0.0 if d else 1.0 for d in self.debias]
+        return EmaState(
+            count=jnp.zeros([], jnp.int32),
+            num_skipped=jnp.zeros([], jnp.int32),
+            weight=jnp.asarray(initial_weights, schedules.default_float()).reshape(averages_shape),
+            ema=jax.tree.map(
+                lambda x: _copies(x, self._accumulator(x.dtype), averages_shape), params
+            ),
+            param_dtypes=tuple(np.dtype(leaf.dtype) for _, leaf in leaves_with_paths),
+        )
+
+    def update(self, params: Params, state: EmaState, *misuse: Any) -> tuple[Params, EmaState]:
+        """One step: ``(shadow_params, new_state)`` from the params after the optimizer step.
+
+        The shadow has the params' tree and dtypes (a K-tuple of trees for K decays).
+        """
+        if misuse:  # optax.chain and TrainState call update(updates, state, params)
+            raise TypeError(
+                "EmaTransform.update(params, state) averages params, not updates: it is not an "
+                "optax.GradientTransformation, so it cannot go in optax.chain or serve as an "
+                "optimizer (tx=). Call it after the optimizer step with the new params, or "
+                "pass it as EmaTrainState.create(..., ema=...)"
+            )
+        if not isinstance(state, EmaState):
+            raise TypeError(
+                f"state must be the EmaState returned by init(params), got {type(state).__name__}"
+            )
+        self._check_matches(params, state)
+        t = state.count + 1
+        betas = _decays_at(self.decays, t, self.update_every).reshape(state.weight.shape)
+        copying = t <= self.start_step
+        betas = jnp.where(copying, 0.0, betas)
+        due = copying | (t % self.update_every == 0)
+        if not self.skip_nonfinite:
+            finite = jnp.bool_(True)
+        elif self.update_every == 1:
+            finite = _all_finite(params)  # every step is due
+        else:  # read the params only on the steps that update
+            finite = lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
+        apply = due & finite
+        alpha, keep, weight = _coefficients(betas, state.weight, apply)
+
+        def average(ema: Params) -> Params:
+            return _average(ema, params, alpha, keep, apply)
+
+        if self.update_every == 1 and not self.skip_nonfinite:
+            new_ema = average(state.ema)  # no step is ever skipped: no branch to wait on
+        else:
+            # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
+            new_ema = lax.cond(apply, average, lambda ema: ema, state.ema)
+        new_state = state.replace(
+            count=t,
+            num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+            weight=weight,
+            ema=new_ema,
+        )
+        return shadow(new_state), new_state
+
+    def _accumulator(self, dtype: Any) -> np.dtype:
+        """float32 for floats narrower than 32 bits unless ``accumulator_dtype`` is set;
+        complex leaves get the complex dtype of that precision (never the real dtype, which
+        would drop the imaginary part); integer and bool leaves keep their dtype."""
+        dtype = np.dtype(dtype)
+        if not _is_float(dtype):
+            return dtype
+        if self.accumulator_dtype is not None:
+            if jnp.issubdtype(dtype, jnp.complexfloating):
+                return np.dtype(jnp.promote_types(self.accumulator_dtype, jnp.complex64))
+            return self.accumulator_dtype
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+            return np.dtype(jnp.float32)
         return dtype
-    if requested is not None:
-        if jnp.issubdtype(dtype, jnp.complexfloating):
-            return np.dtype(jnp.promote_types(requested, jnp.complex64))
-        return np.dtype(requested)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-        return np.dtype(jnp.float32)
-    return dtype
+
+    def _check_matches(self, params: Params, state: EmaState) -> None:
+        """A ``ValueError`` naming the first path where ``params`` and the state differ."""
+        trailing = state.weight.ndim  # the averages axis, if any
+
+        def flat(tree: Params, drop: int) -> dict[str, Any]:
+            return {
+                "params" + jax.tree_util.keystr(path): jax.ShapeDtypeStruct(
+                    np.shape(leaf)[: np.ndim(leaf) - drop], jnp.result_type(leaf)
+                )
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            }
+
+        problem = _checks.first_difference(
+            flat(state.ema, trailing), flat(params, 0), expected_name="EMA state", got_name="params"
+        )
+        same_nodes = jax.tree.structure(state.ema) == jax.tree.structure(params)  # type: ignore[operator]
+        if problem is None and not same_nodes:
+            problem = "the params tree's node types differ from the EMA state's"
+        if problem is not None:
+            raise ValueError(f"params do not match the EMA state: {problem}")
 
 
-def _as_decays(decay: Decay | Sequence[Decay]) -> tuple[schedules.Schedule, ...]:
-    multi = isinstance(decay, (tuple, list))
-    items = tuple(decay) if multi else (decay,)  # type: ignore[arg-type]
+def ema(
+    decay: Decay | Sequence[Decay],
+    *,
+    debias: bool | Sequence[bool] = False,
+    update_every: int = 1,
+    start_step: int = 0,
+    accumulator_dtype: Any = None,
+    skip_nonfinite: bool = True,
+) -> EmaTransform:
+    """An exponential moving average of params (formulas: ``docs/semantics.md``).
+
+    ``tx.update(params, state)`` takes the *current params* (not gradients) and returns
+    ``(shadow_params, new_state)``; the shadow has the params' tree and dtypes.
+
+    Args:
+      decay: ``β`` in [0, 1), a schedule ``t -> β_t`` (see :mod:`ema_jax.schedules`), or a
+        tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
+      debias: bias-corrected average; the first update copies θ. With several decays, a
+        tuple of bools (one per decay) mixes plain and debiased averages in one pass.
+      update_every: update on every k-th optimizer step only, with ``β_t^k``, so the
+        horizon stays in optimizer steps. Steps in between leave the average unchanged.
+      start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
+      accumulator_dtype: dtype of the floating accumulators; ``None`` means float32 for
+        floats narrower than 32 bits, else the leaf's own dtype. Complex leaves get the
+        complex dtype of that precision (complex64 for float32). Integer and bool leaves
+        are copied on every applied update, never averaged.
+      skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
+        (average and weight unchanged) and ``num_skipped`` is incremented. The check is
+        one extra read of the params and scalar all-reduces when they are sharded;
+        everything else is shard-local. Steps on which no update is due (``update_every``)
+        are neither checked nor counted.
+
+    Raises:
+      ValueError / TypeError naming the argument, for out-of-range settings.
+    """
+    stacked = isinstance(decay, (tuple, list))
+    items: tuple[Decay, ...] = tuple(decay) if isinstance(decay, (tuple, list)) else (decay,)  # type: ignore[assignment]
     if not items:
         raise ValueError(
             "decay must be a float in [0, 1), a schedule, or a non-empty tuple of them"
         )
-    out: list[schedules.Schedule] = []
-    for i, item in enumerate(items):
-        name = f"decay[{i}]" if multi else "decay"
-        if callable(item):
-            out.append(item)
-        else:
-            out.append(schedules.constant(_checks.decay(name, item)))
-    return tuple(out)
+    decays = tuple(_decay(f"decay[{i}]" if stacked else "decay", d) for i, d in enumerate(items))
+    debiases: tuple[bool, ...] = (
+        tuple(debias) if isinstance(debias, (tuple, list)) else (debias,) * len(decays)  # type: ignore[assignment]
+    )
+    if len(debiases) != len(decays) or not all(isinstance(d, bool) for d in debiases):
+        raise ValueError(
+            f"debias must be a bool or {len(decays)} bools (one per decay), got {debias!r}"
+        )
+    if isinstance(debias, (tuple, list)) and not stacked:
+        raise ValueError("debias may be a tuple only when decay is a tuple")
+    return EmaTransform(
+        decays=decays,
+        debias=debiases,
+        stacked=stacked,
+        update_every=_checks.integer("update_every", update_every, 1),  # type: ignore[arg-type]
+        start_step=_checks.integer("start_step", start_step, 0),  # type: ignore[arg-type]
+        accumulator_dtype=(
+            None
+            if accumulator_dtype is None
+            else _checks.floating_dtype("accumulator_dtype", accumulator_dtype)
+        ),
+        skip_nonfinite=_checks.flag("skip_nonfinite", skip_nonfinite),
+    )
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+def _decay(name: str, value: Decay) -> float | schedules.Schedule:
+    """A schedule as given, or a constant decay checked and kept as a float (so equal
+    settings make equal transforms)."""
+    if callable(value):
+        return value
+    beta = _checks.decay(name, value)
+    return _checks.below_one(beta, name, value, "it", schedules.default_float())
 
 
-def _first_difference(expected: Params, got: Params) -> str | None:
-    """A message naming the first path where two trees differ in structure or shape."""
-    exp = jax.tree_util.tree_flatten_with_path(expected)[0]
-    act = jax.tree_util.tree_flatten_with_path(got)[0]
-    for (pe, le), (pa, la) in zip(exp, act, strict=False):
-        if pe != pa:
-            return (
-                f"params tree differs from the EMA state at {jax.tree_util.keystr(pe)} "
-                f"(got {jax.tree_util.keystr(pa)})"
-            )
-        if jnp.shape(le) != jnp.shape(la):
-            return (
-                f"params{jax.tree_util.keystr(pa)} has shape {jnp.shape(la)}, "
-                f"the EMA state has {jnp.shape(le)}"
-            )
-    if len(exp) != len(act):
-        longer, which = (exp, "EMA state") if len(exp) > len(act) else (act, "params")
-        path = jax.tree_util.keystr(longer[min(len(exp), len(act))][0])
-        return f"params tree differs from the EMA state: only the {which} has {path}"
-    if jax.tree.structure(expected) != jax.tree.structure(got):  # type: ignore[operator]
-        return "params tree structure (node types) differs from the EMA state"
-    return None
+def _decays_at(
+    decays: Sequence[float | schedules.Schedule], t: jax.Array, update_every: int
+) -> jax.Array:
+    """``[K]`` decays at step ``t``, in the default float; ``β_t^k`` when updating every k."""
+    scalar = schedules.default_float()
+    betas = jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
+    return betas**update_every if update_every > 1 else betas
 
 
-def _copy(x: jax.Array, dtype: np.dtype) -> jax.Array:
-    """A fresh buffer (never an alias of ``x``), in ``dtype``, with ``x``'s sharding."""
-    return jnp.array(x, dtype=dtype, copy=True)
+def _coefficients(
+    betas: jax.Array, weight: jax.Array, apply: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(α, keep, w_t)`` of one update, elementwise over the averages.
+
+    ``w_t = β·w_{t-1} + (1 - β)``, ``α = (1 - β)/w_t`` and ``keep = β·w_{t-1}/w_t = 1 - α``
+    (computed directly so it is not re-rounded). Not applied (skipped or not due): α = 0,
+    keep = 1, weight unchanged. A schedule returning 1.0 before any weight (``w_t = 0``)
+    keeps the copy instead of dividing 0 by 0.
+    """
+    new_weight = betas * weight + (1.0 - betas)
+    use = apply & (new_weight > 0)
+    denominator = jnp.where(use, new_weight, 1.0)
+    alpha = jnp.where(use, (1.0 - betas) / denominator, 0.0)
+    keep = jnp.where(use, betas * weight / denominator, 1.0)
+    return alpha, keep, jnp.where(apply, new_weight, weight)
 
 
-def _stacked_copy(x: jax.Array, dtype: np.dtype, k: int) -> jax.Array:
-    """``k`` copies of ``x`` side by side, ``[*x.shape, k]``, sharded like ``x`` (the new
-    trailing axis replicated)."""
-    stacked = jnp.broadcast_to(jnp.asarray(x, dtype)[..., None], (*jnp.shape(x), k))
-    return jnp.array(stacked, copy=True)  # sharding propagates: x's axes, new axis replicated
+def _average(
+    ema: Params, params: Params, alpha: jax.Array, keep: jax.Array, apply: jax.Array
+) -> Params:
+    """The elementwise pass: every floating accumulator lerps towards its param; integer
+    and bool leaves are copied when ``apply``. ``alpha`` is ``[]`` or ``[K]``; with K the
+    param gets a trailing axis and the factors broadcast over the K averages."""
+
+    def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
+        p = p[..., None] if alpha.ndim else p
+        if not _is_float(a.dtype):
+            # Reading `a` (a no-op select when applied) keeps the donated buffer in use, so
+            # jit updates it in place.
+            return jnp.where(apply, jnp.broadcast_to(p, a.shape).astype(a.dtype), a)
+        return _lerp(a, p.astype(a.dtype), alpha, keep)
+
+    return jax.tree.map(leaf, ema, params)
+
+
+def _is_float(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def _copies(x: jax.Array, dtype: np.dtype, averages_shape: tuple[int, ...]) -> jax.Array:
+    """Fresh buffers (never an alias of ``x``) holding ``x`` in ``dtype``, once per average:
+    ``[*x.shape, *averages_shape]``, sharded like ``x`` (an averages axis replicated)."""
+    x = jnp.asarray(x, dtype)
+    expanded = x.reshape(x.shape + (1,) * len(averages_shape))
+    return jnp.array(jnp.broadcast_to(expanded, x.shape + averages_shape), copy=True)
 
 
 def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
@@ -179,154 +351,6 @@ def _all_finite(tree: Params) -> jax.Array:
     return lax.cond(jnp.isfinite(total(leaves)), lambda xs: jnp.bool_(True), exact, leaves)
 
 
-def ema(
-    decay: Decay | Sequence[Decay],
-    *,
-    debias: bool | Sequence[bool] = False,
-    update_every: int = 1,
-    start_step: int = 0,
-    accumulator_dtype: Any = None,
-    skip_nonfinite: bool = True,
-) -> optax.GradientTransformation:
-    """Exponential moving average of parameters, as an optax-style transform.
-
-    ``update(params, state)`` takes the *current params* (not gradients) and returns
-    ``(shadow_params, new_state)``; the shadow has the params' tree and dtypes.
-
-    Args:
-      decay: ``β`` in [0, 1), a schedule ``t -> β_t`` (see :mod:`ema_jax.schedules`), or a
-        tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
-      debias: bias-corrected average (see the module docstring); the first update copies θ.
-        With several decays, a tuple of bools (one per decay) mixes plain and debiased
-        averages in one pass.
-      update_every: update on every k-th optimizer step only, with ``β_t^k``, so the
-        horizon stays in optimizer steps. Steps in between leave the average unchanged.
-      start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
-      accumulator_dtype: dtype of the floating accumulators; ``None`` means float32 for
-        floats narrower than 32 bits, else the leaf's own dtype. Complex leaves get the
-        complex dtype of that precision (complex64 for float32). Integer and bool leaves
-        are copied on every applied update, never averaged.
-      skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
-        (average and weight unchanged) and ``num_skipped`` is incremented. The check is
-        one extra read of the params and scalar all-reduces when they are sharded;
-        everything else is shard-local. Steps on which no update is due (``update_every``)
-        are neither checked nor counted.
-
-    Raises:
-      ValueError / TypeError naming the argument, for out-of-range settings.
-    """
-    decays = _as_decays(decay)
-    multi = isinstance(decay, (tuple, list))
-    update_every = _check_int("update_every", update_every, 1)
-    start_step = _check_int("start_step", start_step, 0)
-    if accumulator_dtype is not None:
-        try:
-            acc = np.dtype(accumulator_dtype)
-        except TypeError as e:
-            raise TypeError(
-                f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}"
-            ) from e
-        if not jnp.issubdtype(acc, jnp.floating):
-            raise TypeError(f"accumulator_dtype must be a floating dtype, got {acc}")
-    num_decays = len(decays)
-    debiases = tuple(debias) if isinstance(debias, (tuple, list)) else (debias,) * num_decays
-    if len(debiases) != num_decays or not all(isinstance(d, bool) for d in debiases):
-        raise ValueError(
-            f"debias must be a bool or {num_decays} bools (one per decay), got {debias!r}"
-        )
-    if isinstance(debias, (tuple, list)) and not multi:
-        raise ValueError("debias may be a tuple only when decay is a tuple")
-    if not isinstance(skip_nonfinite, bool):
-        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-    initial_weights = tuple(0.0 if d else 1.0 for d in debiases)
-
-    def init_fn(params: Params) -> EmaState:
-        leaves = jax.tree.leaves(params)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            if not hasattr(leaf, "dtype"):
-                where = jax.tree_util.keystr(path)
-                raise TypeError(f"params{where} must be an array, got {type(leaf).__name__}")
-
-        def copy(x: jax.Array) -> jax.Array:
-            dtype = _accumulator_dtype(x.dtype, accumulator_dtype)
-            return _stacked_copy(x, dtype, num_decays) if multi else _copy(x, dtype)
-
-        averages = jax.tree.map(copy, params)
-        weight = jnp.asarray(
-            initial_weights if multi else initial_weights[0], schedules.default_float()
-        )
-        return EmaState(
-            count=jnp.zeros([], jnp.int32),
-            num_skipped=jnp.zeros([], jnp.int32),
-            weight=weight,
-            ema=averages,
-            param_dtypes=tuple(np.dtype(x.dtype) for x in leaves),
-        )
-
-    def update_fn(params: Params, state: EmaState, _: Any = None) -> tuple[Params, EmaState]:
-        reference = (
-            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1], a.dtype), state.ema)
-            if multi
-            else state.ema
-        )
-        problem = _first_difference(reference, params)
-        if problem is not None:
-            raise ValueError(problem)
-
-        t = state.count + 1
-        scalar = schedules.default_float()
-        betas = jnp.stack([jnp.asarray(d(t), scalar).reshape(()) for d in decays])
-        if update_every > 1:
-            betas = betas**update_every
-        copying = t <= start_step
-        betas = jnp.where(copying, 0.0, betas)
-        due = copying | (t % update_every == 0)
-        if not skip_nonfinite:
-            finite = jnp.bool_(True)
-        elif update_every == 1:
-            finite = _all_finite(params)  # every step is due
-        else:  # read the params only on the steps that update
-            finite = lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
-        apply = due & finite
-
-        weight = state.weight.reshape(num_decays)
-        new_weight = betas * weight + (1.0 - betas)
-        safe = new_weight > 0  # a schedule returning 1.0 before any weight: keep the copy
-        alpha = jnp.where(apply & safe, (1.0 - betas) / jnp.where(safe, new_weight, 1.0), 0.0)
-        keep = jnp.where(apply & safe, betas * weight / jnp.where(safe, new_weight, 1.0), 1.0)
-        new_weight = jnp.where(apply, new_weight, weight)
-
-        # K decays: the [K] factors broadcast over the accumulators' trailing axis.
-        a_k, keep_k = (alpha, keep) if multi else (alpha[0], keep[0])
-
-        def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
-            p = p[..., None] if multi else p
-            if not _is_float(a.dtype):
-                # Copied on applied steps. Reading `a` (a no-op select when applied) keeps
-                # the donated buffer in use, so jit updates it in place.
-                return jnp.where(apply, jnp.broadcast_to(p, a.shape).astype(a.dtype), a)
-            return _lerp(a, p.astype(a.dtype), a_k, keep_k)
-
-        def averages(ema: Params) -> Params:
-            return jax.tree.map(leaf, ema, params)
-
-        if update_every == 1 and not skip_nonfinite:
-            new_ema = averages(state.ema)  # no step is ever skipped: no branch to wait on
-        else:
-            # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
-            new_ema = lax.cond(apply, averages, lambda ema: ema, state.ema)
-        new_state = EmaState(
-            count=t,
-            num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-            weight=new_weight.reshape(state.weight.shape),
-            ema=new_ema,
-            param_dtypes=state.param_dtypes,
-        )
-        return shadow(new_state), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
-
-
 def shadow(state: EmaState, ema_index: int | None = None) -> Params:
     """The shadow params held by ``state``, cast back to the params' dtypes.
 
@@ -338,8 +362,7 @@ def shadow(state: EmaState, ema_index: int | None = None) -> Params:
     k = num_averages(state)
     if k is not None and ema_index is None:
         return tuple(shadow(state, i) for i in range(k))
-    tree = accumulators(state, ema_index)
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, treedef = jax.tree.flatten(accumulators(state, ema_index))
     return jax.tree.unflatten(
         treedef,
         [
@@ -373,4 +396,12 @@ def num_averages(state: EmaState) -> int | None:
     return int(state.weight.shape[0]) if state.weight.ndim == 1 else None
 
 
-__all__ = ["Decay", "EmaState", "accumulators", "ema", "num_averages", "shadow"]
+__all__ = [
+    "Decay",
+    "EmaState",
+    "EmaTransform",
+    "accumulators",
+    "ema",
+    "num_averages",
+    "shadow",
+]

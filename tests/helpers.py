@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+import ema_jax
 
 
 def f32(x: float) -> float:
@@ -53,7 +55,7 @@ def np_debiased_closed_form(
     return np.stack(out)
 
 
-def scan_runner(tx: optax.GradientTransformation) -> Any:
+def scan_runner(tx: ema_jax.EmaTransform) -> Any:
     """A jitted ``(init_params, seq) -> (shadows, final_state)``: ``tx.init(init_params)``,
     then ``tx.update`` on each slice of ``seq`` (leading axis). ``shadows`` stacks the shadow
     after every update. Build it once and reuse it: it compiles once per shape."""
@@ -70,7 +72,7 @@ def scan_runner(tx: optax.GradientTransformation) -> Any:
     return run
 
 
-def scan_updates(tx: optax.GradientTransformation, init_params: Any, seq: Any) -> tuple[Any, Any]:
+def scan_updates(tx: ema_jax.EmaTransform, init_params: Any, seq: Any) -> tuple[Any, Any]:
     """``scan_runner(tx)(init_params, seq)``, for one-off runs."""
     return scan_runner(tx)(init_params, seq)
 
@@ -104,10 +106,13 @@ def regression_batches(
 
 
 def tree_allclose(a: Any, b: Any, **kwargs: Any) -> None:
-    """``np.testing.assert_allclose`` leaf by leaf, after checking the trees match."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kwargs)
+    """``chex.assert_trees_all_close`` in float64 (so a float32 result can be compared with
+    a float64 reference); ``rtol`` / ``atol`` as in ``np.testing.assert_allclose``."""
+
+    def to64(tree: Any) -> Any:
+        return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+    chex.assert_trees_all_close(to64(a), to64(b), **kwargs)
 
 
 def host_copy(tree: Any) -> Any:

@@ -1,6 +1,7 @@
 """Subprocess side of tests/ema_jax/test_checkpoint.py, and the model both sides share.
 
-Not collected by pytest (no ``test_`` prefix). Run as ``python tests/ema_jax/ckpt_worker.py MODE ...``:
+Not collected by pytest (no ``test_`` prefix).
+Run as ``python tests/ema_jax/ckpt_worker.py MODE ...``:
 
 * ``resume DIR OUT STEPS``: restore the latest checkpoint in DIR into an abstract target,
   train STEPS more steps, pickle the state's leaves to OUT.

@@ -7,6 +7,7 @@ pick the k-th average by index.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,17 +36,14 @@ def _sequence(seed: int = 0, nan_at: tuple[int, ...] = ()) -> dict[str, jax.Arra
     }
 
 
-def _run(tx: optax.GradientTransformation, seq: dict[str, jax.Array]):
+def _run(tx: ema_jax.EmaTransform, seq: dict[str, jax.Array]):
     init = jax.tree.map(lambda x: x[0], seq)
     rest = jax.tree.map(lambda x: x[1:], seq)
     return scan_runner(tx)(init, rest)
 
 
 def _assert_trees_equal(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    chex.assert_trees_all_equal(got, want, strict=True)  # same trees, shapes, dtypes, values
 
 
 CONFIGS = {

@@ -105,3 +105,13 @@ def test_average_model_state_needs_a_model_state():
     """Point 10: ``average_model_state=True`` without a ``model_state`` is rejected."""
     with pytest.raises(ValueError, match="average_model_state"):
         _state(average_model_state=True)
+
+
+def test_create_refuses_an_optax_ema():
+    """optax.ema averages updates; EmaTrainState needs an ema_jax.EmaTransform, and says so
+    at create (it used to train and fail later, in .ema_params)."""
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"ema must be an ema_jax\.EmaTransform.*optax\.ema"):
+        ema_jax.EmaTrainState.create(
+            apply_fn=None, params=params, tx=optax.sgd(0.1), ema=optax.ema(0.9)
+        )

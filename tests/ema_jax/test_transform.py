@@ -470,9 +470,68 @@ def test_update_with_other_tree_names_the_path():
         tx.update({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 3))}}, state)
     with pytest.raises(ValueError, match=r"\['b'\]\['d'\]"):
         tx.update({"a": jnp.zeros(3), "b": {"d": jnp.zeros((2, 2))}}, state)
-    with pytest.raises(ValueError, match=r"only the params has \['e'\]"):
+    with pytest.raises(
+        ValueError, match=r"params\['e'\] is in the params but not in the EMA state"
+    ):
         tx.update({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2))}, "e": jnp.zeros(1)}, state)
-    with pytest.raises(ValueError, match=r"only the EMA state has \['b'\]"):
+    with pytest.raises(
+        ValueError, match=r"params\['b'\]\['c'\] is in the EMA state but not in the params"
+    ):
         tx.update({"a": jnp.zeros(3)}, state)
     with pytest.raises(TypeError, match=r"params\['x'\] must be an array"):
         tx.init({"x": 1.0})
+
+
+def test_chained_as_an_optax_transform_fails_loudly():
+    """An EmaTransform averages params: inside optax.chain it would turn the shadow into
+    "updates" (w = 1, gradient 2, sgd(1) then ema(0.9) moved w to 1.7 instead of -1). The
+    first update raises, saying why, before any wrong step can be applied."""
+    tx = ema_jax.ema(0.9)
+    assert not isinstance(tx, optax.GradientTransformation)
+    chained = optax.chain(optax.sgd(1.0), tx)
+    params = {"w": jnp.ones(())}
+    with pytest.raises(TypeError, match="averages params, not updates"):
+        chained.update({"w": jnp.full((), 2.0)}, chained.init(params), params)
+    with pytest.raises(TypeError, match="cannot unpack non-iterable EmaTransform"):
+        _init, _update = tx  # type: ignore[misc]
+
+
+def test_used_as_an_optimizer_fails_loudly():
+    """flax's TrainState(tx=ema) calls tx.update(grads, opt_state, params): refused."""
+    from flax.training import train_state
+
+    params = {"w": jnp.ones(())}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=ema_jax.ema(0.9))
+    with pytest.raises(TypeError, match="averages params, not updates"):
+        state.apply_gradients(grads={"w": jnp.full((), 2.0)})
+
+
+def test_update_needs_the_state_from_init():
+    tx = ema_jax.ema(0.9)
+    with pytest.raises(TypeError, match="state must be the EmaState returned by init"):
+        tx.update(jnp.ones(2), None)
+
+
+def test_equal_settings_make_equal_transforms():
+    """Constant decays are kept as numbers, so two transforms built alike are equal and hash
+    alike: a state restored into a target built afresh reuses the compiled step."""
+    assert ema_jax.ema(0.999, debias=True) == ema_jax.ema(0.999, debias=True)
+    assert hash(ema_jax.ema((0.9, 0.99))) == hash(ema_jax.ema((0.9, 0.99)))
+    assert ema_jax.ema(0.999) != ema_jax.ema(0.99)
+    assert ema_jax.ema(0.9).num_averages is None
+    assert ema_jax.ema((0.9, 0.99)).num_averages == 2
+
+
+def test_import_is_light():
+    """`import ema_jax` loads neither Orbax nor tensorstore; `ema_jax.checkpoint` does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ema_jax; heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} "
+        "& {'orbax', 'tensorstore'}); print(heavy()); ema_jax.checkpoint.save; print(heavy())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "['orbax', 'tensorstore']"]
