@@ -1,0 +1,170 @@
+"""Command line: ``python -m experiments.bench`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+import experiments.bench as package
+from experiments.bench.bandwidth import bench_bandwidth
+from experiments.bench.flags import FLAG_SETS, bench_flags
+from experiments.bench.memory import bench_memory
+from experiments.bench.multi_decay import bench_multi_decay
+from experiments.bench.report import report
+from experiments.bench.train_step import bench_adam_step, bench_train_step
+from experiments.bench.update import bench_choices, bench_leaf_overhead, bench_p1, torch
+from experiments.models import MODELS
+
+Size = tuple[int, int]
+"""``(params, leaves)``"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes and repeats of one run: ``--quick`` or the full table."""
+
+    p1_sizes: tuple[Size, ...]
+    bandwidth_sizes: tuple[Size, ...]
+    repeats: int
+    adam_size: Size
+    train_rounds: int
+    flag_sets: tuple[str, ...]
+
+
+QUICK = Plan(
+    p1_sizes=((1_000_000, 10), (1_000_000, 100)),
+    bandwidth_sizes=((1_000_000, 10),),
+    repeats=5,
+    adam_size=(1_000_000, 100),
+    train_rounds=4,
+    flag_sets=FLAG_SETS[:2],
+)
+FULL = Plan(
+    p1_sizes=tuple((n, k) for n in (1_000_000, 10_000_000, 100_000_000) for k in (10, 100, 1000)),
+    bandwidth_sizes=((10_000_000, 100), (100_000_000, 100)),
+    repeats=30,
+    adam_size=(10_000_000, 100),
+    train_rounds=41,
+    flag_sets=FLAG_SETS,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags of ``python -m experiments.bench``; invalid counts are usage errors."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.bench",
+        description=package.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    parser.add_argument("--md", metavar="PATH", help="write the printed tables as Markdown")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per measurement")
+    parser.add_argument("--no-flags", action="store_true", help="skip the XLA_FLAGS section")
+    parser.add_argument(
+        "--bandwidth-only",
+        action="store_true",
+        help="only the device goal (update vs copy bandwidth) on JAX's default backend: "
+        "the section to run on a GPU",
+    )
+    parser.add_argument(
+        "--p2-model",
+        default="dcnn_li",
+        choices=sorted(MODELS),
+        help="RUL model of the P2 train step (default dcnn_li, the one the FD001 results use)",
+    )
+    parser.add_argument(
+        "--p2-batch", type=int, default=512, help="batch of the P2 train step (default 512)"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.p2_batch < 1:
+        parser.error("--p2-batch must be >= 1")
+    return args
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load, to say how busy the machine was around the run."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def machine() -> str:
+    """The processor, CPU count and library versions the figures belong to."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}, torch {torch.__version__ if torch else 'not installed'}"
+    )
+
+
+def measure_p1(plan: Plan, repeats: int) -> list[dict[str, Any]]:
+    """P1 at each size (a third of the rounds at 100M params, at least 3), printed as it goes."""
+    rows = []
+    for n, k in plan.p1_sizes:
+        reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
+        row = {"params": n, "leaves": k, "repeats": reps, **bench_p1(n, k, reps)}
+        rows.append(row)
+        print(
+            f"P1 {n:.0e} params / {k} leaves: "
+            + ", ".join(f"{a} {b:.2f}" for a, b in row["ms"].items()),
+            flush=True,
+        )
+    return rows
+
+
+def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[str, Any]:
+    """P1–P4, the per-leaf cost, the choices and (unless ``--no-flags``) the XLA flags."""
+    n, leaves = plan.adam_size
+    out: dict[str, Any] = {"p1": measure_p1(plan, repeats)}
+    out["p2_model"] = bench_train_step(
+        args.p2_model, args.p2_batch, steps=20, repeats=plan.train_rounds
+    )
+    print("P2 model:", out["p2_model"], flush=True)
+    out["p2_adam"] = bench_adam_step(n, leaves, repeats=repeats)
+    print("P2 adam:", out["p2_adam"], flush=True)
+    out["p3"] = bench_memory(n, leaves)
+    out["p4"] = [
+        bench_multi_decay(n, k, repeats, skip_nonfinite=chk)
+        for k in (leaves, 10)
+        for chk in (True, False)
+    ]
+    out["leaf_overhead"] = bench_leaf_overhead((10, 100, 1000), repeats)
+    out["choices"] = {"params": n, "leaves": leaves, "ms": bench_choices(n, leaves, repeats)}
+    if not args.no_flags:
+        out["flags"] = bench_flags(n, leaves, max(5, repeats // 2), list(plan.flag_sets))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the report, write ``--md`` / ``--json``; the results."""
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    repeats = args.repeats or plan.repeats
+    results: dict[str, Any] = {"machine": machine(), "load": load_average(), "repeats": repeats}
+    results["p1"] = []
+    results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in plan.bandwidth_sizes]
+    if not args.bandwidth_only:
+        results.update(measure_goals(args, plan, repeats))
+    results["load_after"] = load_average()
+    text = report(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The benchmark's goals as data: what each measures, the comparison and the threshold.
+
+The report (:mod:`experiments.bench.report`) turns each section of the results into
+measured rows, each with named metrics; a :class:`Goal` names its section and metric
+and judges every row of it. Thresholds live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Comparison = Literal[">=", "<=", "=="]
+
+_SYMBOLS: dict[Comparison, str] = {">=": "≥ ", "<=": "≤ ", "==": ""}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal: ``metric_key`` of every measured row of ``section`` compared with
+    ``threshold``.
+
+    ``threshold`` is a number, or the name of a metric of the row that holds it (P4's
+    target depends on the row's K). ``"=="`` holds within ``tolerance``. A goal with a
+    ``backend`` is judged only on that JAX backend; elsewhere it is informative (n/a).
+    The formats render the measured value and the target as the report shows them.
+    """
+
+    name: str
+    description: str
+    section: str
+    metric_key: str
+    comparison: Comparison
+    threshold: float | str
+    value_format: str = ".2f"
+    unit: str = ""
+    target_format: str = ".2f"
+    target_unit: str | None = None
+    tolerance: float = 0.0
+    backend: str | None = None
+
+    def target(self, metrics: Mapping[str, float]) -> float:
+        """The threshold for a row with these metrics."""
+        if isinstance(self.threshold, str):
+            return metrics[self.threshold]
+        return self.threshold
+
+    def met(self, metrics: Mapping[str, float], backend: str | None = None) -> bool | None:
+        """Whether the row meets the goal; ``None`` where it is not judged (``backend``)."""
+        if self.backend is not None and backend != self.backend:
+            return None
+        value, target = metrics[self.metric_key], self.target(metrics)
+        if self.comparison == ">=":
+            return value >= target
+        if self.comparison == "<=":
+            return value <= target
+        return abs(value - target) <= self.tolerance
+
+    def measured_text(self, metrics: Mapping[str, float]) -> str:
+        """The row's value as the report shows it, e.g. ``0.45×``."""
+        return f"{metrics[self.metric_key]:{self.value_format}}{self.unit}"
+
+    def target_text(self, metrics: Mapping[str, float]) -> str:
+        """The target as the report shows it, e.g. ``≥ 1.0×``."""
+        unit = self.unit if self.target_unit is None else self.target_unit
+        return f"{_SYMBOLS[self.comparison]}{self.target(metrics):{self.target_format}}{unit}"
+
+
+GOALS = (
+    Goal(
+        name="P1",
+        description="one update of ema_jax at least as fast as torch's _foreach_lerp_ "
+        "(the faster of its thread settings; paired rounds where measured)",
+        section="p1",
+        metric_key="speed vs torch",
+        comparison=">=",
+        threshold=1.0,
+        unit="×",
+        target_format=".1f",
+    ),
+    Goal(
+        name="P2 train step",
+        description="the RUL model's train step with the EMA at most 3 % slower than without",
+        section="p2_model",
+        metric_key="ratio",
+        comparison="<=",
+        threshold=1.03,
+        value_format=".3f",
+    ),
+    Goal(
+        name="P2 Adam step",
+        description="an Adam step with the EMA moves at most 8 B/param more than without",
+        section="p2_adam",
+        metric_key="extra B/param",
+        comparison="<=",
+        threshold=8,
+        value_format=".1f",
+        unit=" B/param",
+        target_format=".0f",
+    ),
+    Goal(
+        name="P3",
+        description="params + Adam + EMA, donated, hold exactly one copy of the params more "
+        "than params + Adam",
+        section="p3",
+        metric_key="extra copies",
+        comparison="==",
+        threshold=1,
+        value_format=".4f",
+        unit=" copies",
+        target_format=".0f",
+        target_unit=" copy",
+        tolerance=1e-3,
+    ),
+    Goal(
+        name="P4",
+        description="K decays in one update take at most (1+2K)/(3K) of K separate updates "
+        "(the bytes they move)",
+        section="p4",
+        metric_key="ratio",
+        comparison="<=",
+        threshold="target",
+        value_format=".3f",
+        target_format=".3f",
+    ),
+    Goal(
+        name="device",
+        description="on a GPU the update reaches at least 80 % of the copy bandwidth",
+        section="bandwidth",
+        metric_key="share of copy",
+        comparison=">=",
+        threshold=0.8,
+        backend="gpu",
+    ),
+)
+"""Issue 5's goals, in the order the report lists them."""
