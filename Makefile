@@ -35,7 +35,7 @@ test: lint typecheck
 
 bench: $(VENV)/.experiments
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python -m experiments.bench_ema --json experiments/results/bench_cpu.json --md experiments/results/bench_cpu.md
+	$(BIN)/python -m experiments.bench --json experiments/results/bench_cpu.json --md experiments/results/bench_cpu.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis
