@@ -28,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from experiments import cmapss
+from experiments.cli import ConfigFlags
+from experiments.config import COUNT, MODEL
 from experiments.sweep import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, fmt, load_runs, summarise
+
+FLAGS = ConfigFlags(("data_dir", "subset", "batch_size"))
+"""The :class:`~experiments.config.Config` flags of the timing claim's data and batches."""
 
 
 def _ratio(ema: Sequence[float], raw: Sequence[float]) -> list[float]:
@@ -195,19 +201,33 @@ def claim_cost(times: dict[str, list[float]], model_name: str, batch_size: int) 
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.claims", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    """The claims' command line: their own flags and :data:`FLAGS`."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.claims",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runs", default="runs/sweep", help="the sweep's per-run JSON directory")
-    p.add_argument("--data-dir", default=None, help="C-MAPSS directory for the timing claim")
-    p.add_argument("--subset", default="FD001")
-    p.add_argument("--last-k", type=int, default=10, help="epochs for the noise claim")
-    p.add_argument("--timing-model", default="cnn_attn")
-    p.add_argument("--timing-rounds", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=256)
+    FLAGS.add_to(p)
+    p.add_argument(
+        "--last-k", type=COUNT.parse, default=10, help="epochs for the noise claim (default: 10)"
+    )
+    p.add_argument(
+        "--timing-model",
+        default="cnn_attn",
+        choices=MODEL.choices,
+        help="the model the cost claim times (default: cnn_attn)",
+    )
+    p.add_argument(
+        "--timing-rounds", type=COUNT.parse, default=6, help="alternating rounds (default: 6)"
+    )
     p.add_argument("--out", default="experiments/results/claims.md")
-    args = p.parse_args(argv)
+    return p
 
-    from experiments import cmapss
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, cfg = FLAGS.parse(parser(), argv)
 
     # runs retrained on all engines (--refit-all) have no validation curves: claims 2-3 need them
     runs = {
@@ -218,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         n = {m: len(r) for m, r in runs.items()}
         lines += [f"Sweep runs read from `{args.runs}`: {n}.", ""]
         lines += claim_rmse(runs) + claim_noise(runs, args.last_k) + claim_flatness(runs)
-    ds = cmapss.load(data_dir=args.data_dir, subset=args.subset, seed=0)
-    times = time_epochs(ds, args.timing_model, args.timing_rounds, args.batch_size)
-    lines += claim_cost(times, args.timing_model, args.batch_size)
+    ds = cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=0)
+    times = time_epochs(ds, args.timing_model, args.timing_rounds, cfg.batch_size)
+    lines += claim_cost(times, args.timing_model, cfg.batch_size)
     text = "\n".join(lines)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.config import COUNT, FRACTION, INDEX, POSITIVE
+
 SENSORS: tuple[str, ...] = tuple(f"s_{i}" for i in range(1, 22))
 SETTINGS: tuple[str, ...] = ("setting_1", "setting_2", "setting_3")
 COLUMNS: tuple[str, ...] = ("unit", "cycle", *SETTINGS, *SENSORS)
@@ -216,8 +218,7 @@ def exponential_smoothing(rows: np.ndarray, a: float) -> np.ndarray:
 
     ``a = 0`` returns the rows unchanged; ``a`` must lie in [0, 1).
     """
-    if not 0.0 <= a < 1.0:
-        raise ValueError(f"smooth must lie in [0, 1), got {a!r}")
+    FRACTION.check("smooth", a)
     if a == 0.0:
         return rows
     out = np.array(rows, dtype=np.float64, copy=True)
@@ -280,18 +281,12 @@ def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -
 
 
 def check_preprocessing(*, window: int, max_rul: float, smooth: float, min_prefix: int) -> None:
-    """Raise a ``ValueError`` naming the first of :func:`prepare`'s options out of range
-    (``train_rul.Config`` calls it too, so a bad option fails before any data is read)."""
-    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if not np.isfinite(max_rul) or max_rul <= 0:
-        raise ValueError(f"max_rul must be a finite number > 0, got {max_rul!r}")
-    if not 0.0 <= smooth < 1.0:
-        raise ValueError(f"smooth must lie in [0, 1), got {smooth!r}")
-    if isinstance(min_prefix, bool) or not isinstance(min_prefix, int | np.integer):
-        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
-    if min_prefix < 0:
-        raise ValueError(f"min_prefix must be an integer >= 0, got {min_prefix!r}")
+    """Raise a ``ValueError`` naming the first of :func:`prepare`'s options out of range;
+    the ranges are those of the same fields of :class:`experiments.config.Config`."""
+    COUNT.check("window", window)
+    POSITIVE.check("max_rul", max_rul)
+    FRACTION.check("smooth", smooth)
+    INDEX.check("min_prefix", min_prefix)
 
 
 def prepare(

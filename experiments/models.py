@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.config import COUNT, MODEL, MODEL_SPECS
+
 
 class DCNN(nn.Module):
     """1-D CNN over time in the spirit of Li, Ding & Sun (2018), "DCNN" for C-MAPSS.
@@ -168,24 +170,22 @@ class Ensemble(nn.Module):
         return preds if train else jnp.mean(preds, axis=0)
 
 
+_CLASSES: dict[str, Callable[..., nn.Module]] = {
+    cls.__name__: cls for cls in (DCNN, CNNAttention, RNN, CNNGRU)
+}
+# The registered models, built from experiments.config.MODEL_SPECS (the JAX-free list of
+# names a configuration is checked against): name -> constructor with that name's options.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "dcnn": DCNN,
-    "dcnn_li": functools.partial(DCNN, layer_norm=False),
-    "dcnn_wide": functools.partial(DCNN, layer_norm=False, filters=20),  # 2x the filters
-    "cnn_attn": CNNAttention,
-    "gru": RNN,
-    "lstm": functools.partial(RNN, cell="lstm"),
-    "cnn_gru": CNNGRU,
+    name: functools.partial(_CLASSES[cls], **options)
+    for name, (cls, options) in MODEL_SPECS.items()
 }
 
 
 def make_model(name: str, members: int = 1) -> nn.Module:
     """The model registered under ``name`` (one of :data:`MODELS`), default settings; with
     ``members > 1``, an :class:`Ensemble` of that many independently initialised copies."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-        raise ValueError(f"members must be an int >= 1, got {members!r}")
+    MODEL.check("model", name)
+    COUNT.check("members", members)
     if members == 1:
         return MODELS[name]()
     return Ensemble(model=name, members=members)

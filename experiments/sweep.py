@@ -18,26 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from experiments.cli import ConfigFlags
+from experiments.config import COUNT, MODEL, Config
+
 DECAYS = (0.9, 0.99, 0.999, 0.9999)
 SWEEP_DECAYS = DECAYS * 2
 SWEEP_DEBIAS = (False,) * len(DECAYS) + (True,) * len(DECAYS)
 RULES = ("last", "best")
 REFIT_SUFFIX = "-refit"  # runs directory of a model retrained on all training engines
-DATA_OPTIONS = (  # (config key, CLI flag, default) of experiments.train_rul.add_data_options
-    ("window", "--window", 30),
-    ("max_rul", "--max-rul", 125.0),
-    ("smooth", "--smooth", 0.0),
-    ("members", "--members", 1),
-    ("min_prefix", "--min-prefix", 0),
-    ("cycle_feature", "--cycle-feature", False),
+FLAGS = ConfigFlags(defaults={"perturb": (0.01, 0.02, 0.05)}).without(
+    "model", "ema_decays", "ema_debias", "seed", "progress"
 )
+"""The :class:`Config` flags of the sweep: it sets the decays itself, and the model and
+seed from ``--models`` and ``--seeds``; it probes flatness unless told ``--perturb``."""
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -91,49 +94,17 @@ def summarise(results: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     return rows
 
 
+def stored_config(results: list[dict[str, Any]]) -> Config:
+    """The :class:`Config` of the first of a model's stored runs (they differ in seed)."""
+    return Config.from_json(results[0]["config"])
+
+
 def run_command(model: str, results: list[dict[str, Any]]) -> str:
-    """The sweep command that reproduces ``model``'s runs, from their stored configs."""
-    cfg = results[0]["config"]
-    parts = ["python -m experiments.sweep"]
-    if cfg["data_dir"] is not None:
-        parts += ["--data-dir", str(cfg["data_dir"])]
+    """The sweep command that reproduces ``model``'s runs: their stored config's flags
+    (:meth:`ConfigFlags.argv`), the model and the number of seeds."""
     name = model.removesuffix(REFIT_SUFFIX)
-    parts += ["--subset", cfg["subset"], "--models", name, "--seeds", str(len(results))]
-    parts += ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"])]
-    parts += ["--lr", f"{cfg['lr']:g}", "--perturb", *(f"{r:g}" for r in cfg["perturb"])]
-    if cfg.get("weight_decay"):
-        parts += ["--weight-decay", f"{cfg['weight_decay']:g}"]
-    if cfg.get("cosine"):
-        parts.append("--cosine")
-    if cfg.get("lr_drop_epoch"):
-        parts += ["--lr-drop-epoch", str(cfg["lr_drop_epoch"])]
-        parts += ["--lr-drop-factor", f"{cfg['lr_drop_factor']:g}"]
-    for key, flag, default in DATA_OPTIONS:
-        value = cfg.get(key, default)
-        if value != default:
-            parts += [flag] if isinstance(value, bool) else [flag, f"{value:g}"]
-    if cfg.get("refit_all"):
-        parts.append("--refit-all")
-    return " ".join(parts)
-
-
-def data_description(cfg: dict[str, Any]) -> str:
-    """``", window 40, cap 130, members 5"``: the non-default preprocessing/ensemble
-    options of a stored config (empty for the defaults)."""
-    names = {
-        "window": "window",
-        "max_rul": "cap",
-        "smooth": "smoothing",
-        "members": "members",
-        "min_prefix": "prefixes from cycle",
-        "cycle_feature": "cycle feature",
-    }
-    parts = []
-    for key, _, default in DATA_OPTIONS:
-        value = cfg.get(key, default)
-        if value != default:
-            parts.append(names[key] if isinstance(value, bool) else f"{names[key]} {value:g}")
-    return "".join(f", {part}" for part in parts)
+    words = ["--models", name, "--seeds", str(len(results)), *FLAGS.argv(stored_config(results))]
+    return "python -m experiments.sweep " + shlex.join(words)
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
@@ -154,19 +125,19 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
     best: dict[str, tuple[float, str, str, dict[str, Any]]] = {}
     best_last: dict[str, tuple[float, str]] = {}  # per model: best `last` variant on val
     for model, results in runs.items():
-        cfg = results[0]["config"]
+        cfg = stored_config(results)
         schedule = ""
-        if cfg.get("lr_drop_epoch"):
-            schedule = f" (× {cfg['lr_drop_factor']:g} from epoch {cfg['lr_drop_epoch']})"
-        elif cfg.get("cosine"):
+        if cfg.lr_drop_epoch:
+            schedule = f" (× {cfg.lr_drop_factor:g} from epoch {cfg.lr_drop_epoch})"
+        elif cfg.cosine:
             schedule = " (cosine decay)"
         lines += [
-            f"## {model}: {len(results)} seeds, {cfg['epochs']} epochs, batch "
-            f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}{schedule}{data_description(cfg)}",
+            f"## {model}: {len(results)} seeds, {cfg.epochs} epochs, batch "
+            f"{cfg.batch_size}, Adam lr {cfg.lr:g}{schedule}{cfg.data_description()}",
             "",
             f"Runs: `{run_command(model, results)}`",
         ]
-        if cfg.get("refit_all"):
+        if cfg.refit_all:
             lines += [
                 "",
                 "Retrained on all 100 training engines with the configuration chosen on "
@@ -192,7 +163,7 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
                     f"{dash if raw else fmt(row['d_score'], 0)} |"
                 )
                 val = float(np.mean(row["val_rmse"]))
-                if cfg.get("refit_all"):  # no validation engines: nothing to select on
+                if cfg.refit_all:  # no validation engines: nothing to select on
                     continue
                 if rule not in best or val < best[rule][0]:
                     best[rule] = (val, model, row["variant"], row)
@@ -296,105 +267,105 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") 
     plt.close(fig)
 
 
-def _check_same_config(path: Path, cfg: Any) -> None:
+def run_path(runs_dir: Path, cfg: Config) -> Path:
+    """``<runs>/<model>[-refit]/seed<k>.json``: where the run of ``cfg`` is stored."""
+    return runs_dir / (cfg.model + (REFIT_SUFFIX if cfg.refit_all else "")) / f"seed{cfg.seed}.json"
+
+
+def check_same_config(path: Path, cfg: Config) -> None:
     """Exit naming the settings in which the stored run at ``path`` differs from ``cfg``:
     a resumed sweep must not mix runs of different configurations in one table."""
-    from dataclasses import asdict
-
-    stored = json.loads(path.read_text())["config"]
-    wanted = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, like the stored JSON
-    # A setting added after the run was stored ran at its default.
-    defaults = json.loads(json.dumps(asdict(type(cfg)())))
-    differ = sorted(
-        k for k in wanted if k != "progress" and stored.get(k, defaults[k]) != wanted[k]
-    )
+    stored = Config.from_json(json.loads(path.read_text())["config"])
+    differ = [
+        f"{f.name}={getattr(stored, f.name)!r} there, {getattr(cfg, f.name)!r} now"
+        for f in fields(Config)
+        if f.name != "progress" and getattr(stored, f.name) != getattr(cfg, f.name)
+    ]
     if differ:
         raise SystemExit(
-            f"{path} was run with other settings ("
-            + ", ".join(
-                f"{k}={stored.get(k, defaults[k])!r} there, {wanted[k]!r} now" for k in differ
-            )
-            + "); use another --runs directory or delete it"
+            f"{path} was run with other settings ({', '.join(differ)}); "
+            "use another --runs directory or delete it"
         )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from experiments.train_rul import add_data_options, config_from_args, load_data, run
+def train_missing(base: Config, models: Sequence[str], seeds: int, runs_dir: Path) -> None:
+    """Train and store every run of ``base`` for ``models`` × seeds ``0..seeds-1`` that
+    ``runs_dir`` does not hold yet; a stored run is reused only if made with ``base``.
 
-    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
-    p.add_argument("--data-dir", default=None, help="C-MAPSS directory (default: synthetic)")
-    p.add_argument("--subset", default="FD001")
-    p.add_argument("--models", nargs="+", default=["cnn_attn", "dcnn"])
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
-    p.add_argument(
-        "--perturb", type=float, nargs="*", default=[0.01, 0.02, 0.05], help="relative sizes"
+    The one place the sweep needs JAX: ``train_rul`` is imported here, so that a report
+    (``--report-only``) renders without it.
+    """
+    from experiments.train_rul import load_data, run
+
+    for seed in range(seeds):
+        ds = None  # one dataset per seed (its validation split), shared by the models
+        for model in models:
+            cfg = replace(base, model=model, seed=seed)
+            path = run_path(runs_dir, cfg)
+            if path.exists():
+                check_same_config(path, cfg)
+                continue
+            if ds is None:
+                ds = load_data(cfg)
+            result, _ = run(cfg, ds)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result))
+            # Validation only on the console: test figures go to the report, so nobody
+            # picks a configuration by watching them scroll past.
+            last = result["test"]["last"]
+            print(
+                f"{model} seed {seed}: val RMSE raw {last['raw']['val_rmse']:.2f}  "
+                f"ema0.999 {last['ema0.999']['val_rmse']:.2f}  "
+                f"({result['epoch_seconds']:.1f} s/epoch)",
+                flush=True,
+            )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The sweep's command line: its own flags and :data:`FLAGS`."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--lr-drop-epoch", type=int, default=0, help="lr × --lr-drop-factor from this epoch on"
+        "--models",
+        nargs="+",
+        default=["cnn_attn", "dcnn"],
+        choices=MODEL.choices,
+        metavar="MODEL",
+        help=f"models to train, of {', '.join(MODEL.choices or ())} (default: cnn_attn dcnn)",
     )
-    p.add_argument("--lr-drop-factor", type=float, default=0.1)
+    p.add_argument("--seeds", type=COUNT.parse, default=5, help="seeds 0..N-1 (default: 5)")
+    FLAGS.add_to(p)
     p.add_argument(
-        "--refit-all",
-        action="store_true",
-        help="retrain on ALL training engines (the epochs/model chosen beforehand on "
-        f"validation); runs go to <runs>/<model>{REFIT_SUFFIX}/",
+        "--runs",
+        default="runs/sweep",
+        help=f"per-run JSON directory, resumable; runs of --refit-all go to "
+        f"<runs>/<model>{REFIT_SUFFIX}/ (default: runs/sweep)",
     )
-    add_data_options(p)
-    p.add_argument("--runs", default="runs/sweep", help="per-run JSON directory (resumable)")
     p.add_argument("--out", default="experiments/results", help="table and plot directory")
     p.add_argument("--name", default="sweep", help="basename of the table and plot")
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plot")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, base = FLAGS.parse(
+        parser(), argv, ema_decays=SWEEP_DECAYS, ema_debias=SWEEP_DEBIAS, progress=False
+    )
     runs_dir = Path(args.runs)
     if not args.report_only:
-        for seed in range(args.seeds):
-            ds = None
-            for model in args.models:
-                suffix = REFIT_SUFFIX if args.refit_all else ""
-                path = runs_dir / f"{model}{suffix}" / f"seed{seed}.json"
-                cfg = config_from_args(
-                    args,
-                    model=model,
-                    ema_decays=SWEEP_DECAYS,
-                    ema_debias=SWEEP_DEBIAS,
-                    seed=seed,
-                    progress=False,
-                )
-                if path.exists():  # resume: reuse the run only if it was this configuration
-                    _check_same_config(path, cfg)
-                    continue
-                if ds is None:
-                    ds = load_data(cfg)
-                result, _ = run(cfg, ds)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result))
-                # Validation only on the console: test figures go to the report, so nobody
-                # picks a configuration by watching them scroll past.
-                last = result["test"]["last"]
-                print(
-                    f"{model} seed {seed}: val RMSE raw {last['raw']['val_rmse']:.2f}  "
-                    f"ema0.999 {last['ema0.999']['val_rmse']:.2f}  "
-                    f"({result['epoch_seconds']:.1f} s/epoch)",
-                    flush=True,
-                )
+        train_missing(base, args.models, args.seeds, runs_dir)
     wanted = {m + (REFIT_SUFFIX if args.refit_all else "") for m in args.models}
     if args.report_only:
         wanted |= {m + REFIT_SUFFIX for m in args.models}
     runs = {m: r for m, r in load_runs(runs_dir).items() if m in wanted}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments.sweep " + " ".join(argv if argv is not None else [])
-    if argv is None:
-        import sys
-
-        command = "python -m experiments.sweep " + " ".join(sys.argv[1:])
-    (out / f"{args.name}.md").write_text(markdown(runs, command.strip()))
+    typed = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m experiments.sweep", *typed])
+    (out / f"{args.name}.md").write_text(markdown(runs, command))
     split = {m: r for m, r in runs.items() if not r[0]["config"].get("refit_all")}
     plot(split or runs, out / f"{args.name}.png")  # refit runs have no validation curves
     print(f"wrote {out / (args.name + '.md')} and {out / (args.name + '.png')}")

@@ -38,8 +38,8 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,87 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import ema_jax
-from experiments.models import MODELS, make_model
+from experiments import cmapss
+from experiments.cli import ConfigFlags
+from experiments.config import Config
+from experiments.models import make_model
 
-
-@dataclass(frozen=True)
-class Config:
-    """One training run. ``ema_decays[i]`` is debiased iff ``ema_debias[i]``."""
-
-    data_dir: str | None = None
-    subset: str = "FD001"
-    model: str = "cnn_attn"
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    cosine: bool = False
-    lr_drop_epoch: int = 0  # > 0: lr × lr_drop_factor from this epoch on (Li et al.: 200)
-    lr_drop_factor: float = 0.1
-    ema_decays: tuple[float, ...] = (0.999,)
-    ema_debias: tuple[bool, ...] = (False,)
-    seed: int = 0
-    refit_all: bool = False  # train on every training engine; no validation split
-    window: int = 30  # cycles per input window (experiments.cmapss.prepare)
-    max_rul: float = 125.0  # RUL cap of the piecewise-linear target
-    smooth: float = 0.0  # causal exponential smoothing of the sensors (0: none)
-    members: int = 1  # > 1: a deep ensemble of that many copies of `model`
-    min_prefix: int = 0  # > 0: also train on padded windows of the first cycles (cmapss.prepare)
-    cycle_feature: bool = False  # the cycle count as an input feature (cmapss.prepare)
-    perturb: tuple[float, ...] = field(default=())  # relative sizes for the flatness probe
-    perturb_draws: int = 4
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size", "members"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        from experiments import cmapss
-
-        cmapss.check_preprocessing(
-            window=self.window, max_rul=self.max_rul, smooth=self.smooth, min_prefix=self.min_prefix
-        )
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
-        if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if isinstance(self.lr_drop_epoch, bool) or not isinstance(self.lr_drop_epoch, int):
-            raise ValueError(f"lr_drop_epoch must be an int >= 0, got {self.lr_drop_epoch!r}")
-        if self.lr_drop_epoch < 0:
-            raise ValueError(f"lr_drop_epoch must be an int >= 0, got {self.lr_drop_epoch!r}")
-        if self.lr_drop_epoch and self.cosine:
-            raise ValueError("lr_drop_epoch and cosine are exclusive schedules: pick one")
-        if not 0.0 < self.lr_drop_factor <= 1.0:
-            raise ValueError(f"lr_drop_factor must lie in (0, 1], got {self.lr_drop_factor!r}")
-        if not self.ema_decays:
-            raise ValueError("ema_decays must hold at least one decay in [0, 1)")
-        for d in self.ema_decays:
-            if not 0.0 <= d < 1.0:
-                raise ValueError(f"ema_decays must lie in [0, 1), got {d!r}")
-        if len(self.ema_debias) != len(self.ema_decays):
-            raise ValueError(
-                f"ema_debias needs one bool per decay ({len(self.ema_decays)}), "
-                f"got {len(self.ema_debias)}"
-            )
-        for r in self.perturb:
-            if not r > 0:
-                raise ValueError(f"perturb sizes must be > 0, got {r!r}")
-
-    @property
-    def variants(self) -> list[str]:
-        """``["raw", "ema0.999", "ema0.999-debiased", ...]`` in the order of the decays."""
-        return ["raw"] + [
-            variant_name(d, b) for d, b in zip(self.ema_decays, self.ema_debias, strict=True)
-        ]
-
-
-def variant_name(decay: float, debias: bool) -> str:
-    return f"ema{decay:g}" + ("-debiased" if debias else "")
+FLAGS = ConfigFlags()
+"""``train_rul`` sets every :class:`Config` field from its command line."""
 
 
 def batches(
@@ -208,10 +137,6 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
     (``{rule: {variant: {"rmse", "score", "val_rmse", "epoch"}}}``), ``perturb``
     (``{variant: {size: increase}}``, when asked) and ``epoch_seconds``.
     """
-    from tqdm.auto import tqdm
-
-    from experiments import cmapss
-
     max_rul = float(ds.max_rul)
     model = make_model(cfg.model, members=cfg.members)
     key = jax.random.key(cfg.seed)
@@ -388,189 +313,46 @@ def export_ema(state: ema_jax.EmaTrainState, variants: Sequence[str], path: Path
     return written
 
 
-def preprocessing(cfg: Config) -> dict[str, Any]:
-    """The keyword arguments of :func:`experiments.cmapss.prepare` that ``cfg`` sets."""
-    return {
-        "window": cfg.window,
-        "max_rul": cfg.max_rul,
-        "smooth": cfg.smooth,
-        "min_prefix": cfg.min_prefix,
-        "cycle_feature": cfg.cycle_feature,
-    }
-
-
 def load_data(cfg: Config) -> Any:
     """The dataset of ``cfg``: the seeded engine-level validation split (20% of the training
     engines), or every training engine with ``refit_all``; preprocessed as
-    :func:`preprocessing` says."""
-    from experiments import cmapss
-
+    ``cfg.preprocessing()`` says."""
     split = {"val_fraction": 0.0} if cfg.refit_all else {}
     return cmapss.load(
-        data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **split, **preprocessing(cfg)
+        data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **split, **cfg.preprocessing()
     )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """``train_rul``'s command line: every :class:`Config` flag, and ``--out``."""
     p = argparse.ArgumentParser(
         prog="python -m experiments.train_rul",
         description="Train a RUL model on C-MAPSS with EMAs of its weights; "
         "report raw and EMA validation/test metrics.",
     )
+    FLAGS.add_to(p)
     p.add_argument(
-        "--data-dir", default=None, help="directory with NASA's C-MAPSS files (default: synthetic)"
+        "--out", default="runs/train_rul", help="output directory (default: runs/train_rul)"
     )
-    p.add_argument("--subset", default="FD001", help="FD001..FD004 (default FD001)")
-    p.add_argument("--model", default="cnn_attn", choices=sorted(MODELS))
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam(W) learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
-    p.add_argument(
-        "--lr-drop-epoch",
-        type=int,
-        default=0,
-        help="multiply the learning rate by --lr-drop-factor from this epoch on (0: never; "
-        "Li et al. 2018 used 200 of 250)",
-    )
-    p.add_argument("--lr-drop-factor", type=float, default=0.1)
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        nargs="+",
-        default=[0.999],
-        help="one or more decays β in [0, 1), all kept in the same run",
-    )
-    p.add_argument(
-        "--ema-debias", action="store_true", help="bias-corrected averages (default plain)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    add_data_options(p)
-    p.add_argument(
-        "--refit-all",
-        action="store_true",
-        help="train on ALL training engines (no validation split) for --epochs, a choice made "
-        "beforehand on validation; per-epoch columns then monitor training windows and the "
-        "'best' rule is the last epoch",
-    )
-    p.add_argument(
-        "--perturb",
-        type=float,
-        nargs="*",
-        default=[],
-        help="relative weight-noise sizes for the flatness probe (e.g. 0.01 0.02 0.05)",
-    )
-    p.add_argument("--out", default="runs/train_rul", help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar / epoch lines")
-    return p.parse_args(argv)
+    return p
 
 
-def _arg_type(
-    convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str
-) -> Callable[[str], Any]:
-    """An argparse ``type=``: ``convert(text)``, rejected unless ``ok``; the error says
-    what was ``expected``."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-_int_at_least_1 = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
-_positive_float = _arg_type(float, lambda v: bool(np.isfinite(v)) and v > 0, "a finite number > 0")
-_int_at_least_0 = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
-_smoothing = _arg_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-
-
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    """The preprocessing and ensemble options ``train_rul`` and ``sweep`` share."""
-    p.add_argument(
-        "--window", type=_int_at_least_1, default=30, help="cycles per input window (default 30)"
-    )
-    p.add_argument(
-        "--max-rul",
-        type=_positive_float,
-        default=125.0,
-        help="cap of the piecewise-linear RUL target, also applied to the test labels "
-        "(default 125)",
-    )
-    p.add_argument(
-        "--smooth",
-        type=_smoothing,
-        default=0.0,
-        help="causal exponential smoothing of each engine's scaled sensors, "
-        "s_t = a*s_(t-1) + (1-a)*x_t with a = SMOOTH in [0, 1) (default 0: none)",
-    )
-    p.add_argument(
-        "--min-prefix",
-        type=_int_at_least_0,
-        default=0,
-        help="also train on the front-padded windows that end at cycles MIN_PREFIX .. WINDOW-1 "
-        "of each training engine, as short test engines are padded (default 0: none)",
-    )
-    p.add_argument(
-        "--cycle-feature",
-        action="store_true",
-        help="add each row's cycle count (min-max scaled on the training engines) as a feature",
-    )
-    p.add_argument(
-        "--members",
-        type=_int_at_least_1,
-        default=1,
-        help="train a deep ensemble of this many independently initialised copies of the "
-        "model in one run and predict their mean (default 1: a single model)",
-    )
-
-
-def config_from_args(args: argparse.Namespace, **run_options: Any) -> Config:
-    """A :class:`Config` from the data/optimisation options ``train_rul`` and ``sweep`` share
-    (same flag names in both CLIs), plus the per-run ``run_options`` (model, decays, seed)."""
-    return Config(
-        data_dir=args.data_dir,
-        subset=args.subset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        cosine=args.cosine,
-        lr_drop_epoch=args.lr_drop_epoch,
-        lr_drop_factor=args.lr_drop_factor,
-        refit_all=args.refit_all,
-        window=args.window,
-        max_rul=args.max_rul,
-        smooth=args.smooth,
-        members=args.members,
-        min_prefix=args.min_prefix,
-        cycle_feature=args.cycle_feature,
-        perturb=tuple(args.perturb),
-        **run_options,
-    )
-
-
-def cli_config(args: argparse.Namespace, **overrides: Any) -> Config:
-    """The :class:`Config` of ``train_rul``'s command line (``overrides`` win)."""
-    options: dict[str, Any] = {
-        "model": args.model,
-        "ema_decays": tuple(args.ema_decay),
-        "ema_debias": (args.ema_debias,) * len(args.ema_decay),
-        "seed": args.seed,
-        "progress": not args.no_progress,
-    }
-    return config_from_args(args, **{**options, **overrides})
+def results_table(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """The final table: per rule and variant, the epoch, validation and test RMSE, PHM08."""
+    lines = [
+        f"{'weights':<22} {'rule':<5} {'epoch':>5} {'val RMSE':>9} {'test RMSE':>10} {'PHM08':>9}"
+    ]
+    for rule, variants in test.items():
+        for name, m in variants.items():
+            lines.append(
+                f"{name:<22} {rule:<5} {m['epoch']:>5d} {m['val_rmse']:>9.2f} "
+                f"{m['rmse']:>10.2f} {m['score']:>9.1f}"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-
-    args = parse_args(argv)
-    cfg = cli_config(args)
+    args, cfg = FLAGS.parse(parser(), argv)
     ds = load_data(cfg)
     print(
         f"data: {cfg.data_dir or 'synthetic default'} {cfg.subset}  train {len(ds.x_train)}  "
@@ -581,15 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_history(result, out)
     plot_curves(result, out / "curves.png")
     export_ema(state, cfg.variants, out / "ema_params")
-    print(
-        f"\n{'weights':<22} {'rule':<5} {'epoch':>5} {'val RMSE':>9} {'test RMSE':>10} {'PHM08':>9}"
-    )
-    for rule in ("last", "best"):
-        for name, m in result["test"][rule].items():
-            print(
-                f"{name:<22} {rule:<5} {m['epoch']:>5d} {m['val_rmse']:>9.2f} "
-                f"{m['rmse']:>10.2f} {m['score']:>9.1f}"
-            )
+    print("\n" + results_table(result["test"]))
     print(f"\nwrote {out}/history.json, history.csv, curves.png, ema_params/")
     return result
 

@@ -16,28 +16,35 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from experiments import cmapss
-from experiments.train_rul import cli_config, parse_args, preprocessing, run
+from experiments.cli import ConfigFlags
+from experiments.config import COUNT, INDEX, Config
+from experiments.synthetic import generate
+from experiments.train_rul import run
+
+FLAGS = ConfigFlags().without("window", "seed", "members", "progress")
+"""Every ``train_rul`` flag but those this check sets itself (``--windows``, ``--seeds``),
+``--members`` (it compares single models) and ``--no-progress`` (it prints one line a run)."""
 
 
-def check(args: argparse.Namespace, windows: Sequence[int], seeds: Sequence[int]) -> list[dict]:
-    """One ``train_rul`` run per (seed, window); returns its test-like validation RMSEs."""
-    if args.data_dir is None:
-        from experiments.synthetic import generate
-
-        raw = generate(seed=0)
-    else:
-        raw = cmapss.read_subset(args.data_dir, args.subset)
+def check(base: Config, windows: Sequence[int], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One ``train_rul`` run of ``base`` per (seed, window); returns its test-like
+    validation RMSEs."""
+    raw = (
+        generate(seed=0)
+        if base.data_dir is None
+        else cmapss.read_subset(base.data_dir, base.subset)
+    )
     rows = []
     for seed in seeds:
         _, val_units = cmapss.split_units(raw.train[:, 0], 0.2, seed)
         pseudo = cmapss.truncated_engines(raw, val_units)
         for window in windows:
-            args.window = window
-            cfg = cli_config(args, seed=seed, progress=False)
-            ds = cmapss.prepare(pseudo, seed=seed, **preprocessing(cfg))
+            cfg = replace(base, seed=seed, window=window)
+            ds = cmapss.prepare(pseudo, seed=seed, **cfg.preprocessing())
             result, _ = run(cfg, ds)
             row: dict[str, Any] = {"seed": seed, "window": window, "endpoints": len(ds.x_test)}
             for rule in ("last", "best"):
@@ -47,15 +54,27 @@ def check(args: argparse.Namespace, windows: Sequence[int], seeds: Sequence[int]
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--windows", type=int, nargs="+", default=[30, 40])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    own, rest = p.parse_known_args(argv)
-    args = parse_args(rest)  # every train_rul option (model, epochs, lr, ...)
-    if args.members != 1:
-        raise SystemExit("window_check compares single models: drop --members")
-    return check(args, own.windows, own.seeds)
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.window_check", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--windows",
+        type=COUNT.parse,
+        nargs="+",
+        default=[30, 40],
+        help="window lengths to compare (default: 30 40)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=INDEX.parse,
+        nargs="+",
+        default=[0],
+        help="seeds, each its own validation split (default: 0)",
+    )
+    FLAGS.add_to(p)
+    args, base = FLAGS.parse(p, argv, progress=False)
+    return check(base, args.windows, args.seeds)
 
 
 __all__ = ["check", "main"]

@@ -41,7 +41,7 @@ def test_unknown_model_names_the_choices():
     ):
         make_model("transformer")
     for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="members must be an int >= 1"):
+        with pytest.raises(ValueError, match="members must be an integer >= 1"):
             make_model("dcnn_li", members=bad)
 
 
