@@ -1,20 +1,9 @@
-"""Decay schedules: ``t -> β_t``, pure and jit-safe.
+"""Decay schedules ``t -> β_t``, pure and jit-safe; each docstring gives its ``β_t``.
 
-Every schedule is called with ``t``, the **1-based optimizer step** whose parameters
-are being averaged: the first call to ``ema(...).update`` (the params after the first
-optimizer step) sees ``t = 1``. ``t`` is an int32 array (traced under ``jit``); the
-result is a scalar in JAX's default float dtype (float32, or float64 under
-``jax_enable_x64``, so float64 params can be averaged with the exact β). Schedules are
-ordinary functions: any ``Callable[[jax.Array], jax.Array]`` with that contract can be
-passed as ``decay``.
-
-=================  ==============================================================
-``constant``       ``β``
-``tf_warmup``      ``min(β, (1 + t) / (10 + t))``  (TensorFlow's ``num_updates``)
-``inverse_power``  ``clip(1 - (1 + t/inv_gamma)^(-power), min_decay, max_decay)``
-``power_function`` ``(1 - 1/t)^(γ + 1)``  (Karras et al. 2024; 0 for ``t <= 1``)
-``half_life``      ``0.5^(1/h)``  (constant; the average halves its weight every h steps)
-=================  ==============================================================
+``t`` is the 1-based optimizer step (``docs/semantics.md``), an int32 array, traced under
+``jit``; the result is a scalar in JAX's default float dtype (float32, or float64 under
+``jax_enable_x64``, so float64 params can be averaged with the exact β). Any
+``Callable[[jax.Array], jax.Array]`` with that contract can be passed as ``decay``.
 """
 
 from __future__ import annotations

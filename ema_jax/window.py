@@ -1,15 +1,6 @@
 """How long an EMA remembers: windows, half-lives, batch scaling and EDM2's σ_rel ↔ γ.
 
-For a constant decay β the weight of the parameters from ``k`` steps ago is ``(1-β)·β^k``:
-
-* effective window (mean age + 1, the seed's "~N steps"): ``N = 1 / (1 - β)``
-* half-life (age at which the weight has halved): ``h = ln 0.5 / ln β``
-* changing the batch size by a factor ``κ`` keeps the horizon in *samples* with
-  ``β' = β^κ`` (Busbridge et al. 2023, "How to scale your EMA").
-
-For the power-function EMA (Karras et al. 2024) the averaging profile at the end of
-training has relative standard deviation ``σ_rel = sqrt(γ+1) / ((γ+2)·sqrt(γ+3))``.
-
+Each function's docstring gives its formula; ``docs/choosing-the-decay.md`` shows them in use.
 All functions take and return plain Python floats: they configure, they do not trace.
 """
 
