@@ -131,15 +131,11 @@ def time_epochs(ds: Any, model_name: str, rounds: int, batch_size: int) -> dict[
 
     import ema_jax
     from experiments.models import make_model
-    from experiments.train_rul import batches
+    from experiments.train_rul import Scoring, batches
 
     model = make_model(model_name)
     params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
-    max_rul = float(ds.max_rul)
-
-    def loss_fn(params: Any, batch: Any, rng: jax.Array) -> jax.Array:
-        pred = model.apply({"params": params}, batch[0], train=True, rngs={"dropout": rng})
-        return jnp.mean((pred - batch[1] / max_rul) ** 2)
+    loss_fn = Scoring(model, float(ds.max_rul)).train_loss
 
     @jax.jit
     def plain_step(state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:

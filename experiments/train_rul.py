@@ -37,12 +37,12 @@ import csv
 import functools
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +54,9 @@ from experiments import cmapss
 from experiments.cli import ConfigFlags
 from experiments.config import Config
 from experiments.models import make_model
+
+Callback = Callable[[int, dict[str, Any], ema_jax.EmaTrainState], None]
+"""What ``ema_jax.train_with_ema`` calls after each epoch: ``(epoch, record, state)``."""
 
 FLAGS = ConfigFlags()
 """``train_rul`` sets every :class:`Config` field from its command line."""
@@ -130,130 +133,244 @@ def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation
     return optax.adamw(lr, weight_decay=cfg.weight_decay)
 
 
-def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
-    """Train ``cfg`` on the dataset ``ds`` (an ``experiments.cmapss`` dataset).
+class Keys(NamedTuple):
+    """A run's random streams, split from ``jax.random.key(seed)`` in this order."""
 
-    Returns ``(result, state)``: ``result`` has ``rows`` (one dict per epoch), ``test``
-    (``{rule: {variant: {"rmse", "score", "val_rmse", "epoch"}}}``), ``perturb``
-    (``{variant: {size: increase}}``, when asked) and ``epoch_seconds``.
+    init: jax.Array
+    dropout: jax.Array
+    probe: jax.Array  # the flatness probe's weight noise
+
+
+def run_keys(seed: int) -> Keys:
+    return Keys(*jax.random.split(jax.random.key(seed), 3))
+
+
+def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.mean((a - b) ** 2)
+
+
+@dataclass(frozen=True, eq=False)
+class Scoring:
+    """The functions of one run's model. It predicts the normalised RUL ``RUL / max_rul``;
+    losses are MSEs of that, reported RMSEs are in cycles.
+
+    ``eq=False`` hashes it by identity, so a bound method is a stable static argument of a
+    jitted function (:func:`perturbed_losses` compiles once per run).
     """
-    max_rul = float(ds.max_rul)
+
+    model: nn.Module
+    max_rul: float
+
+    def _normalised(self, params: Any, x: jax.Array, **apply: Any) -> jax.Array:
+        return cast(jax.Array, self.model.apply({"params": params}, x, **apply))
+
+    def train_loss(self, params: Any, batch: Any, rng: jax.Array) -> jax.Array:
+        """The training loss, dropout on. An ensemble predicts ``[members, B]`` in
+        training, so this is then the mean of the members' own losses."""
+        x, y = batch
+        pred = self._normalised(params, x, train=True, rngs={"dropout": rng})
+        return _mse(pred, y / self.max_rul)
+
+    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        """The loss without dropout (the flatness probe's)."""
+        return _mse(self._normalised(params, x), y / self.max_rul)
+
+    def metrics(self, params: Any, batch: Any) -> dict[str, jax.Array]:
+        """Validation metrics of one batch: ``loss`` and ``mse`` (in cycles²)."""
+        x, y = batch
+        pred = self._normalised(params, x)
+        return {"loss": _mse(pred, y / self.max_rul), "mse": _mse(pred * self.max_rul, y)}
+
+    def predict(self, params: Any, x: jax.Array) -> jax.Array:
+        """The RUL in cycles."""
+        return self._normalised(params, x) * self.max_rul
+
+
+def build(cfg: Config, ds: Any, key: jax.Array) -> tuple[Scoring, ema_jax.EmaTrainState]:
+    """The model of ``cfg`` initialised from ``key``, its :class:`Scoring`, and the train
+    state: :func:`optimizer` and one average per decay of ``cfg``, all in one state."""
     model = make_model(cfg.model, members=cfg.members)
-    key = jax.random.key(cfg.seed)
-    init_key, dropout_key, probe_key = jax.random.split(key, 3)
-    params = model.init(init_key, jnp.asarray(ds.x_train[:1]))["params"]
+    params = model.init(key, jnp.asarray(ds.x_train[:1]))["params"]
     state = ema_jax.EmaTrainState.create(
         apply_fn=model.apply,
         params=params,
         tx=optimizer(cfg, steps_per_epoch=len(ds.x_train) // cfg.batch_size),
-        ema=ema_jax.ema(tuple(cfg.ema_decays), debias=tuple(cfg.ema_debias)),
+        ema=ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias),
     )
+    return Scoring(model, float(ds.max_rul)), state
 
-    def loss_fn(params: Any, batch: Any, rng: jax.Array) -> jax.Array:
-        x, y = batch
-        # [B], or [members, B] for an ensemble: then the mean of the members' own losses
-        pred = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
-        return jnp.mean((pred - y / max_rul) ** 2)
 
-    def metric_fn(params: Any, batch: Any) -> dict[str, jax.Array]:
-        x, y = batch
-        pred = cast(jax.Array, model.apply({"params": params}, x))
-        return {
-            "loss": jnp.mean((pred - y / max_rul) ** 2),
-            "mse": jnp.mean((pred * max_rul - y) ** 2),
-        }
+def monitor_windows(cfg: Config, ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of the per-epoch validation columns and of the flatness probe: the
+    validation engines', or, with ``refit_all`` (none left), every 8th training window."""
+    if cfg.refit_all:
+        return ds.x_train[::8], ds.y_train[::8]
+    return ds.x_val, ds.y_val
 
-    if cfg.refit_all:  # no validation engines: monitor every 8th training window
-        val = list(batches(ds.x_train[::8], ds.y_train[::8], 4096, None))
-    else:
-        val = list(batches(ds.x_val, ds.y_val, 4096, None))
-    variants = cfg.variants
-    best: dict[str, tuple[float, int, Any]] = {}
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=cfg.epochs, desc=f"{cfg.model} seed {cfg.seed}", disable=not cfg.progress)
-    clock = [time.perf_counter()]
 
-    def callback(epoch: int, record: dict[str, Any], state: ema_jax.EmaTrainState) -> None:
-        now = time.perf_counter()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "seconds": now - clock[0],
-            "train_loss": record["train_loss"],
-        }
-        clock[0] = now
-        losses = [record["val_loss"], *record["val_loss_ema"]]
-        mses = [record["val_mse"], *record["val_mse_ema"]]
-        candidates = [state.params, *state.ema_params]
-        for name, loss, mse, params in zip(variants, losses, mses, candidates, strict=True):
-            rmse = float(np.sqrt(mse))
-            row[f"val_loss_{name}"] = loss
-            row[f"val_rmse_{name}"] = rmse
-            if cfg.refit_all:  # no selection: "best" is the final epoch
-                if epoch + 1 == cfg.epochs:
-                    best[name] = (rmse, epoch + 1, jax.device_get(params))
-            elif name not in best or rmse < best[name][0]:
-                best[name] = (rmse, epoch + 1, jax.device_get(params))
-        rows.append(row)
-        first = variants[1]
-        summary = (
-            f"train {row['train_loss']:.4f}  val RMSE raw {row['val_rmse_raw']:.2f}  "
-            f"{first} {row[f'val_rmse_{first}']:.2f}"
-        )
-        bar.set_postfix_str(summary)
+def variant_weights(state: ema_jax.EmaTrainState) -> list[Any]:
+    """The raw weights, then each average, in the order of ``Config.variants``."""
+    return [state.params, *state.ema_params]
+
+
+def epoch_row(epoch: int, record: Mapping[str, Any], variants: Sequence[str]) -> dict[str, Any]:
+    """One row of ``history.csv`` from one epoch's record of ``train_with_ema``: ``epoch``
+    (from 1), ``seconds``, ``train_loss``, then per variant ``val_loss_<variant>`` and
+    ``val_rmse_<variant>`` (cycles)."""
+    row = {"epoch": epoch + 1, "seconds": record["seconds"], "train_loss": record["train_loss"]}
+    losses = [record["val_loss"], *record["val_loss_ema"]]
+    mses = [record["val_mse"], *record["val_mse_ema"]]
+    for name, loss, mse in zip(variants, losses, mses, strict=True):
+        row[f"val_loss_{name}"] = loss
+        row[f"val_rmse_{name}"] = float(np.sqrt(mse))
+    return row
+
+
+def history_rows(history: Mapping[str, list[Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`epoch_row` of every epoch of the ``history`` that ``train_with_ema`` returns."""
+    epochs = len(history["train_loss"])
+    return [epoch_row(e, {k: v[e] for k, v in history.items()}, variants) for e in range(epochs)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The weights a selection rule deploys for one variant, and the epoch and validation
+    RMSE it chose them at."""
+
+    params: Any
+    epoch: int
+    val_rmse: float
+
+
+class KeepBest:
+    """A ``train_with_ema`` callback (the loop's extension point) for the ``best`` rule:
+    per variant, the epoch with the lowest validation RMSE so far, as a :class:`Choice`
+    in :attr:`best`. The weights are copied to the host: the train step donates the state,
+    so its arrays do not outlive the next step."""
+
+    def __init__(self, variants: Sequence[str]) -> None:
+        self.variants = list(variants)
+        self.best: dict[str, Choice] = {}
+
+    def __call__(self, epoch: int, record: dict[str, Any], state: ema_jax.EmaTrainState) -> None:
+        row = epoch_row(epoch, record, self.variants)
+        for name, params in zip(self.variants, variant_weights(state), strict=True):
+            rmse = row[f"val_rmse_{name}"]
+            if name not in self.best or rmse < self.best[name].val_rmse:
+                self.best[name] = Choice(jax.device_get(params), epoch + 1, rmse)
+
+
+def summary(row: Mapping[str, Any], variants: Sequence[str]) -> str:
+    """``train 0.0123  val RMSE raw 14.21  ema0.99 13.90  ...``: every variant, not only
+    the first average (issue #19)."""
+    rmses = "  ".join(f"{name} {row[f'val_rmse_{name}']:.2f}" for name in variants)
+    return f"train {row['train_loss']:.4f}  val RMSE {rmses}"
+
+
+def show_progress(bar: Any, variants: Sequence[str]) -> Callback:
+    """A ``train_with_ema`` callback: per epoch, :func:`summary` in the tqdm ``bar`` and a
+    line above it."""
+
+    def show(epoch: int, record: dict[str, Any], state: ema_jax.EmaTrainState) -> None:
+        row = epoch_row(epoch, record, variants)
+        text = summary(row, variants)
+        bar.set_postfix_str(text)
         bar.update(1)
-        if cfg.progress:
-            bar.write(f"epoch {epoch + 1:3d}  {summary}  ({row['seconds']:.1f}s)")
+        bar.write(f"epoch {row['epoch']:3d}  {text}  ({row['seconds']:.1f}s)")
 
+    return show
+
+
+def _each(callbacks: Sequence[Callback]) -> Callback:
+    def call(epoch: int, record: dict[str, Any], state: ema_jax.EmaTrainState) -> None:
+        for callback in callbacks:
+            callback(epoch, record, state)
+
+    return call
+
+
+def train(
+    cfg: Config, ds: Any, scoring: Scoring, state: ema_jax.EmaTrainState, key: jax.Array
+) -> tuple[dict[str, list[Any]], ema_jax.EmaTrainState, dict[str, Choice]]:
+    """``cfg.epochs`` epochs of ``ema_jax.train_with_ema`` (dropout from ``key``; the data
+    reshuffled every epoch by ``cfg.seed``), validated on :func:`monitor_windows`.
+
+    Returns the loop's ``history`` and final state, and the ``best`` rule's choices
+    (:class:`KeepBest`; none with ``refit_all``: nothing is selected without validation).
+    """
     rng = np.random.default_rng(cfg.seed)
-    history, state = ema_jax.train_with_ema(
-        state,
-        loss_fn,
-        lambda epoch: batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
-        val,
-        epochs=cfg.epochs,
-        metric_fn=metric_fn,
-        rng=dropout_key,
-        callback=callback,
-    )
-    bar.close()
+    keep_best = KeepBest(cfg.variants)
+    callbacks: list[Callback] = [] if cfg.refit_all else [keep_best]
+    desc = f"{cfg.model} seed {cfg.seed}"
+    with tqdm(total=cfg.epochs, desc=desc, disable=not cfg.progress) as bar:
+        if cfg.progress:
+            callbacks.append(show_progress(bar, cfg.variants))
+        history, state = ema_jax.train_with_ema(
+            state,
+            scoring.train_loss,
+            lambda epoch: batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
+            list(batches(*monitor_windows(cfg, ds), 4096, None)),
+            epochs=cfg.epochs,
+            metric_fn=scoring.metrics,
+            rng=key,
+            callback=_each(callbacks),
+        )
+    return history, state, keep_best.best
 
-    predict = jax.jit(lambda p, x: cast(jax.Array, model.apply({"params": p}, x)) * max_rul)
-    last = dict(zip(variants, [state.params, *state.ema_params], strict=True))
+
+def evaluate(
+    scoring: Scoring, ds: Any, choices: Mapping[str, Mapping[str, Choice]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{rule: {variant: {"rmse", "score", "val_rmse", "epoch"}}}``: test RMSE and PHM08
+    score of each rule's weights. The only reader of the test split, after training."""
+    predict = jax.jit(scoring.predict)
     x_test, y_test = jnp.asarray(ds.x_test), np.asarray(ds.y_test)
-    test: dict[str, dict[str, Any]] = {"last": {}, "best": {}}
-    for name in variants:
-        for rule, params, epoch, val_rmse in (
-            ("last", last[name], cfg.epochs, rows[-1][f"val_rmse_{name}"]),
-            ("best", best[name][2], best[name][1], best[name][0]),
-        ):
-            pred = np.asarray(predict(params, x_test))
+    test: dict[str, dict[str, dict[str, Any]]] = {}
+    for rule, chosen in choices.items():
+        test[rule] = {}
+        for name, choice in chosen.items():
+            pred = np.asarray(predict(choice.params, x_test))
             test[rule][name] = {
                 "rmse": cmapss.rmse(pred, y_test),
                 "score": cmapss.phm08_score(pred, y_test),
-                "val_rmse": float(val_rmse),
-                "epoch": int(epoch),
+                "val_rmse": float(choice.val_rmse),
+                "epoch": int(choice.epoch),
             }
+    return test
 
-    result: dict[str, Any] = {"config": asdict(cfg), "rows": rows, "test": test}
+
+def probe(
+    cfg: Config, ds: Any, scoring: Scoring, weights: Mapping[str, Any], key: jax.Array
+) -> dict[str, dict[str, float]]:
+    """``{variant: {size: increase}}``: the flatness probe (:func:`perturbed_losses`) of
+    each variant's ``weights`` on :func:`monitor_windows`, the same noise for all."""
+    data = tuple(jnp.asarray(a) for a in monitor_windows(cfg, ds))
+    return {
+        name: perturbed_losses(scoring.loss, params, cfg.perturb, key, cfg.perturb_draws, data)
+        for name, params in weights.items()
+    }
+
+
+def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
+    """Train ``cfg`` on the dataset ``ds`` (an ``experiments.cmapss`` dataset).
+
+    Returns ``(result, state)``: ``result`` has ``config``, ``rows`` (one dict per epoch),
+    ``test`` (:func:`evaluate` of both rules), ``perturb`` (:func:`probe` of the final
+    weights, when asked) and ``epoch_seconds`` (median epoch after the first, which
+    includes compilation).
+    """
+    keys = run_keys(cfg.seed)
+    scoring, state = build(cfg, ds, keys.init)
+    history, state, best = train(cfg, ds, scoring, state, keys.dropout)
+    rows = history_rows(history, cfg.variants)
+    final = dict(zip(cfg.variants, variant_weights(state), strict=True))
+    last = {n: Choice(final[n], cfg.epochs, rows[-1][f"val_rmse_{n}"]) for n in cfg.variants}
+    choices = {"last": last, "best": last if cfg.refit_all else best}
+    result: dict[str, Any] = {"config": asdict(cfg), "rows": rows}
+    result["test"] = evaluate(scoring, ds, choices)
     if cfg.perturb:
-        x_probe, y_probe = (
-            (ds.x_train[::8], ds.y_train[::8]) if cfg.refit_all else (ds.x_val, ds.y_val)
-        )
-        data = (jnp.asarray(x_probe), jnp.asarray(y_probe))
-
-        def val_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-            pred = cast(jax.Array, model.apply({"params": params}, x))
-            return jnp.mean((pred - y / max_rul) ** 2)
-
-        result["perturb"] = {
-            name: perturbed_losses(
-                val_loss, last[name], cfg.perturb, probe_key, cfg.perturb_draws, data
-            )
-            for name in variants
-        }
-    # epoch 1 includes compilation; the rest is the steady-state cost
+        result["perturb"] = probe(cfg, ds, scoring, final, keys.probe)
     result["epoch_seconds"] = float(np.median([r["seconds"] for r in rows[1:]] or [0.0]))
-    del history
     return result, state
 
 

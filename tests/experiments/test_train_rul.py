@@ -14,11 +14,15 @@ from experiments import cmapss, sweep, synthetic
 from experiments.config import Config
 from experiments.models import make_model
 from experiments.train_rul import (
+    KeepBest,
     batches,
+    epoch_row,
+    history_rows,
     load_data,
     main,
     optimizer,
     perturbed_losses,
+    show_progress,
 )
 
 EPOCHS = 8
@@ -81,6 +85,84 @@ def test_selection_uses_validation_only(cli_run):
         assert best["epoch"] == 1 + int(np.argmin(curve))
         last = result["test"]["last"][name]
         assert (last["epoch"], last["val_rmse"]) == (EPOCHS, curve[-1])
+
+
+def _record(rmses, seconds=0.5):
+    """One epoch's record as ``ema_jax.train_with_ema`` passes it to a callback (and stores it
+    in its history): raw metrics, then one entry per average."""
+    raw, *emas = rmses
+    return {
+        "train_loss": 0.1,
+        "val_loss": raw / 100,
+        "val_loss_ema": [e / 100 for e in emas],
+        "val_mse": raw**2,
+        "val_mse_ema": [e**2 for e in emas],
+        "seconds": seconds,
+    }
+
+
+class _State:
+    """What the callbacks read of an ``EmaTrainState``."""
+
+    def __init__(self, params, ema_params):
+        self.params, self.ema_params = params, tuple(ema_params)
+
+
+def test_keep_best_keeps_each_variants_lowest_validation_epoch_on_the_host():
+    """Per variant, the first epoch with the lowest validation RMSE (a tie keeps the earlier
+    one), with a host copy of that variant's weights at that epoch."""
+    keep = KeepBest(["raw", "ema0.9"])
+    curves = [(20.0, 18.0), (15.0, 13.0), (16.0, 13.0), (14.0, 13.5)]
+    for epoch, rmses in enumerate(curves):
+        state = _State({"w": jnp.full(2, epoch)}, [{"w": jnp.full(2, 10 + epoch)}])
+        keep(epoch, _record(rmses), state)
+    assert (keep.best["raw"].epoch, keep.best["ema0.9"].epoch) == (4, 2)
+    assert keep.best["raw"].val_rmse == pytest.approx(14.0)
+    assert keep.best["ema0.9"].val_rmse == pytest.approx(13.0)
+    weights = keep.best["ema0.9"].params["w"]
+    assert isinstance(weights, np.ndarray)  # a host copy: the train step donates the state
+    np.testing.assert_array_equal(weights, [11, 11])
+    np.testing.assert_array_equal(keep.best["raw"].params["w"], [3, 3])
+
+
+def test_history_rows_are_the_loops_history_one_row_per_epoch():
+    """The rows come from the history the loop returns: its ``seconds`` (no clock of our
+    own), the train loss, and per variant the validation loss and RMSE, in this order."""
+    records = [_record((20.0, 18.0), 1.5), _record((15.0, 13.0), 0.25)]
+    history = {k: [r[k] for r in records] for k in records[0]}
+    rows = history_rows(history, ["raw", "ema0.9"])
+    assert rows == [epoch_row(e, r, ["raw", "ema0.9"]) for e, r in enumerate(records)]
+    assert list(rows[1]) == [
+        "epoch", "seconds", "train_loss",
+        "val_loss_raw", "val_rmse_raw", "val_loss_ema0.9", "val_rmse_ema0.9",
+    ]  # fmt: skip
+    assert (rows[1]["epoch"], rows[1]["seconds"], rows[1]["val_loss_ema0.9"]) == (2, 0.25, 0.13)
+    np.testing.assert_allclose([r["val_rmse_ema0.9"] for r in rows], [18.0, 13.0])
+
+
+def test_progress_shows_every_average():
+    """The bar and the per-epoch line name every variant's validation RMSE (issue #19), not
+    only the first average's."""
+
+    class Bar:
+        def __init__(self):
+            self.postfix, self.lines, self.n = [], [], 0
+
+        def set_postfix_str(self, text):
+            self.postfix.append(text)
+
+        def update(self, n):
+            self.n += n
+
+        def write(self, text):
+            self.lines.append(text)
+
+    bar = Bar()
+    show = show_progress(bar, ["raw", "ema0.9", "ema0.99-debiased"])
+    show(0, _record((20.0, 18.0, 17.0)), _State({}, [{}, {}]))
+    summary = "train 0.1000  val RMSE raw 20.00  ema0.9 18.00  ema0.99-debiased 17.00"
+    assert bar.postfix == [summary] and bar.n == 1
+    assert bar.lines == [f"epoch   1  {summary}  (0.5s)"]
 
 
 def test_exported_ema_params_reproduce_the_reported_test_metrics(cli_run):
