@@ -6,6 +6,8 @@ in float64), so a test comparing against them can fail.
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,3 +124,32 @@ def host_copy(tree: Any) -> Any:
     donation of that buffer, so tests that check donation snapshot with this.)
     """
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a JAX coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_together(
+    commands: Sequence[tuple[list[str], dict[str, str]]], cwd: Any, timeout: float
+) -> None:
+    """Starts every ``(argv, env)`` at once (processes of one distributed run), waits for all,
+    kills any left after ``timeout`` s, and asserts each exited 0 (its stderr's tail if not)."""
+    procs = [
+        subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for argv, env in commands
+    ]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode == 0, err[-4000:]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -70,12 +70,6 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
         exec(compile(block.code, where, "exec"), namespace)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 MULTI = [
     pytest.param(page, block, id=f"{page_id(page)}:{block.line}")
     for page in PAGES
@@ -96,26 +90,11 @@ def test_multi_process_blocks_run(page: Path, block: Block, tmp_path: Path) -> N
         "NUM_PROCESSES": str(block.processes),
         "CKPT_DIR": str(tmp_path / "ckpt"),
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env={**env, "PROCESS_ID": str(i)},
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        ([sys.executable, str(script)], {**env, "PROCESS_ID": str(i)})
         for i in range(block.processes)
     ]
-    try:
-        errors = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, err in zip(procs, errors, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    run_together(commands, cwd=tmp_path, timeout=240)
 
 
 def makefile_targets() -> set[str]:

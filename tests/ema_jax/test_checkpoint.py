@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import free_port, run_together
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -282,35 +282,15 @@ def test_sharded_save_restores_onto_other_meshes(tmp_path: Path, trained: Any) -
 # 5. Multi-process ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_train_save_and_restore_together(tmp_path: Path) -> None:
     steps, port = 3, free_port()
     out = tmp_path / "dp.pkl"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "dp", *map(str, (tmp_path / "ckpt", out, i, port, steps))],
-            env=worker_env(devices=2),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, err in zip(procs, errors, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    argv = [sys.executable, WORKER, "dp", str(tmp_path / "ckpt"), str(out)]
+    run_together(
+        [([*argv, str(i), str(port), str(steps)], worker_env(devices=2)) for i in range(2)],
+        cwd=ROOT,
+        timeout=TIMEOUT,
+    )
 
     result = load_pickle(out)
     trained = {k[len("['trained']") :]: v for k, v in result.items() if "['trained']" in k}
