@@ -71,7 +71,7 @@ class EmaTransform:
     update_every: int = 1
     start_step: int = 0
     accumulator_dtype: np.dtype | None = None
-    skip_nonfinite: bool = True
+    skip_nonfinite: bool = False
 
     @property
     def num_averages(self) -> int | None:
@@ -188,7 +188,7 @@ def ema(
     update_every: int = 1,
     start_step: int = 0,
     accumulator_dtype: Any = None,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> EmaTransform:
     """An exponential moving average of params (formulas: ``docs/semantics.md``).
 
@@ -207,11 +207,12 @@ def ema(
         floats narrower than 32 bits, else the leaf's own dtype. Complex leaves get the
         complex dtype of that precision (complex64 for float32). Integer and bool leaves
         are copied on every applied update, never averaged.
-      skip_nonfinite: if any floating leaf of the params is NaN/Inf the update is skipped
-        (average and weight unchanged) and ``num_skipped`` is incremented. The check is
-        one extra read of the params and scalar all-reduces when they are sharded;
-        everything else is shard-local. Steps on which no update is due (``update_every``)
-        are neither checked nor counted.
+      skip_nonfinite: opt-in (like ``optax.apply_if_finite``): if any floating leaf of the
+        params is NaN/Inf the update is skipped (average and weight unchanged) and
+        ``num_skipped`` is incremented. The check is one extra read of the params and
+        scalar all-reduces when they are sharded; everything else is shard-local. Steps on
+        which no update is due (``update_every``) are neither checked nor counted. Off, a
+        NaN/Inf in the params reaches the average.
 
     Raises:
       ValueError / TypeError naming the argument, for out-of-range settings.

@@ -187,13 +187,14 @@ def scale_in_place(buffer: jax.Array) -> Donated:
 
 
 def ema_variants(prefix: str = "ema_jax") -> dict[str, Any]:
-    """The two ``ema_jax.ema`` settings every section compares: the default (NaN/Inf guard
-    on) and ``skip_nonfinite=False`` (``" nochk"``: the same work as torch's lerp).
+    """The two ``ema_jax.ema`` settings every section compares: the NaN/Inf guard on
+    (``skip_nonfinite=True``) and off (``" nochk"``, the default: the same work as torch's
+    lerp).
 
     Typed ``Any``: ``EmaTrainState.create`` wants the library's own transform type, which
     :class:`EmaTransform` only describes."""
     return {
-        prefix: ema_jax.ema(DECAY),
+        prefix: ema_jax.ema(DECAY, skip_nonfinite=True),
         f"{prefix} nochk": ema_jax.ema(DECAY, skip_nonfinite=False),
     }
 

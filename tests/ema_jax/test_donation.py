@@ -42,15 +42,16 @@ def _pointers(tree):
     "kwargs",
     [
         {"decay": 0.9},
-        {"decay": 0.9, "debias": True, "skip_nonfinite": False},
-        {"decay": 0.9, "update_every": 3},
+        {"decay": 0.9, "debias": True, "skip_nonfinite": True},
+        {"decay": 0.9, "update_every": 3, "skip_nonfinite": True},
         {"decay": (0.9, 0.99, 0.999), "debias": (False, True, False)},
     ],
-    ids=["plain", "debias", "update_every", "three decays"],
+    ids=["plain", "debias guarded", "update_every guarded", "three decays"],
 )
 def test_donated_update_writes_in_place(kwargs):
-    """Over 5 steps (one with a NaN, so skipped) every accumulator keeps its device buffer
-    and the donated state is deleted: no step allocates a second copy of the average."""
+    """Over 5 steps (one with a NaN: skipped with the guard) every accumulator keeps its
+    device buffer and the donated state is deleted: no step allocates a second copy of the
+    average."""
     tx = ema_jax.ema(**kwargs)
     params = _params()
     bad = {**params, "w": params["w"].at[3, 4].set(jnp.nan)}
@@ -63,7 +64,7 @@ def test_donated_update_writes_in_place(kwargs):
         assert all(x.is_deleted() for x in old)
         assert _pointers(state.ema) == before
     assert int(state.count) == 5
-    assert int(state.num_skipped) == (1 if kwargs.get("skip_nonfinite", True) else 0)
+    assert int(state.num_skipped) == (1 if kwargs.get("skip_nonfinite", False) else 0)
 
 
 def test_compiled_update_has_no_parameter_sized_scratch():

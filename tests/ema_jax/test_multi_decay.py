@@ -1,7 +1,8 @@
 """Several decays in one update (issue 5, P4): ``ema(decay=(β_1, ..., β_K))``.
 
-Each of the K averages must be exactly the single-decay EMA run alone with the same
-settings (same float32 arithmetic, so bitwise), and the train state / eval steps must
+Each of the K averages must be the single-decay EMA run alone with the same settings (the
+same float32 formula: bitwise but for XLA:CPU contracting a multiply-add into an FMA in one
+loop and not in the other, so floats to a few ulp), and the train state / eval steps must
 pick the k-th average by index.
 """
 
@@ -46,6 +47,22 @@ def _assert_trees_equal(got, want):
     chex.assert_trees_all_equal(got, want, strict=True)  # same trees, shapes, dtypes, values
 
 
+def _assert_same_average(got, want):
+    """Same trees, shapes and dtypes; integers bitwise, floats to a few ulp of their dtype at
+    the leaf's scale (the difference an FMA contraction makes)."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            x, y, tol = (
+                np.asarray(x, np.float64),
+                np.asarray(y, np.float64),
+                4 * jnp.finfo(x.dtype).eps,
+            )
+            np.testing.assert_allclose(x, y, rtol=tol, atol=tol * np.abs(y).max())
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
 CONFIGS = {
     "plain": ((0.5, 0.9, 0.99), False, {}),
     "mixed debias": ((0.5, 0.9, 0.99), (False, True, True), {}),
@@ -57,7 +74,7 @@ CONFIGS = {
     "every 3, start 4, NaN skipped": (
         (0.8, 0.97),
         (True, False),
-        {"update_every": 3, "start_step": 4},
+        {"update_every": 3, "start_step": 4, "skip_nonfinite": True},
     ),
 }
 
@@ -65,11 +82,12 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_each_average_equals_the_single_decay_run(name):
     """Every shadow (after every step) and every final accumulator of the K-decay EMA is
-    bitwise the one of ``ema(β_k, debias=d_k, ...)`` run alone; count, num_skipped and
+    the one of ``ema(β_k, debias=d_k, ...)`` run alone (to a few ulp); count, num_skipped and
     weight[k] agree too. The last config also skips two non-finite updates (steps 6 and 12,
     due with ``update_every=3``); the NaN at step 11, where no update is due, is not read."""
     decays, debias, kwargs = CONFIGS[name]
-    seq = _sequence(nan_at=(6, 11, 12) if kwargs else ())
+    guarded = kwargs.get("skip_nonfinite", False)
+    seq = _sequence(nan_at=(6, 11, 12) if guarded else ())
     debiases = debias if isinstance(debias, tuple) else (debias,) * len(decays)
     shadows, state = _run(ema_jax.ema(decays, debias=debias, **kwargs), seq)
     assert isinstance(shadows, tuple) and len(shadows) == len(decays)
@@ -77,12 +95,12 @@ def test_each_average_equals_the_single_decay_run(name):
     assert ema_jax.num_averages(state) == len(decays)
     for k, (decay, d) in enumerate(zip(decays, debiases, strict=True)):
         single_shadows, single = _run(ema_jax.ema(decay, debias=d, **kwargs), seq)
-        _assert_trees_equal(shadows[k], single_shadows)
-        _assert_trees_equal(ema_jax.accumulators(state, k), single.ema)
+        _assert_same_average(shadows[k], single_shadows)
+        _assert_same_average(ema_jax.accumulators(state, k), single.ema)
         assert int(state.count) == int(single.count)
         assert int(state.num_skipped) == int(single.num_skipped)
         np.testing.assert_array_equal(np.asarray(state.weight[k]), np.asarray(single.weight))
-    if kwargs:
+    if guarded:
         assert int(state.num_skipped) == 2
 
 

@@ -114,7 +114,11 @@ def test_nonfinite_check_is_one_scalar_all_reduce():
         "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, P())),
         "n": jax.device_put(jnp.arange(8), NamedSharding(mesh, P("data"))),
     }
-    for tx, always in ((ema_jax.ema(0.9), 1), (ema_jax.ema(0.9, debias=True, update_every=3), 0)):
+    guarded = {"skip_nonfinite": True}
+    for tx, always in (
+        (ema_jax.ema(0.9, **guarded), 1),
+        (ema_jax.ema(0.9, debias=True, update_every=3, **guarded), 0),
+    ):
         found = _collectives(tx, params)
         entry = found.pop("ENTRY", [])
         assert len(entry) == always and all(_is_scalar_all_reduce(*c) for c in entry), entry
@@ -127,7 +131,9 @@ def test_nonfinite_check_on_a_2d_mesh_reduces_only_scalars(mesh):
     """Point 8: on a 4x2 mesh (a leaf sharded over both axes, a bf16 leaf over one) XLA
     reduces axis by axis, so there may be more than one all-reduce — but each carries only
     scalars; no parameter-sized data moves."""
-    found = _collectives(ema_jax.ema(0.9), _params(mesh, two_sharded_floats=True))
+    found = _collectives(
+        ema_jax.ema(0.9, skip_nonfinite=True), _params(mesh, two_sharded_floats=True)
+    )
     assert found.get("ENTRY"), "the non-finite check must reach every shard"
     for ops in found.values():
         assert all(_is_scalar_all_reduce(*c) for c in ops), ops
@@ -136,7 +142,7 @@ def test_nonfinite_check_on_a_2d_mesh_reduces_only_scalars(mesh):
 def test_skip_decision_is_global(mesh):
     """A NaN on one shard skips the update on every shard (the all-reduce is real)."""
     params = _params(mesh)
-    tx = ema_jax.ema(0.5)
+    tx = ema_jax.ema(0.5, skip_nonfinite=True)
     state = tx.init(params)
     bad = dict(params, w=params["w"].at[7, 3].set(jnp.nan))  # lives on the last device only
     bad["w"] = jax.device_put(bad["w"], params["w"].sharding)

@@ -71,7 +71,7 @@ def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
     for t in bad_steps:
         thetas[t, t % 8] = np.nan if t % 2 else np.inf
     outs, state = scan_updates(
-        ema_jax.ema(schedule, debias=True, update_every=update_every),
+        ema_jax.ema(schedule, debias=True, update_every=update_every, skip_nonfinite=True),
         jnp.asarray(thetas[0]),
         jnp.asarray(thetas[1:]),
     )
@@ -178,7 +178,7 @@ def test_nonfinite_params_skip_update_and_count_still_advances():
     """Point 5: a NaN or Inf in any floating leaf skips the update: EMA and weight are
     unchanged (bitwise), ``num_skipped`` increments, ``count`` advances; int and bool leaves
     are copied on applied updates, never averaged."""
-    tx = ema_jax.ema(0.5, debias=True)
+    tx = ema_jax.ema(0.5, debias=True, skip_nonfinite=True)
     update = jax.jit(tx.update)
     state = tx.init(_mixed_params([0.0, 0.0, 0.0]))
 
@@ -227,7 +227,7 @@ def test_nonfinite_params_skip_update_and_count_still_advances():
 def test_large_finite_params_are_not_skipped(dtype, big):
     """Point 5: finite params whose sum overflows (so a sum-based check sees Inf) are still
     averaged; NaN / ±Inf hidden among them, or split across leaves, are still caught."""
-    tx = ema_jax.ema(0.5)
+    tx = ema_jax.ema(0.5, skip_nonfinite=True)
     update = jax.jit(tx.update)
     zeros = {"a": jnp.zeros(64, dtype), "b": jnp.zeros(3, dtype)}
     state = tx.init(zeros)
@@ -262,7 +262,7 @@ def test_huge_values_of_opposite_signs_average_without_overflow(dtype, big):
 def test_nan_between_due_updates_is_neither_read_nor_counted():
     """``update_every=4``: a NaN on steps 1–3 (no update due) changes nothing and is not a
     skipped update; the same NaN on step 4 (due) is skipped and counted."""
-    tx = ema_jax.ema(0.5, update_every=4)
+    tx = ema_jax.ema(0.5, update_every=4, skip_nonfinite=True)
     update = jax.jit(tx.update)
     state = tx.init(jnp.ones(2))
     bad = jnp.asarray([np.nan, 1.0])
@@ -280,9 +280,11 @@ def test_nan_between_due_updates_is_neither_read_nor_counted():
     assert int(state.num_skipped) == 1
 
 
-def test_nonfinite_propagates_when_not_skipping():
-    """Point 5: with ``skip_nonfinite=False`` NaN / Inf reach the average."""
-    tx = ema_jax.ema(0.9, skip_nonfinite=False)
+@pytest.mark.parametrize("kwargs", [{}, {"skip_nonfinite": False}], ids=["default", "explicit"])
+def test_nonfinite_propagates_when_not_skipping(kwargs):
+    """Point 5: without the guard (the default) NaN / Inf reach the average."""
+    tx = ema_jax.ema(0.9, **kwargs)
+    assert not tx.skip_nonfinite
     state = tx.init(_mixed_params([1.0, 1.0, 1.0]))
     out, state = tx.update(_mixed_params([np.nan, 1.0, np.inf]), state)
     w = np.asarray(out["w"])
@@ -305,7 +307,7 @@ def test_unguarded_update_equals_guarded_on_finite_params(kwargs):
     """``skip_nonfinite=False`` with ``update_every=1`` runs the pass without a branch; on
     finite params it gives bitwise the guarded update's shadows and state."""
     thetas = jnp.asarray(THETAS[:13, :8], jnp.float32)
-    guarded = scan_updates(ema_jax.ema(**kwargs), thetas[0], thetas[1:])
+    guarded = scan_updates(ema_jax.ema(**kwargs, skip_nonfinite=True), thetas[0], thetas[1:])
     unguarded = scan_updates(ema_jax.ema(**kwargs, skip_nonfinite=False), thetas[0], thetas[1:])
     for got, want in zip(jax.tree.leaves(unguarded), jax.tree.leaves(guarded), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -72,7 +72,7 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
         assert p["target"] == pytest.approx(7 / 9) and math.isfinite(p["ratio"])
         assert set(p["ms"]) == {"K decays, one update", "K separate updates"}
     assert set(results["choices"]["ms"]) == {
-        "sum guard + cond (default)",
+        "sum guard + cond",
         "no guard",
         "not donated",
         "update_every=4, per step",
