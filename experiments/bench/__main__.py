@@ -17,8 +17,8 @@ from experiments.bench.flags import FLAG_SETS, bench_flags
 from experiments.bench.memory import bench_memory
 from experiments.bench.multi_decay import bench_multi_decay
 from experiments.bench.report import report
-from experiments.bench.train_step import bench_adam_step, bench_train_step
-from experiments.bench.update import bench_choices, bench_leaf_overhead, bench_p1, torch
+from experiments.bench.train_step import bench_mlp_step, bench_train_step
+from experiments.bench.update import bench_choices, bench_goal_row, bench_leaf_overhead, torch
 from experiments.models import MODELS
 
 Size = tuple[int, int]
@@ -29,27 +29,36 @@ Size = tuple[int, int]
 class Plan:
     """The sizes and repeats of one run: ``--quick`` or the full table."""
 
-    p1_sizes: tuple[Size, ...]
+    g1_sizes: tuple[Size, ...]
+    g2_sizes: tuple[Size, ...]
     bandwidth_sizes: tuple[Size, ...]
     repeats: int
     adam_size: Size
+    mlp: tuple[int, int, int]  # G4's model: width, depth, batch
+    mlp_rounds: int
     train_rounds: int
     flag_sets: tuple[str, ...]
 
 
 QUICK = Plan(
-    p1_sizes=((1_000_000, 10), (1_000_000, 100)),
+    g1_sizes=((1_000_000, 100),),
+    g2_sizes=((1_000_000, 1000),),
     bandwidth_sizes=((1_000_000, 10),),
     repeats=5,
     adam_size=(1_000_000, 100),
+    mlp=(256, 2, 32),
+    mlp_rounds=3,
     train_rounds=4,
     flag_sets=FLAG_SETS[:2],
 )
 FULL = Plan(
-    p1_sizes=tuple((n, k) for n in (1_000_000, 10_000_000, 100_000_000) for k in (10, 100, 1000)),
+    g1_sizes=((10_000_000, 100), (100_000_000, 100)),
+    g2_sizes=((10_000_000, 1000),),
     bandwidth_sizes=((10_000_000, 100), (100_000_000, 100)),
     repeats=30,
     adam_size=(10_000_000, 100),
+    mlp=(1600, 4, 128),
+    mlp_rounds=11,
     train_rounds=41,
     flag_sets=FLAG_SETS,
 )
@@ -77,10 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--p2-model",
         default="dcnn_li",
         choices=sorted(MODELS),
-        help="RUL model of the P2 train step (default dcnn_li, the one the FD001 results use)",
+        help="RUL model of the G4 train step (default dcnn_li, the one the FD001 results use)",
     )
     parser.add_argument(
-        "--p2-batch", type=int, default=512, help="batch of the P2 train step (default 512)"
+        "--p2-batch", type=int, default=512, help="batch of the G4 RUL train step (default 512)"
     )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -106,15 +115,16 @@ def machine() -> str:
     )
 
 
-def measure_p1(plan: Plan, repeats: int) -> list[dict[str, Any]]:
-    """P1 at each size (a third of the rounds at 100M params, at least 3), printed as it goes."""
+def measure_updates(sizes: tuple[Size, ...], repeats: int) -> list[dict[str, Any]]:
+    """G1–G3 rows at each size (a third of the rounds at 100M params, at least 3), printed
+    as they go."""
     rows = []
-    for n, k in plan.p1_sizes:
+    for n, k in sizes:
         reps = max(3, repeats // 3) if n >= 100_000_000 else repeats
-        row = {"params": n, "leaves": k, "repeats": reps, **bench_p1(n, k, reps)}
+        row = bench_goal_row(n, k, reps)
         rows.append(row)
         print(
-            f"P1 {n:.0e} params / {k} leaves: "
+            f"update {n:.0e} params / {k} leaves: "
             + ", ".join(f"{a} {b:.2f}" for a, b in row["ms"].items()),
             flush=True,
         )
@@ -122,15 +132,19 @@ def measure_p1(plan: Plan, repeats: int) -> list[dict[str, Any]]:
 
 
 def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[str, Any]:
-    """P1–P4, the per-leaf cost, the choices and (unless ``--no-flags``) the XLA flags."""
+    """G1–G4, P3, P4, the per-leaf cost, the choices and (unless ``--no-flags``) the XLA
+    flags."""
     n, leaves = plan.adam_size
-    out: dict[str, Any] = {"p1": measure_p1(plan, repeats)}
-    out["p2_model"] = bench_train_step(
-        args.p2_model, args.p2_batch, steps=20, repeats=plan.train_rounds
-    )
-    print("P2 model:", out["p2_model"], flush=True)
-    out["p2_adam"] = bench_adam_step(n, leaves, repeats=repeats)
-    print("P2 adam:", out["p2_adam"], flush=True)
+    out: dict[str, Any] = {
+        "g1": measure_updates(plan.g1_sizes, repeats),
+        "g2": measure_updates(plan.g2_sizes, repeats),
+    }
+    width, depth, batch = plan.mlp
+    out["g4"] = [
+        bench_mlp_step(width, depth, batch, steps=2, repeats=plan.mlp_rounds),
+        bench_train_step(args.p2_model, args.p2_batch, steps=20, repeats=plan.train_rounds),
+    ]
+    print("G4:", out["g4"], flush=True)
     out["p3"] = bench_memory(n, leaves)
     out["p4"] = [
         bench_multi_decay(n, k, repeats, skip_nonfinite=chk)
@@ -150,7 +164,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
     repeats = args.repeats or plan.repeats
     results: dict[str, Any] = {"machine": machine(), "load": load_average(), "repeats": repeats}
-    results["p1"] = []
     results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in plan.bandwidth_sizes]
     if not args.bandwidth_only:
         results.update(measure_goals(args, plan, repeats))

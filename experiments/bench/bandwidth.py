@@ -73,7 +73,7 @@ def bench_bandwidth(n: int, leaves: int, repeats: int) -> dict[str, Any]:
         "ms": ms,
         "GBps": gbps,
         "share_of_copy": {
-            k: gbps[k] / reference for k in ("flat lerp", "ema_jax", "ema_jax nochk")
+            k: gbps[k] / reference for k in ("flat lerp", "ema_jax", "ema_jax guard")
         },
         "checked_ceiling": lerp_share * ms["flat lerp"] / (ms["flat lerp"] + ms["sum"]),
     }

@@ -1,8 +1,9 @@
 """Timing harness shared by every benchmark: cold caches, medians, paired ratios.
 
 Every implementation is timed in the same process, one call of each per round
-(round-robin), each call starting with cold CPU caches as an EMA update does in training
-(the forward and backward passes run in between), and the median over rounds is reported.
+(round-robin), and the median over rounds is reported. Cold (the default): each call
+starts with cold CPU caches, as an EMA update does in training (the forward and backward
+passes run in between); warm: back to back, as in a loop of updates alone.
 A ratio of two implementations is best taken *paired*: timed back to back in each round.
 
 The helpers here also build the workloads' inputs: fp32 params in a given number of
@@ -11,6 +12,7 @@ leaves, donated jitted steps, and the two ``ema_jax`` settings every section com
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -80,23 +82,24 @@ def _warm_up(fns: Iterable[Timed]) -> None:
         fn()
 
 
-def _cold_seconds(fn: Timed, flush: Callable[[], None]) -> float:
-    """One call of ``fn`` after evicting the caches, in seconds."""
-    flush()
+def _seconds(fn: Timed, flush: Callable[[], None] | None) -> float:
+    """One call of ``fn`` in seconds, after evicting the caches unless ``flush`` is None."""
+    if flush is not None:
+        flush()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def median_ms(fns: dict[str, Timed], repeats: int) -> dict[str, float]:
-    """Round-robin: one cold call of each function per round, ``repeats`` rounds; the
-    median ms of each."""
-    flush = cache_flusher()
+def median_ms(fns: dict[str, Timed], repeats: int, *, cold: bool = True) -> dict[str, float]:
+    """Round-robin: one call of each function per round (cold caches unless ``cold`` is
+    False), ``repeats`` rounds; the median ms of each."""
+    flush = cache_flusher() if cold else None
     _warm_up(fns.values())
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_cold_seconds(fn, flush))
+            times[name].append(_seconds(fn, flush))
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -106,22 +109,25 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"ratio": float(med), "q1": float(q1), "q3": float(q3)}
 
 
-def paired_ratios(base: Timed, others: dict[str, Timed], repeats: int) -> dict[str, Any]:
+def paired_ratios(
+    base: Timed, others: dict[str, Timed], repeats: int, *, cold: bool = True
+) -> dict[str, Any]:
     """``others[k]`` time / ``base`` time, the two timed back to back in each round (the
-    order alternates), over ``repeats`` rounds: per ``k`` the :func:`quartiles` of the
-    ratios, and under ``"ms"`` the median ms of each (``"base"`` for ``base``).
+    order alternates; cold caches unless ``cold`` is False), over ``repeats`` rounds: per
+    ``k`` the :func:`quartiles` of the ratios, and under ``"ms"`` the median ms of each
+    (``"base"`` for ``base``).
 
     A ratio of neighbours cancels the slow drifts of a shared machine (other processes,
     clock changes) that make a ratio of two separate medians noisy by several percent.
     """
-    flush = cache_flusher()
+    flush = cache_flusher() if cold else None
     _warm_up((base, *others.values()))
     ratios: dict[str, list[float]] = {k: [] for k in others}
     times: dict[str, list[float]] = {"base": [], **{k: [] for k in others}}
     for r in range(repeats):
         for name, fn in others.items():
             pair = [("base", base), (name, fn)]
-            spent = {key: _cold_seconds(f, flush) for key, f in (pair[::-1] if r % 2 else pair)}
+            spent = {key: _seconds(f, flush) for key, f in (pair[::-1] if r % 2 else pair)}
             ratios[name].append(spent[name] / spent["base"])
             times["base"].append(spent["base"])
             times[name].append(spent[name])
@@ -173,9 +179,30 @@ def fresh_copy(tree: Any) -> Any:
     return jax.tree.map(lambda x: x + 0, tree)
 
 
+def lerp(ema: Any, params: Any) -> Any:
+    """``e + α(p - e)`` leaf by leaf: the EMA a user writes by hand."""
+    return jax.tree.map(lambda e, p: e + ALPHA * (p - e), ema, params)
+
+
 def flat_lerp(buffer: jax.Array) -> Donated:
     """One flat buffer ``e + α(p - e)``, donated: 12 B/param, the lower bound for XLA."""
-    return Donated(lambda p, e: e + ALPHA * (p - e), buffer + 0, buffer)
+    return Donated(lambda p, e: lerp(e, p), buffer + 0, buffer)
+
+
+def hand_lerp(params: Any) -> Donated:
+    """:func:`lerp` over the params' leaves, jitted, the average donated."""
+    return Donated(lambda p, e: lerp(e, p), fresh_copy(params), params)
+
+
+def cond_lerp(params: Any) -> Donated:
+    """:func:`hand_lerp` skipped unless the sum of the leaves' sums is finite: the plain
+    ``lax.cond(isfinite(Σ), lerp, identity)`` a user writes for a NaN guard (G3's floor)."""
+
+    def step(p: Any, e: Any) -> Any:
+        total = functools.reduce(jnp.add, [jnp.sum(x) for x in jax.tree.leaves(p)])
+        return jax.lax.cond(jnp.isfinite(total), lambda e: lerp(e, p), lambda e: e, e)
+
+    return Donated(step, fresh_copy(params), params)
 
 
 def scale_in_place(buffer: jax.Array) -> Donated:
@@ -187,15 +214,14 @@ def scale_in_place(buffer: jax.Array) -> Donated:
 
 
 def ema_variants(prefix: str = "ema_jax") -> dict[str, Any]:
-    """The two ``ema_jax.ema`` settings every section compares: the NaN/Inf guard on
-    (``skip_nonfinite=True``) and off (``" nochk"``, the default: the same work as torch's
-    lerp).
+    """The two ``ema_jax.ema`` settings every section compares: the default (no NaN/Inf
+    guard: the same work as torch's lerp) and ``" guard"`` (``skip_nonfinite=True``).
 
     Typed ``Any``: ``EmaTrainState.create`` wants the library's own transform type, which
     :class:`EmaTransform` only describes."""
     return {
-        prefix: ema_jax.ema(DECAY, skip_nonfinite=True),
-        f"{prefix} nochk": ema_jax.ema(DECAY, skip_nonfinite=False),
+        prefix: ema_jax.ema(DECAY),
+        f"{prefix} guard": ema_jax.ema(DECAY, skip_nonfinite=True),
     }
 
 

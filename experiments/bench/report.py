@@ -1,6 +1,7 @@
 """The Markdown report, from the results as ``python -m experiments.bench --json`` writes
-them: the P1 table, the goals (judged by :data:`~experiments.bench.goals.GOALS`), and the
-bandwidth, per-leaf, choices and XLA-flags tables of the sections that were run.
+them: the update tables (cold and warm), the goals (judged by
+:data:`~experiments.bench.goals.GOALS`), and the bandwidth, per-leaf, choices and
+XLA-flags tables of the sections that were run.
 
 Each section's :class:`Measured` rows carry the text that says what was measured and the
 metrics the goals judge; no threshold appears here.
@@ -15,17 +16,16 @@ from typing import Any
 
 from experiments.bench.bandwidth import UPDATE_BYTES_PER_PARAM
 from experiments.bench.goals import GOALS, Goal
-from experiments.bench.update import best_torch
+from experiments.bench.update import SPEED_PEERS, best_torch
 
-P1_COLUMNS = (
-    "ema_jax", "ema_jax nochk", "flat lerp", "flat lerp+chk", "optax.ema", "np copy",
-    "torch foreach", "torch foreach 1T", "torch foreach+guard",
+UPDATE_COLUMNS = (
+    "ema_jax", "ema_jax guard", "hand lerp", "cond lerp", "flat lerp", "optax.ema", "nnx.EMA",
+    "np copy", "torch foreach", "torch foreach 1T",
 )  # fmt: skip
-"""The implementations in the P1 table, in its order (:mod:`experiments.bench.update`)."""
-P1_SPEEDS = ("ema_jax speed vs torch", "nochk speed vs torch", "ema_jax speed vs optax.ema")
+"""The implementations in the update tables, in their order (:mod:`experiments.bench.update`)."""
 FLAGS_HEADER = (
-    "XLA_FLAGS", "ema_jax", "ema_jax nochk", "flat lerp", "torch foreach (best)", "adam",
-    "adam+ema_jax", "extra B/param", "nochk extra B/param",
+    "XLA_FLAGS", "ema_jax", "ema_jax guard", "hand lerp", "torch foreach (best)", "adam",
+    "adam+ema_jax", "extra B/param", "guard extra B/param",
 )  # fmt: skip
 
 
@@ -56,76 +56,75 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 # ----------------------------------------------------------------------------- goals
 
 
-def _paired_detail(paired: dict[str, Any]) -> str:
-    a, b = paired["ema_jax"], paired["ema_jax nochk"]
-    return (
-        f"; paired with `{paired['torch']}` over {paired['rounds']} rounds: "
-        f"{a['speed']:.2f}× ({a['q1']:.2f}–{a['q3']:.2f}), skip_nonfinite=False "
-        f"{b['speed']:.2f}× ({b['q1']:.2f}–{b['q3']:.2f})"
-    )
+def _quartiles(q: dict[str, float]) -> str:
+    return f"{q['ratio']:.2f} ({q['q1']:.2f}–{q['q3']:.2f})"
 
 
-def p1_measured(rows: list[dict[str, Any]]) -> list[Measured]:
-    """ema_jax's speed relative to torch per size (none without torch): the paired median
-    where measured (the better estimate), else the ratio of the round-robin medians."""
+def update_measured(rows: list[dict[str, Any]]) -> list[Measured]:
+    """Per size and cache state: ema_jax's paired speed relative to each peer (peer time /
+    ema_jax time; torch: the faster of its settings) and the guard's time over its floor."""
     out = []
     for r in rows:
-        ms, torch_ms = r["ms"], best_torch(r["ms"])
-        if torch_ms is None:
-            continue
-        medians = torch_ms / ms["ema_jax"]
-        paired = r.get("paired") or {}
-        label = (
-            f"P1 throughput ema_jax / torch foreach, {r['params']:.0e} params, "
-            f"{r['leaves']} leaves (ratio of medians {medians:.2f}×, "
-            f"skip_nonfinite=False {torch_ms / ms['ema_jax nochk']:.2f}×; both guarded: "
-            f"{ms['torch foreach+guard'] / ms['ema_jax']:.2f}×; one guarded flat buffer vs "
-            f"torch: {torch_ms / ms['flat lerp+chk']:.2f}×"
-            f"{_paired_detail(paired) if paired else ''})"
-        )
-        speed = paired["ema_jax"]["speed"] if paired else medians
-        out.append(Measured(label, {"speed vs torch": speed}))
+        for cache in ("cold", "warm"):
+            paired = r["paired"][cache]
+            metrics = {
+                f"speed vs {k}": paired[k]["ratio"] for k in (*SPEED_PEERS, "torch") if k in paired
+            }
+            metrics["guard / floor"] = paired["guard / floor"]["ratio"]
+            detail = "; ".join(
+                f"vs {k} {_quartiles(paired[k])}" for k in (*SPEED_PEERS, "torch") if k in paired
+            )
+            label = (
+                f"{r['params']:.0e} params, {r['leaves']} leaves, {cache} caches, paired over "
+                f"{r['repeats']} rounds, median (quartiles): {detail}; guard / cond lerp "
+                f"{_quartiles(paired['guard / floor'])}"
+                + (f"; torch = `{r['torch']}`" if r.get("torch") else "")
+            )
+            out.append(Measured(label, metrics))
     return out
 
 
-def p2_model_measured(p: dict[str, Any]) -> list[Measured]:
-    """The train step with / without EMA, per EMA setting: the paired median ratio."""
+def nnx_measured(rows: list[dict[str, Any]]) -> list[Measured]:
+    """Per size: ema_jax.nnx.EMA's paired speed relative to flax's nnx.EMA and to the
+    functional update (other time / ema_jax.nnx time)."""
     return [
         Measured(
-            f"P2 train step {k} / without ({p['model']}, {p['params']} params in "
-            f"{p['leaves']} leaves, batch {p['batch']}: {p['ms_per_step']['without EMA']:.3f}"
-            f" vs {p['ms_per_step'][k]:.3f} ms/step; median of {p['rounds']} paired blocks "
-            f"of {p['steps_per_block']} steps, quartiles {r['q1']:.3f}–{r['q3']:.3f})",
-            {"ratio": r["ratio"]},
+            f"{r['params']:.0e} params, {r['leaves']} leaves, cold caches, paired over "
+            f"{r['repeats']} rounds: ms {', '.join(f'{k} {v:.2f}' for k, v in r['ms'].items())};"
+            f" vs nnx.EMA {_quartiles(r['paired']['nnx.EMA'])}, vs ema_jax "
+            f"{_quartiles(r['paired']['ema_jax'])}",
+            {
+                "speed vs nnx.EMA": r["paired"]["nnx.EMA"]["ratio"],
+                "speed vs ema_jax": r["paired"]["ema_jax"]["ratio"],
+            },
         )
-        for k, r in p["ratios"].items()
+        for r in rows
     ]
 
 
-def p2_adam_measured(p: dict[str, Any]) -> list[Measured]:
-    """The EMA's extra bytes per param in an Adam step, per ema_jax setting: the paired
-    estimate (the better one), with the difference of medians and the references."""
-    refs, paired = p["extra_bytes_per_param"], p["paired_extra_bytes_per_param"]
-    out = []
-    for k in ("adam+ema_jax", "adam+ema_jax nochk"):
-        b = paired[k]
-        label = (
-            f"P2 {k} − adam, {p['params']:.0e} params, at {p['bandwidth_GBps']:.1f} GB/s:"
-            f" extra {b['ratio']:.1f} B/param paired back to back (quartiles {b['q1']:.1f}–"
-            f"{b['q3']:.1f}; difference of medians {p['extra_ms'][k]:.2f} ms = "
-            f"{refs[k]:.1f} B/param; references: a bare lerp after Adam "
-            f"{paired['adam+lerp']['ratio']:.1f} paired, {refs['adam+lerp']:.1f} of medians, "
-            f"the same in a cond {refs['adam+lerp in cond']:.1f})"
+def step_measured(rows: list[dict[str, Any]]) -> list[Measured]:
+    """The train step with / without EMA, per model and EMA setting: the paired median
+    ratio, and the extra time in bytes per param."""
+    return [
+        Measured(
+            f"{p['model']} ({p['params']:.3g} params in {p['leaves']} leaves, batch "
+            f"{p['batch']}), {k} / without: {p['ms_per_step']['without EMA']:.2f} vs "
+            f"{p['ms_per_step'][k]:.2f} ms/step, median of {p['rounds']} paired blocks of "
+            f"{p['steps_per_block']} steps, quartiles {r['q1']:.3f}–{r['q3']:.3f}; extra "
+            f"{p['extra_bytes_per_param'][k]:.1f} B/param (an 8 B/param pass: "
+            f"{p['pass_8B_ms']:.2f} ms)",
+            {"ratio": r["ratio"]},
         )
-        out.append(Measured(label, {"extra B/param": b["ratio"]}))
-    return out
+        for p in rows
+        for k, r in p["ratios"].items()
+    ]
 
 
 def p3_measured(p: dict[str, Any]) -> list[Measured]:
     """Live bytes with − without EMA, in copies of the params."""
     w, wo = p["with EMA"], p["without EMA"]
     label = (
-        f"P3 live bytes with − without EMA, {p['params']:.0e} params (params+Adam: "
+        f"live bytes with − without EMA, {p['params']:.0e} params (params+Adam: "
         f"{wo['live_copies']:.3f} copies; +EMA: {w['live_copies']:.3f}; step temp "
         f"{wo['temp_bytes']}/{w['temp_bytes']} B, unaliased outputs "
         f"{wo['unaliased_output_bytes']}/{w['unaliased_output_bytes']} B)"
@@ -137,7 +136,7 @@ def p4_measured(rows: list[dict[str, Any]]) -> list[Measured]:
     """K decays in one update / K separate updates, and its target, per configuration."""
     return [
         Measured(
-            f"P4 K={p['K']} decays / K separate updates, {p['params']:.0e} params, "
+            f"K={p['K']} decays / K separate updates, {p['params']:.0e} params, "
             f"{p['leaves']} leaves, skip_nonfinite={p['skip_nonfinite']} "
             f"({p['ms']['K decays, one update']:.2f} / {p['ms']['K separate updates']:.2f} ms)",
             {"ratio": p["ratio"], "target": p["target"]},
@@ -150,9 +149,9 @@ def bandwidth_measured(rows: list[dict[str, Any]]) -> list[Measured]:
     """ema_jax's share of the copy bandwidth per size, with the references' shares."""
     return [
         Measured(
-            f"device goal: ema_jax update GB/s ({UPDATE_BYTES_PER_PARAM} B/param) / copy GB/s, "
+            f"ema_jax update GB/s ({UPDATE_BYTES_PER_PARAM} B/param) / copy GB/s, "
             f"{b['params']:.0e} params, {b['leaves']} leaves, {b['backend']} {b['device']} "
-            f"(nochk {b['share_of_copy']['ema_jax nochk']:.2f}; flat lerp "
+            f"(guard {b['share_of_copy']['ema_jax guard']:.2f}; flat lerp "
             f"{b['share_of_copy']['flat lerp']:.2f}; a checked update's ceiling here, flat "
             f"lerp + sum: {b['checked_ceiling']:.2f})",
             {"share of copy": b["share_of_copy"]["ema_jax"]},
@@ -163,9 +162,10 @@ def bandwidth_measured(rows: list[dict[str, Any]]) -> list[Measured]:
 
 
 MEASURED: dict[str, Callable[[Any], list[Measured]]] = {
-    "p1": p1_measured,
-    "p2_model": p2_model_measured,
-    "p2_adam": p2_adam_measured,
+    "g1": update_measured,
+    "g2": update_measured,
+    "g4": step_measured,
+    "g5": nnx_measured,
     "p3": p3_measured,
     "p4": p4_measured,
     "bandwidth": bandwidth_measured,
@@ -180,7 +180,12 @@ def goal_row(goal: Goal, m: Measured) -> list[str]:
     if met is None:
         label += f" — the goal is for a {str(goal.backend).upper()}; informative here"
     verdict = "n/a" if met is None else "yes" if met else "no"
-    return [label, goal.measured_text(m.metrics), goal.target_text(m.metrics), verdict]
+    return [
+        f"{goal.name}: {label}",
+        goal.measured_text(m.metrics),
+        goal.target_text(m.metrics),
+        verdict,
+    ]
 
 
 def goals_table(results: dict[str, Any], goals: Sequence[Goal] = GOALS) -> list[str]:
@@ -190,6 +195,7 @@ def goals_table(results: dict[str, Any], goals: Sequence[Goal] = GOALS) -> list[
         for goal in goals
         if results.get(goal.section)
         for m in MEASURED[goal.section](results[goal.section])
+        if goal.metric_key in m.metrics  # e.g. no torch, no speed vs torch
     ]
     return table(("goal", "measured", "target", "met"), rows)
 
@@ -197,22 +203,25 @@ def goals_table(results: dict[str, Any], goals: Sequence[Goal] = GOALS) -> list[
 # ----------------------------------------------------------------------------- tables
 
 
-def p1_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One update's ms per implementation and size, GB/s and speeds relative to ema_jax."""
-    header = ["params", "leaves", *(f"{c} ms" for c in P1_COLUMNS), "ema_jax GB/s", *P1_SPEEDS]
+def update_table(rows: list[dict[str, Any]], key: str = "ms") -> list[str]:
+    """One update's median ms per implementation and size (``key``: ``"ms"`` cold caches,
+    ``"warm_ms"`` warm), ema_jax's GB/s and its speed relative to each peer (peer ms /
+    ema_jax ms, from these medians; the goals use the paired ratios)."""
+    peers = (*SPEED_PEERS, "torch")
+    header = ["params", "leaves", *(f"{c} ms" for c in UPDATE_COLUMNS), "ema_jax GB/s"]
+    header += [f"speed vs {k}" for k in peers]
     lines = []
     for r in rows:
-        ms, torch_ms = r["ms"], best_torch(r["ms"])
+        ms = r[key]
         gbps = UPDATE_BYTES_PER_PARAM * r["params"] / (ms["ema_jax"] * 1e-3) / 1e9
+        peer_ms = {**{k: ms[k] for k in SPEED_PEERS}, "torch": best_torch(ms)}
         lines.append(
             [
                 f"{r['params']:.0e}",
                 str(r["leaves"]),
-                *(fmt(ms.get(c)) for c in P1_COLUMNS),
+                *(fmt(ms.get(c)) for c in UPDATE_COLUMNS),
                 f"{gbps:.1f}",
-                fmt(torch_ms and torch_ms / ms["ema_jax"]),
-                fmt(torch_ms and torch_ms / ms["ema_jax nochk"]),
-                fmt(ms["optax.ema"] / ms["ema_jax"]),
+                *(fmt(peer_ms[k] and peer_ms[k] / ms["ema_jax"]) for k in peers),
             ]
         )
     return table(header, lines)
@@ -265,8 +274,8 @@ def choices_section(choices: dict[str, Any]) -> list[str]:
 def flags_section(rows: list[dict[str, Any]]) -> list[str]:
     """Per XLA_FLAGS setting: update ms (P1), Adam step ms and the EMA's extra B/param."""
     heading = (
-        "### XLA flags (fresh process each, at the P2 Adam size): update ms (P1), "
-        "Adam step ms and the EMA's extra B/param in it (P2)"
+        "### XLA flags (fresh process each, at the Adam-step size): update ms, "
+        "Adam step ms and the EMA's extra B/param in it"
     )
     body = []
     for r in rows:
@@ -279,12 +288,12 @@ def flags_section(rows: list[dict[str, Any]]) -> list[str]:
             fmt(adam["ms"]["adam"] if adam else None),
             fmt(adam["ms"]["adam+ema_jax"] if adam else None),
             fmt(extra.get("adam+ema_jax"), 1),
-            fmt(extra.get("adam+ema_jax nochk"), 1),
+            fmt(extra.get("adam+ema_jax guard"), 1),
         ]
         body.append(
             [
                 r["flags"],
-                *(fmt(ms[k]) for k in ("ema_jax", "ema_jax nochk", "flat lerp")),
+                *(fmt(ms[k]) for k in ("ema_jax", "ema_jax guard", "hand lerp")),
                 fmt(best_torch(ms)),
                 *adam_cells,
             ]
@@ -304,16 +313,22 @@ SECTIONS: dict[str, Callable[[Any], list[str]]] = {
 # ----------------------------------------------------------------------------- report
 
 
+UPDATE_TABLES = {"g1": "G1 and G3", "g2": "G2"}
+
+
 def report(results: dict[str, Any]) -> str:
     """The whole report, as ``--md`` writes it."""
     out = [f"## EMA benchmark ({results['machine']})", "", f"load before: {results['load']}", ""]
-    if results.get("p1"):
-        out.append(
-            "### P1: one update, fp32, ms (median); speed = other ms / ema_jax ms (torch: the "
-            "faster of its two thread settings); > 1: ema_jax is faster"
-        )
-        out += p1_table(results["p1"])
-    out += ["", "### Goals", *goals_table(results)]
+    for key in ("g1", "g2"):
+        if results.get(key):
+            for cache, ms_key in (("cold", "ms"), ("warm", "warm_ms")):
+                out.append(
+                    f"### {UPDATE_TABLES[key]}: one update, fp32, ms (median, {cache} caches); "
+                    "speed = other ms / ema_jax ms (torch: the faster of its two thread "
+                    "settings); > 1: ema_jax is faster"
+                )
+                out += [*update_table(results[key], ms_key), ""]
+    out += ["### Goals", *goals_table(results)]
     for key, section in SECTIONS.items():
         if results.get(key):
             out += ["", *section(results[key])]

@@ -1,9 +1,11 @@
-"""P2: what the EMA adds to a training step.
+"""G4: what the EMA adds to a training step.
 
-* :func:`bench_train_step`: the RUL experiment's jitted, donated train step (model, Adam,
-  dropout) without an EMA vs with ``ema_jax.ema``; the goal is a ratio ≤ 1.03.
+* :func:`bench_model_step`: a jitted, donated Adam train step (forward, backward, Adam)
+  without an EMA vs with ``ema_jax.ema``, paired; the goal is a ratio ≤ 1.05 for a ~10M
+  param model (:func:`bench_mlp_step`), and the RUL model's step is reported as well
+  (:func:`bench_train_step`). The EMA's extra time is also given in bytes per param.
 * :func:`bench_adam_step`: an Adam step alone (gradients given) with vs without the EMA,
-  in bytes per param at the bandwidth of an 8 B/param in-place pass; the goal is ≤ 8.
+  in bytes per param at the bandwidth of an 8 B/param in-place pass (the XLA flags table).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from flax.training import train_state
 
 import ema_jax
@@ -70,13 +73,46 @@ def _rul_batch(batch: int) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
+class MLP(nn.Module):
+    """``depth`` ReLU layers of ``width`` units and a scalar head: G4's ~10M-param model
+    (``width=1600, depth=4``: 10.2M params in 10 leaves)."""
+
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for _ in range(self.depth):
+            x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(1)(x)[..., 0]
+
+
 def bench_train_step(model_name: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
-    """The RUL experiment's jitted, donated train step (model, Adam, dropout rng) without
-    an EMA (flax ``TrainState``, the same step code) vs with ``ema_jax.ema`` (with and
-    without the NaN/Inf check): ratios of back-to-back blocks of ``steps`` steps."""
-    model = make_model(model_name)
+    """:func:`bench_model_step` on the RUL experiment's model and batch shape (30 cycles ×
+    14 sensors, dropout on)."""
     x, y = _rul_batch(batch)
+    return {"model": model_name, **bench_model_step(make_model(model_name), x, y, steps, repeats)}
+
+
+def bench_mlp_step(width: int, depth: int, batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """:func:`bench_model_step` on an :class:`MLP` and a random batch of ``width`` features."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, width)).astype(np.float32))
+    y = jnp.asarray(rng.random(batch).astype(np.float32))
+    model = MLP(width, depth)
+    return {"model": f"MLP {depth}×{width}", **bench_model_step(model, x, y, steps, repeats)}
+
+
+def bench_model_step(
+    model: nn.Module, x: jax.Array, y: jax.Array, steps: int, repeats: int
+) -> dict[str, Any]:
+    """A jitted, donated Adam train step of ``model`` (MSE on ``(x, y)``, a dropout rng)
+    without an EMA (flax ``TrainState``, the same step code) vs with ``ema_jax.ema`` (the
+    default, and with the NaN/Inf guard): ratios of back-to-back blocks of ``steps`` steps,
+    and the EMA's extra time in bytes per param at the bandwidth of an 8 B/param in-place
+    pass over the params (measured in the same run)."""
     params = model.init(jax.random.key(0), x[:1])["params"]
+    n = sum(int(np.size(p)) for p in jax.tree.leaves(params))
     key = jax.random.key(1)
 
     def loss_fn(p: Any, b: tuple[jax.Array, jax.Array], rng: jax.Array) -> jax.Array:
@@ -118,19 +154,24 @@ def bench_train_step(model_name: str, batch: int, steps: int, repeats: int) -> d
         block("without EMA"), {k: block(k) for k in runs if k != "without EMA"}, repeats
     )
     ms = paired.pop("ms")
+    pass_ms = median_ms({"scale": scale_in_place(jnp.zeros(n, jnp.float32))}, repeats)["scale"]
+    without = ms["base"] / steps
     return {
-        "model": model_name,
-        "params": sum(int(np.size(p)) for p in jax.tree.leaves(params)),
+        "params": n,
         "leaves": len(jax.tree.leaves(params)),
-        "batch": batch,
+        "batch": int(x.shape[0]),
         "steps_per_block": steps,
         "rounds": repeats,
         "ms_per_step": {
-            "without EMA": ms["base"] / steps,
+            "without EMA": without,
             **{k: v / steps for k, v in ms.items() if k != "base"},
         },
         "ratios": paired,
         "ratio": paired["with EMA"]["ratio"],
+        "pass_8B_ms": pass_ms,
+        "extra_bytes_per_param": {
+            k: 8 * (r["ratio"] - 1) * without / pass_ms for k, r in paired.items()
+        },
     }
 
 
@@ -188,7 +229,7 @@ def bench_adam_step(n: int, leaves: int, repeats: int) -> dict[str, Any]:
     ms = median_ms(fns, repeats)
     cost8 = ms["scale 8B/param"]
     extra = {k: v - ms["adam"] for k, v in ms.items() if k.startswith("adam+")}
-    steps_with_ema = ("adam+ema_jax", "adam+ema_jax nochk", "adam+lerp")
+    steps_with_ema = ("adam+ema_jax", "adam+ema_jax guard", "adam+lerp")
     paired = paired_ratios(fns["adam"], {k: fns[k] for k in steps_with_ema}, repeats)
     per_ratio = 8 * paired["ms"]["base"] / cost8  # B/param per unit of (ratio − 1)
     return {

@@ -1,19 +1,20 @@
-"""P1: one EMA update of fp32 params, per implementation, side by side; the fixed cost
+"""G1–G3: one EMA update of fp32 params, per implementation, side by side; the fixed cost
 per leaf; the measured effect of each implementation choice.
 
-The implementations of one update (:func:`update_fns`):
+The implementations of one update (:func:`update_fns`), all jitted:
 
-* ``ema_jax``        ``ema_jax.ema(0.999, skip_nonfinite=True)`` jitted, state donated (guard on)
-* ``ema_jax nochk``  the same with ``skip_nonfinite=False`` (the default)
-* ``flat lerp``      one flat jax buffer ``e + α(p - e)``, donated (a lower bound for XLA)
-* ``flat lerp+chk``  the same, skipped unless ``Σ p`` is finite (the guard's semantics on one
-                     buffer: the floor for ``ema_jax`` with its guard)
-* ``optax.ema``      ``optax.ema(0.999, debias=False)`` jitted without donation (the naive way)
+* ``ema_jax``        ``ema_jax.ema(0.999)`` (the default: no NaN/Inf guard), state donated
+* ``ema_jax guard``  the same with ``skip_nonfinite=True``
+* ``hand lerp``      ``jax.tree.map(lambda e, p: e + α(p - e))`` over the same leaves, donated:
+                     what a user writes instead
+* ``cond lerp``      the hand lerp inside ``lax.cond(isfinite(Σ of the leaves' sums))``: the
+                     plain guard, the floor for ``ema_jax guard`` (G3)
+* ``flat lerp``      one flat buffer ``e + α(p - e)``, donated (a lower bound for XLA)
+* ``optax.ema``      ``optax.ema(0.999, debias=False)``, not donated (as its docs use it)
+* ``nnx.EMA``        flax's ``nnx.EMA(params, 0.999)``, its ``update`` under ``nnx.jit``
 * ``np copy``        ``np.copyto`` of the params (8 B/param): the machine's copy bandwidth
 * ``torch foreach``  ``torch._foreach_lerp_`` over the same leaves (timm ModelEmaV3's kernel),
-                     with torch's default threads and with 1 thread (``1T``); the faster counts.
-                     ``+guard``: skipped unless ``Σ|θ|`` is finite (torch's analogue of the
-                     NaN/Inf guard of ``skip_nonfinite=True``)
+                     with torch's default threads and with 1 thread (``1T``); the faster counts
 
 torch is optional (``pip install -e '.[bench]'``); without it its columns are empty.
 """
@@ -36,12 +37,14 @@ from experiments.bench.harness import (
     Donated,
     EmaTransform,
     Timed,
+    cond_lerp,
     device_params,
     donated_ema_updates,
     ema_update,
     flat,
     flat_lerp,
     fresh_copy,
+    hand_lerp,
     host_params,
     median_ms,
     paired_ratios,
@@ -70,8 +73,7 @@ def best_torch(ms: dict[str, float]) -> float | None:
 
 
 def _torch_fns(host: list[np.ndarray]) -> dict[str, Timed]:
-    """torch's ``_foreach_lerp_`` over copies of ``host``: default threads, 1 thread, and
-    guarded by a finite ``Σ|θ|`` (one read proves θ finite, as in ema_jax's fast path)."""
+    """torch's ``_foreach_lerp_`` over copies of ``host``: default threads and 1 thread."""
     t_params = [torch.from_numpy(x.copy()) for x in host]
     t_ema = [torch.from_numpy(x.copy()) for x in host]
     threads = torch.get_num_threads()
@@ -83,16 +85,7 @@ def _torch_fns(host: list[np.ndarray]) -> dict[str, Timed]:
 
         return run
 
-    def guarded() -> None:
-        torch.set_num_threads(threads)
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(t_params, 1))).all()):
-            torch._foreach_lerp_(t_ema, t_params, ALPHA)
-
-    return {
-        "torch foreach": lerp(threads),
-        "torch foreach 1T": lerp(1),
-        "torch foreach+guard": guarded,
-    }
+    return {"torch foreach": lerp(threads), "torch foreach 1T": lerp(1)}
 
 
 def _optax_ema(params: list[jax.Array]) -> Timed:
@@ -108,13 +101,20 @@ def _optax_ema(params: list[jax.Array]) -> Timed:
     return run
 
 
-def _flat_guarded(buffer: jax.Array) -> Donated:
-    """:func:`flat_lerp` skipped unless ``Σ p`` is finite: the guard on one buffer."""
+def flax_nnx_ema(params: list[jax.Array]) -> Timed:
+    """flax's ``nnx.EMA`` over ``params`` held as ``nnx.Param`` s, updated under ``nnx.jit``
+    (its documented use)."""
+    from flax import nnx
 
-    def step(p: jax.Array, e: jax.Array) -> jax.Array:
-        return jax.lax.cond(jnp.isfinite(jnp.sum(p)), lambda e: e + ALPHA * (p - e), lambda e: e, e)
+    model = nnx.List([nnx.Param(x) for x in params])
+    averager = nnx.EMA(model, DECAY)
+    update = nnx.jit(lambda e, m: e.update(m))
 
-    return Donated(step, buffer + 0, buffer)
+    def run() -> None:
+        update(averager, model)
+        jax.block_until_ready(nnx.state(averager))
+
+    return run
 
 
 def update_fns(n: int, leaves: int) -> dict[str, Timed]:
@@ -127,9 +127,11 @@ def update_fns(n: int, leaves: int) -> dict[str, Timed]:
     dst = np.empty_like(src)
     fns: dict[str, Timed] = {
         **donated_ema_updates(params),
+        "hand lerp": hand_lerp(params),
+        "cond lerp": cond_lerp(params),
         "flat lerp": flat_lerp(buffer),
-        "flat lerp+chk": _flat_guarded(buffer),
         "optax.ema": _optax_ema(params),
+        "nnx.EMA": flax_nnx_ema(params),
         "np copy": lambda: np.copyto(dst, src),
     }
     if torch is not None:
@@ -153,32 +155,44 @@ def bench_update(n: int, leaves: int, repeats: int) -> dict[str, float]:
     return torch_threads_kept(lambda: median_ms(fns, repeats))
 
 
-def _speeds(paired: dict[str, Any], names: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Paired time ratios ema_jax / torch as speeds torch / ema_jax: the quartiles swap."""
-    return {
-        k: {"speed": 1 / paired[k]["ratio"], "q1": 1 / paired[k]["q3"], "q3": 1 / paired[k]["q1"]}
-        for k in names
-    }
+SPEED_PEERS = ("hand lerp", "optax.ema", "nnx.EMA")
+"""The peers whose time over ema_jax's is measured paired (G1), with the faster torch."""
 
 
-def bench_p1(n: int, leaves: int, repeats: int) -> dict[str, Any]:
-    """:func:`bench_update`'s medians (``ms``) and, with torch, ``paired``: ema_jax's speed
-    relative to the faster torch setting, the two timed back to back in each round
-    (:func:`~experiments.bench.harness.paired_ratios`): median and quartiles of torch time /
-    ema_jax time, with and without the NaN/Inf check (``{}`` without torch). One set of
-    buffers serves both."""
+def _paired(fns: dict[str, Timed], torch_key: str | None, repeats: int, cold: bool) -> Any:
+    """ema_jax's speed relative to each peer (peer time / ema_jax time, paired) and the
+    guard's time over its floor (``ema_jax guard`` / ``cond lerp``, paired, G3)."""
+    peers = [*SPEED_PEERS, *([torch_key] if torch_key else [])]
+    speeds = paired_ratios(fns["ema_jax"], {k: fns[k] for k in peers}, repeats, cold=cold)
+    guard = paired_ratios(
+        fns["cond lerp"], {"ema_jax guard": fns["ema_jax guard"]}, repeats, cold=cold
+    )
+    out = {("torch" if k == torch_key else k): v for k, v in speeds.items() if k != "ms"}
+    return {**out, "guard / floor": guard["ema_jax guard"]}
+
+
+def bench_goal_row(n: int, leaves: int, repeats: int) -> dict[str, Any]:
+    """One size of G1–G3: round-robin medians of every implementation, cold (``ms``) and
+    warm (``warm_ms``), and the paired ratios that decide the goals (``paired``, cold and
+    warm; :func:`_paired`): quartiles of peer time / ema_jax time, and of the guard's time
+    over the plain ``cond lerp``. ``torch`` is the faster of torch's two settings, cold."""
     fns = update_fns(n, leaves)
-    names = ("ema_jax", "ema_jax nochk")
 
     def measure() -> dict[str, Any]:
         ms = median_ms(fns, repeats)
-        if torch is None:
-            return {"ms": ms, "paired": {}}
-        torch_key = min(TORCH_SETTINGS, key=ms.__getitem__)
-        paired = paired_ratios(fns[torch_key], {k: fns[k] for k in names}, repeats)
+        warm = median_ms(fns, repeats, cold=False)
+        torch_key = min(TORCH_SETTINGS, key=ms.__getitem__) if torch is not None else None
         return {
+            "params": n,
+            "leaves": leaves,
+            "repeats": repeats,
+            "torch": torch_key,
             "ms": ms,
-            "paired": {"torch": torch_key, "rounds": repeats, **_speeds(paired, names)},
+            "warm_ms": warm,
+            "paired": {
+                "cold": _paired(fns, torch_key, repeats, cold=True),
+                "warm": _paired(fns, torch_key, repeats, cold=False),
+            },
         }
 
     return torch_threads_kept(measure)
@@ -253,8 +267,8 @@ def bench_choices(n: int, leaves: int, repeats: int) -> dict[str, float]:
     every = 4
     default = ema_jax.ema(DECAY)
     fns: dict[str, Timed] = {
-        "sum guard + cond": donated(ema_jax.ema(DECAY, skip_nonfinite=True)),
-        "no guard": donated(default),
+        "no guard (default)": donated(default),
+        "guard: sum + cond": donated(ema_jax.ema(DECAY, skip_nonfinite=True)),
         "not donated": _not_donated(default, params),
         f"update_every={every}": _steps(donated(ema_jax.ema(DECAY, update_every=every)), every),
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from experiments.bench import __main__ as cli
 from experiments.bench import flags, goals, harness, memory, multi_decay, report, update
 from experiments.bench.bandwidth import bench_bandwidth
-from experiments.bench.train_step import bench_adam_step, bench_train_step
+from experiments.bench.train_step import bench_mlp_step, bench_train_step
 
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
@@ -44,44 +43,43 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
         "load": "n/a",
         "load_after": "n/a",
         "repeats": 1,
-        "p1": [{"params": 2_000, "leaves": 2, "ms": update.bench_update(2_000, 2, 1)}],
-        "p2_model": bench_train_step("dcnn_li", batch=4, steps=1, repeats=2),
-        "p2_adam": bench_adam_step(2_000, 2, 1),
+        "g1": [update.bench_goal_row(2_000, 2, 1)],
+        "g2": [update.bench_goal_row(2_000, 4, 1)],
+        "g4": [bench_mlp_step(8, 1, 4, steps=1, repeats=2), bench_train_step("dcnn_li", 4, 1, 2)],
         "p3": memory.bench_memory(2_000, 2),
         "p4": [multi_decay.bench_multi_decay(3_000, 3, 1, skip_nonfinite=c) for c in (True, False)],
         "leaf_overhead": update.bench_leaf_overhead((2, 3), 1),
         "bandwidth": [bench_bandwidth(2_000, 2, 1)],
         "choices": {"params": 2_000, "leaves": 2, "ms": update.bench_choices(2_000, 2, 1)},
     }
-    p1 = results["p1"][0]["ms"]
-    for key in ("ema_jax", "ema_jax nochk", "flat lerp", "flat lerp+chk", "optax.ema", "np copy"):
-        assert p1[key] > 0
-    assert (update.torch is None) == ("torch foreach" not in p1)
-    # the flags section's row, as bench_flags builds it from each child (spawned below)
-    results["flags"] = [{"flags": "(default)", "ms": p1, "adam": results["p2_adam"]}]
-    for row in results["leaf_overhead"]:
-        assert {"jit no-op", "ema_jax", "ema_jax nochk"} <= set(row["us_per_leaf"])
-    adam = results["p2_adam"]["paired_extra_bytes_per_param"]
-    assert set(adam) == {"adam+ema_jax", "adam+ema_jax nochk", "adam+lerp"}
-    assert all(b["q1"] <= b["ratio"] <= b["q3"] for b in adam.values())
-    p2 = results["p2_model"]
-    assert set(p2["ratios"]) == {"with EMA", "with EMA nochk"}
-    assert all(math.isfinite(r["ratio"]) and r["q1"] <= r["q3"] for r in p2["ratios"].values())
-    assert p2["params"] > 0 and p2["leaves"] == 14
+    row = results["g1"][0]
+    implementations = {"ema_jax", "ema_jax guard", "hand lerp", "cond lerp", "flat lerp"}
+    implementations |= {"optax.ema", "nnx.EMA", "np copy"}
+    for key in ("ms", "warm_ms"):
+        assert implementations <= set(row[key]) and all(v > 0 for v in row[key].values())
+        assert (update.torch is None) == ("torch foreach" not in row[key])
+    mlp, rul = results["g4"]
+    assert mlp["model"] == "MLP 1×8" and mlp["params"] == 8 * 8 + 8 + 8 + 1
+    assert set(mlp["ratios"]) == set(mlp["extra_bytes_per_param"]) == {"with EMA", "with EMA guard"}
+    assert rul["params"] > 0 and rul["leaves"] == 14 and mlp["pass_8B_ms"] > 0
     for p in results["p4"]:
         assert p["target"] == pytest.approx(7 / 9) and math.isfinite(p["ratio"])
         assert set(p["ms"]) == {"K decays, one update", "K separate updates"}
     assert set(results["choices"]["ms"]) == {
-        "sum guard + cond",
-        "no guard",
+        "no guard (default)",
+        "guard: sum + cond",
         "not donated",
         "update_every=4, per step",
     }
     text = report.report(results)
-    for goal in ("P2 train step with EMA /", "P2 adam+ema_jax − adam", "P3 live bytes", "P4 K=3"):
-        assert goal in text
-    assert "### Fixed cost per leaf" in text and "| (default) |" in text
-    assert "| no guard |" in text
+    for heading in (
+        "### G1 and G3: one update",
+        "### G2: one update",
+        "cold caches",
+        "warm caches",
+    ):
+        assert heading in text
+    assert "### Fixed cost per leaf" in text and "| guard: sum + cond |" in text
     two, three = results["leaf_overhead"]
     marginal = next(line for line in text.splitlines() if line.startswith("| 2→3 |"))
     assert (
@@ -94,34 +92,35 @@ def test_every_section_runs_and_the_report_lists_the_goals() -> None:
     # Two passes are slower than one: the ceiling is below the flat lerp's own share.
     assert 0 < bandwidth["checked_ceiling"] < bandwidth["share_of_copy"]["flat lerp"]
     assert set(bandwidth["GBps"]) >= {"copy", "scale in place", "sum", "flat lerp"}
-    assert "device goal: ema_jax update GB/s" in text and "### Bandwidth on" in text
-    device = next(line for line in text.splitlines() if line.startswith("| device goal"))
+    assert "device: ema_jax update GB/s" in text and "### Bandwidth on" in text
+    device = next(line for line in text.splitlines() if line.startswith("| device: "))
     assert device.endswith("| ≥ 0.80 | n/a |") == (bandwidth["backend"] != "gpu")
-    # every goal but P1 (torch-only) has a row per measured item, judged yes or no
+    # Judged rows: per update size and cache state G1 ×3 (+1 with torch), G3, and G2 (torch
+    # only); G4 per model and setting; P3; P4 ×2. No G5 section was run.
     rows = [line for line in text.splitlines() if line.endswith(("| yes |", "| no |"))]
-    expected = 2 + 2 + 1 + 2 + (1 if update.torch is not None else 0)
+    with_torch = update.torch is not None
+    expected = 2 * (3 + with_torch + 1) + 2 * with_torch + 4 + 1 + 2
     assert len(rows) == expected + (bandwidth["backend"] == "gpu")
+    assert not any(line.startswith("| G5") for line in text.splitlines())
 
 
-def test_p1_paired_with_torch_reports_speeds_and_quartiles() -> None:
-    """Without torch there is nothing to pair with; with it, each speed is a median of
-    per-round torch/ema_jax ratios and lies within its quartiles, and the report shows it."""
-    p1 = update.bench_p1(2_000, 2, 3)
-    paired = p1["paired"]
-    assert p1["ms"]["ema_jax"] > 0
-    if update.torch is None:
-        assert paired == {}
-        return
-    faster = min(("torch foreach", "torch foreach 1T"), key=p1["ms"].__getitem__)
-    assert paired["torch"] == faster and paired["rounds"] == 3
-    for key in ("ema_jax", "ema_jax nochk"):
-        assert 0 < paired[key]["q1"] <= paired[key]["speed"] <= paired[key]["q3"]
-    results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1}
-    results["p1"] = [{"params": 2_000, "leaves": 2, **p1}]
-    row = next(r for r in report.report(results).splitlines() if r.startswith("| P1 throughput"))
-    assert f"paired with `{faster}` over 3 rounds" in row
-    assert row.split(" | ")[-3] == f"{paired['ema_jax']['speed']:.2f}×"
-    assert row.endswith("| yes |") == (paired["ema_jax"]["speed"] >= 1.0)
+def test_an_update_row_pairs_ema_jax_with_every_peer_cold_and_warm() -> None:
+    """Each paired figure is a median of per-round ratios within its quartiles; the report's
+    G1 row shows the paired speed vs the hand lerp as its measured value."""
+    row = update.bench_goal_row(2_000, 2, 3)
+    peers = {"hand lerp", "optax.ema", "nnx.EMA", "guard / floor"}
+    peers |= {"torch"} if update.torch is not None else set()
+    for cache in ("cold", "warm"):
+        paired = row["paired"][cache]
+        assert set(paired) == peers
+        for q in paired.values():
+            assert 0 < q["q1"] <= q["ratio"] <= q["q3"]
+    assert (row["torch"] is None) == (update.torch is None)
+    results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1, "g1": [row]}
+    lines = report.report(results).splitlines()
+    cold = next(r for r in lines if r.startswith("| G1 vs hand lerp") and "cold caches" in r)
+    assert cold.split(" | ")[-3] == f"{row['paired']['cold']['hand lerp']['ratio']:.2f}×"
+    assert cold.endswith("| yes |") == (row["paired"]["cold"]["hand lerp"]["ratio"] >= 1.0)
 
 
 def test_paired_ratios_are_within_their_quartiles_and_name_the_base() -> None:
@@ -139,12 +138,16 @@ def test_paired_ratios_are_within_their_quartiles_and_name_the_base() -> None:
 @pytest.mark.parametrize(
     ("name", "metrics", "verdict", "measured", "target"),
     [
-        ("P1", {"speed vs torch": 1.0}, True, "1.00×", "≥ 1.0×"),
-        ("P1", {"speed vs torch": 0.999}, False, "1.00×", "≥ 1.0×"),
-        ("P2 train step", {"ratio": 1.03}, True, "1.030", "≤ 1.03"),
-        ("P2 train step", {"ratio": 1.031}, False, "1.031", "≤ 1.03"),
-        ("P2 Adam step", {"extra B/param": 8.0}, True, "8.0 B/param", "≤ 8 B/param"),
-        ("P2 Adam step", {"extra B/param": 8.2}, False, "8.2 B/param", "≤ 8 B/param"),
+        ("G1 vs hand lerp", {"speed vs hand lerp": 1.0}, True, "1.00×", "≥ 1.00×"),
+        ("G1 vs hand lerp", {"speed vs hand lerp": 0.999}, False, "1.00×", "≥ 1.00×"),
+        ("G1 floor", {"speed vs hand lerp": 0.95}, True, "0.95×", "≥ 0.95×"),
+        ("G1 vs optax.ema", {"speed vs optax.ema": 1.19}, False, "1.19×", "≥ 1.20×"),
+        ("G2", {"speed vs torch": 0.9}, True, "0.90×", "≥ 0.90×"),
+        ("G3", {"guard / floor": 1.05}, True, "1.050", "≤ 1.05"),
+        ("G3", {"guard / floor": 1.051}, False, "1.051", "≤ 1.05"),
+        ("G4", {"ratio": 1.051}, False, "1.051", "≤ 1.05"),
+        ("G5 vs nnx.EMA", {"speed vs nnx.EMA": 1.5}, True, "1.50×", "≥ 1.50×"),
+        ("G5 vs functional", {"speed vs ema_jax": 0.89}, False, "0.89×", "≥ 0.90×"),
         ("P3", {"extra copies": 1.0005}, True, "1.0005 copies", "1 copy"),
         ("P3", {"extra copies": 1.002}, False, "1.0020 copies", "1 copy"),
         ("P4", {"ratio": 0.7, "target": 0.75}, True, "0.700", "≤ 0.750"),
@@ -168,7 +171,8 @@ def test_the_device_goal_is_judged_only_on_a_gpu() -> None:
 
 def test_every_goal_names_a_section_the_report_measures() -> None:
     assert [g.name for g in goals.GOALS] == [
-        "P1", "P2 train step", "P2 Adam step", "P3", "P4", "device"
+        "G1 vs hand lerp", "G1 floor", "G1 vs optax.ema", "G1 vs torch", "G2", "G3", "G4",
+        "G5 vs nnx.EMA", "G5 vs functional", "P3", "P4", "device",
     ]  # fmt: skip
     for goal in goals.GOALS:
         assert goal.section in report.MEASURED and goal.description
@@ -176,11 +180,9 @@ def test_every_goal_names_a_section_the_report_measures() -> None:
 
 @pytest.mark.parametrize("name", ["bench_cpu", "bandwidth_cpu"])
 def test_the_report_renders_the_stored_results_as_stored(name: str) -> None:
-    """The stored Markdown was rendered from the stored JSON (by the former single-file
-    benchmark); the P4 rows have since lost the removed K-trees detail, and nothing else."""
+    """The stored Markdown is the report of the stored JSON, as this benchmark renders it."""
     results = json.loads((RESULTS / f"{name}.json").read_text())
-    stored = (RESULTS / f"{name}.md").read_text()
-    assert report.report(results) == re.sub(r"; the former K-trees layout: [\d.]+ ms", "", stored)
+    assert report.report(results) == (RESULTS / f"{name}.md").read_text()
 
 
 def test_the_flags_child_is_a_module_that_reports_json() -> None:
@@ -214,7 +216,7 @@ def test_the_command_line_writes_the_report_and_the_results(tmp_path: Path) -> N
     assert json.loads(js.read_text()) == json.loads(json.dumps(results))
     assert md.read_text() == report.report(results)
     assert [b["params"] for b in results["bandwidth"]] == [n for n, _ in cli.QUICK.bandwidth_sizes]
-    assert results["p1"] == [] and "p2_model" not in results
+    assert "g1" not in results and "g4" not in results
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--p2-batch", "0"], ["--p2-model", "x"]])
