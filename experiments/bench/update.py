@@ -21,6 +21,7 @@ torch is optional (``pip install -e '.[bench]'``); without it its columns are em
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -201,18 +202,30 @@ def bench_goal_row(n: int, leaves: int, repeats: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- per-leaf cost
 
 
+def _block_on(fn: Callable[[Any], Any], arg: Any) -> None:
+    jax.block_until_ready(fn(arg))
+
+
 def bench_leaf_overhead(counts: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
     """The fixed cost per leaf: ``L`` one-element leaves, so no time goes to memory traffic.
 
-    ``jit no-op``: a donated jitted call returning ``L`` new one-element arrays (``e + 0``):
-    JAX's dispatch (per-argument and per-output bookkeeping) plus ``L`` tiny XLA kernels.
-    ``torch foreach``: one ``_foreach_lerp_`` over ``L`` one-element tensors.
+    ``jit no-op``: a donated jitted call returning its ``L`` one-element arrays (``e + 0``):
+    JAX's dispatch, per-argument and per-output bookkeeping. Where that goes (G2):
+    ``L in, 1 out``: the same call reading the ``L`` params and returning one scalar (the
+    per-input cost alone); ``flat state``: a lerp of one donated ``[L]`` average towards
+    the ``L`` params (what a state stored as one buffer would cost). ``torch foreach``: one
+    ``_foreach_lerp_`` over ``L`` one-element tensors.
     """
     rows = []
     for count in counts:
         ones = [jnp.full((1,), 0.5, jnp.float32) for _ in range(count)]
+        inputs_only = jax.jit(lambda p: functools.reduce(jnp.add, [x[0] for x in p]))
         fns: dict[str, Timed] = {
             "jit no-op": Donated(lambda p, e: [x + 0 for x in e], fresh_copy(ones), ones),
+            "L in, 1 out": functools.partial(_block_on, inputs_only, ones),
+            "flat state": Donated(
+                lambda p, e: e + ALPHA * (jnp.concatenate(p) - e), jnp.zeros(count), ones
+            ),
             **donated_ema_updates(ones),
         }
         if torch is not None:
