@@ -50,6 +50,20 @@ def _check_state(state: Any) -> EmaTrainState:
     return state
 
 
+def _check_manager(mngr: Any) -> ocp.CheckpointManager:
+    if not isinstance(mngr, ocp.CheckpointManager):
+        raise TypeError(
+            "mngr must be the CheckpointManager made by ema_jax.checkpoint.manager(directory), "
+            f"got {type(mngr).__name__}"
+            + (
+                " (a path: open it with manager(path) first)"
+                if isinstance(mngr, (str, os.PathLike))
+                else ""
+            )
+        )
+    return mngr
+
+
 def _handlers(*items: str) -> dict[str, ocp.StandardCheckpointHandler]:
     return {item: ocp.StandardCheckpointHandler() for item in items}
 
@@ -107,6 +121,7 @@ def save(
     continues in the background: the arrays are already copied, so ``state`` may be donated
     to the next train step right away. In multi-process training every process calls this.
     """
+    mngr = _check_manager(mngr)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     state = _check_state(state)
     args = ocp.args.Composite(
@@ -187,6 +202,7 @@ def restore(
       FileNotFoundError: no checkpoint (or not that step) in the manager's directory.
       ValueError: the checkpoint and the target differ (first differing path named).
     """
+    mngr = _check_manager(mngr)
     target = _check_state(target)
     mngr.wait_until_finished()
     step = _resolve_step(mngr, step)
