@@ -36,8 +36,9 @@ def _warn_inaccurate(name: str, beta: float) -> None:
 def constant(decay: float) -> Schedule:
     """``β_t = decay`` for every step.
 
-    ``decay`` must not round to 1.0 in the default float: in float32 it must be below
-    ``1 - 2^-25`` (a window of ~3·10^7 steps) unless x64 is enabled.
+    ``decay`` must not round to 1.0 in the default float (float32: below ``1 - 2^-25``); in
+    float32 a decay above ~0.99994 warns, as float32 accumulators then drift by more than
+    1e-3 (docs/guarantees.md has the measured table).
     """
     decay = _checks.below_one(_checks.decay("decay", decay), "decay", decay, "it", default_float())
     _warn_inaccurate("decay", decay)
