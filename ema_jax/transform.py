@@ -195,15 +195,6 @@ class EmaTransform:
                 "made by this transform's init"
             )
         leaves_with_paths = _array_leaves(params)
-        if len(leaves_with_paths) == len(state.param_dtypes):
-            for (path, leaf), dtype in zip(leaves_with_paths, state.param_dtypes, strict=True):
-                if _kind(leaf.dtype) != _kind(dtype):
-                    raise ValueError(
-                        f"params do not match the EMA state: params{jax.tree_util.keystr(path)} "
-                        f"has dtype {np.dtype(leaf.dtype).name} in the params, {dtype.name} in "
-                        f"the EMA state ({_kind(leaf.dtype)} vs {_kind(dtype)} values cannot be "
-                        "averaged into each other)"
-                    )
         trailing = state.weight.ndim  # the averages axis, if any
 
         def flat(tree: Params, drop: int) -> dict[str, Any]:
@@ -222,6 +213,14 @@ class EmaTransform:
             problem = "the params tree's node types differ from the EMA state's"
         if problem is not None:
             raise ValueError(f"params do not match the EMA state: {problem}")
+        for (path, leaf), dtype in zip(leaves_with_paths, state.param_dtypes, strict=True):
+            if _kind(leaf.dtype) != _kind(dtype):
+                raise ValueError(
+                    f"params do not match the EMA state: params{jax.tree_util.keystr(path)} "
+                    f"has dtype {np.dtype(leaf.dtype).name} in the params, {dtype.name} in the "
+                    f"EMA state ({_kind(leaf.dtype)} vs {_kind(dtype)} values cannot be "
+                    "averaged into each other)"
+                )
 
 
 def ema(
