@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,9 +66,34 @@ def below_one(beta: float, name: str, value: Any, formula: str, dtype: Any = np.
     return beta
 
 
-def integer(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> int | None:
-    """``int(value)`` if it is an int ``>= minimum`` (or ``None`` when allowed), else a clear
-    error. Bools are rejected: ``True`` is no step count."""
+#: The relative error an average may accumulate before :func:`accuracy` warns.
+ACCURACY = 1e-3
+
+
+def accuracy(name: str, beta: float, dtype: Any) -> None:
+    """Warns when an average with decay ``beta`` kept in ``dtype`` drifts by more than
+    ``ACCURACY`` (relative): each lerp step is rounded to ``dtype``, and once ``(1 - β)·|θ -
+    ema|`` is below half an ulp of ``ema`` the average stops moving, ``≈ (eps/2)/(1 - β)``
+    from its target (measured table: docs/guarantees.md)."""
+    eps = float(np.finfo(dtype).eps) / 2
+    if beta < 1.0 and eps / (1.0 - beta) > ACCURACY:
+        limit = 1.0 - eps / ACCURACY
+        warnings.warn(
+            f"{name}={beta!r} in {np.dtype(dtype).name}: an average this long is kept only to "
+            f"a relative error of about {eps / (1.0 - beta):.0e} (rounding of each step; "
+            f"{np.dtype(dtype).name} stays within {ACCURACY:g} for decays up to {limit:.6g}). "
+            "Use float64 params / accumulator_dtype=float64 with jax_enable_x64, or a shorter "
+            "window",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def integer(
+    name: str, value: Any, minimum: int, *, allow_none: bool = False, maximum: int | None = None
+) -> int | None:
+    """``int(value)`` if it is an int in ``[minimum, maximum]`` (or ``None`` when allowed),
+    else a clear error. Bools are rejected: ``True`` is no step count."""
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -75,6 +101,8 @@ def integer(name: str, value: Any, minimum: int, *, allow_none: bool = False) ->
         raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
     return int(value)
 
 

@@ -26,7 +26,10 @@ writes.
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import os
+import socket
 from typing import Any
 
 import jax
@@ -42,6 +45,7 @@ from ema_jax.transform import Params
 STATE = "state"
 EMA_PARAMS = "ema_params"
 _META_KEY = "ema_jax"
+LOCK_FILE = ".ema_jax-writer.lock"
 
 
 def _check_state(state: Any) -> EmaTrainState:
@@ -50,8 +54,100 @@ def _check_state(state: Any) -> EmaTrainState:
     return state
 
 
+def _check_manager(mngr: Any) -> ocp.CheckpointManager:
+    if not isinstance(mngr, ocp.CheckpointManager):
+        raise TypeError(
+            "mngr must be the CheckpointManager made by ema_jax.checkpoint.manager(directory), "
+            f"got {type(mngr).__name__}"
+            + (
+                " (a path: open it with manager(path) first)"
+                if isinstance(mngr, (str, os.PathLike))
+                else ""
+            )
+        )
+    return mngr
+
+
 def _handlers(*items: str) -> dict[str, ocp.StandardCheckpointHandler]:
     return {item: ocp.StandardCheckpointHandler() for item in items}
+
+
+class _WriterLock:
+    """One writing run per checkpoint directory: an exclusive ``flock`` on
+    ``<directory>/.ema_jax-writer.lock``, which names its holder (host, pid, start time).
+
+    The kernel drops the lock when its holder exits, however it dies (``kill -9``
+    included), so a stale file is simply taken over. Two managers of one process conflict
+    too (each holds its own open file). Only process 0 of a multi-process run takes it: a
+    run's processes together are one writer.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, LOCK_FILE)
+        os.makedirs(directory, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with open(fd, closefd=True) as f:
+                    holder = f.read().strip() or "unknown (it has not written its name yet)"
+                raise RuntimeError(
+                    f"checkpoint directory {directory} is already open for writing by "
+                    f"another manager: {holder} (lock {self.path}). One writing run per "
+                    "directory: close that manager (or wait for its run to end), write "
+                    "elsewhere, or open this one with manager(directory, read_only=True) to "
+                    "read"
+                ) from None
+            try:  # a holder that closed meanwhile removed the file we locked: retry
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Removes the file (still locked, so no one can take it meanwhile), then unlocks.
+        A killed holder leaves the file, unlocked: the next manager takes it over."""
+        if self._fd is not None:
+            os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's ``CheckpointManager`` plus the writer lock (released by ``close``) and a
+    step list re-read from disk when a save fails (Orbax otherwise forgets intact steps)."""
+
+    def __init__(self, directory: str, *, lock: _WriterLock | None, **kwargs: Any) -> None:
+        self._writer_lock = lock
+        self.read_only = bool(kwargs["options"].read_only)
+        try:
+            super().__init__(directory, **kwargs)
+        except BaseException:
+            self._release()
+            raise
+
+    def wait_until_finished(self) -> None:
+        try:
+            super().wait_until_finished()
+        except BaseException:
+            self.reload()  # a failed async save: the steps on disk are still there
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._writer_lock is not None:
+            self._writer_lock.release()
 
 
 def manager(
@@ -60,6 +156,7 @@ def manager(
     max_to_keep: int | None = 3,
     save_interval_steps: int = 1,
     async_save: bool = True,
+    read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` for :func:`save` / :func:`restore`.
 
@@ -72,20 +169,34 @@ def manager(
         before exiting. Left-over temporary directories of interrupted saves are removed
         when the manager is created.
 
+      read_only: open for :func:`restore` only (an evaluator polling a training run's
+        directory): no lock is taken and :func:`save` raises.
+
+    One writing run per directory: a manager that can write holds a lock on the directory
+    until ``close()`` (or its process ends, ``kill -9`` included); a second one, in this or
+    another process, raises ``RuntimeError`` naming the holder. In a multi-process run only
+    process 0 takes it. Readers (``read_only=True``, :func:`load_ema_params`) never wait.
+
     The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it).
     """
     _checks.integer("max_to_keep", max_to_keep, 1, allow_none=True)
     _checks.integer("save_interval_steps", save_interval_steps, 1)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {async_save!r}")
+    _checks.flag("read_only", read_only)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
     )
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_handlers=_handlers(STATE, EMA_PARAMS)
+    directory = os.path.abspath(directory)
+    # Taken before Orbax starts: its clean-up of temporary directories would delete the
+    # holder's save in progress.
+    lock = None if read_only or jax.process_index() != 0 else _WriterLock(directory)
+    return _Manager(
+        directory, lock=lock, options=options, item_handlers=_handlers(STATE, EMA_PARAMS)
     )
 
 
@@ -98,26 +209,126 @@ def _static_metadata(state: EmaTrainState) -> dict[str, Any]:
 
 
 def save(
-    mngr: ocp.CheckpointManager, step: int, state: EmaTrainState, *, force: bool = False
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: EmaTrainState,
+    *,
+    force: bool = False,
+    overwrite: bool = False,
+    checksum_state: bool = False,
 ) -> bool:
     """Saves ``state`` as step ``step``: items ``"state"`` and ``"ema_params"``.
 
     Returns whether a save was started (``False`` when ``step`` is not due under
-    ``save_interval_steps``; ``force=True`` saves anyway). With ``async_save`` the write
-    continues in the background: the arrays are already copied, so ``state`` may be donated
-    to the next train step right away. In multi-process training every process calls this.
+    ``save_interval_steps``, or is the latest step already saved; ``force=True`` saves a
+    step that is not due). With ``async_save`` the write continues in the background: the
+    arrays are already copied, so ``state`` may be donated to the next train step right
+    away. In multi-process training every process calls this.
+
+    The ``ema_params`` item carries a checksum of its arrays, verified by
+    :func:`load_ema_params`; ``checksum_state=True`` adds one for the ``"state"`` item too,
+    verified by :func:`restore` (each costs one read of those arrays at save and at load).
+
+    Raises:
+      ValueError: steps after ``step`` are saved already (the run went back with
+        ``restore(..., step=)``): saving would leave the abandoned run's steps on disk as
+        if current. ``overwrite=True`` deletes the saved steps ``>= step`` first.
+      ValueError: a leaf of ``state`` was deleted (donated to a jitted step).
     """
+    mngr = _check_manager(mngr)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     state = _check_state(state)
+    _check_alive(state, "state")
+    _checks.flag("overwrite", overwrite)
+    _checks.flag("checksum_state", checksum_state)
+    if isinstance(mngr, _Manager) and mngr.read_only:
+        raise ValueError(f"the manager of {mngr.directory} is read-only (read_only=True)")
+    abandoned = sorted(s for s in mngr.all_steps() if s >= step)
+    if abandoned and abandoned[-1] > step and not overwrite:
+        raise ValueError(
+            f"cannot save step {step} in {mngr.directory}: steps {abandoned} are saved "
+            "already, from a run this one went back on (restore(..., step=)); they would "
+            f"stay on disk as if current. Pass overwrite=True to delete steps >= {step} "
+            "first, or save into a new directory"
+        )
+    if overwrite:
+        mngr.wait_until_finished()
+        for abandoned_step in abandoned:
+            mngr.delete(abandoned_step)
+    meta = _static_metadata(state)
+    if checksum_state:
+        meta = {**meta, _CHECKSUMS: _checksums(state)}
+    ema_meta = {_META_KEY: {_CHECKSUMS: _checksums(state.ema_params)}}
     args = ocp.args.Composite(
         **{
-            STATE: ocp.args.StandardSave(
-                state, custom_metadata={_META_KEY: _static_metadata(state)}
-            ),
-            EMA_PARAMS: ocp.args.StandardSave(state.ema_params),
+            STATE: ocp.args.StandardSave(state, custom_metadata={_META_KEY: meta}),
+            EMA_PARAMS: ocp.args.StandardSave(state.ema_params, custom_metadata=ema_meta),
         }
     )
-    return bool(mngr.save(step, args=args, force=force))
+    try:
+        return bool(mngr.save(step, args=args, force=force))
+    except BaseException:
+        mngr.reload()  # Orbax may have dropped intact steps from its list: re-read the disk
+        raise
+
+
+_CHECKSUMS = "checksums"
+
+
+def _check_alive(tree: Any, name: str) -> None:
+    """A ``ValueError`` naming the first leaf whose buffer was deleted (donated)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} was deleted (donated to a jitted step, "
+                "e.g. make_train_step's): save the state that step returned, not its input"
+            )
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """``Σ (2i+1)·u_i mod 2^32`` over the bits ``u`` of ``x`` (as uint32 words, ``i`` their
+    position): any change confined to one element changes it (odd multipliers are
+    invertible mod 2^32), and so does nearly every other change, swaps included. One
+    integer reduction on the devices, whatever the sharding (the same on any mesh)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag], axis=-1)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize < 4:
+        unsigned = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+        words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    words = words.ravel()
+    odd = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    return jnp.sum(words * odd, dtype=jnp.uint32)
+
+
+@jax.jit
+def _leaf_checksums(leaves: list[Any]) -> list[jax.Array]:
+    return [_leaf_checksum(x) for x in leaves]
+
+
+def _checksums(tree: Any) -> dict[str, int]:
+    """``{"a.b": checksum}`` for every leaf, in Orbax's flat key paths."""
+    flat = ocp.tree.to_flat_dict(tree)
+    sums = jax.device_get(_leaf_checksums([jnp.asarray(x) for x in flat.values()]))
+    return {".".join(k): int(c) for k, c in zip(flat, sums, strict=True)}
+
+
+def _verify(tree: Any, saved: Any, where: str) -> None:
+    """A ``ValueError`` naming the first leaf of ``tree`` whose checksum differs from the
+    one written at save (nothing to check for artefacts written without one)."""
+    if not saved:
+        return
+    for path, value in _checksums(tree).items():
+        if saved.get(path) != value:
+            raise ValueError(
+                f"{where} is corrupt: {path} does not match the checksum written at save "
+                f"({saved.get(path)} saved, {value} read); its files were changed or damaged "
+                "after writing. Restore an earlier step or re-export"
+            )
 
 
 def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
@@ -187,15 +398,42 @@ def restore(
       FileNotFoundError: no checkpoint (or not that step) in the manager's directory.
       ValueError: the checkpoint and the target differ (first differing path named).
     """
+    mngr = _check_manager(mngr)
     target = _check_state(target)
     mngr.wait_until_finished()
     step = _resolve_step(mngr, step)
-    metadata = mngr.item_metadata(step)[STATE]
+    earlier = [s for s in mngr.all_steps() if s < step]
+    where = f"step {step} in {mngr.directory}"
+    metadata = _read_metadata(lambda: mngr.item_metadata(step)[STATE], where, STATE, earlier)
     _check_matches(STATE, metadata, target)
     _check_static(metadata, target)
     restore_args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=_fallback())
     args = ocp.args.Composite(**{STATE: restore_args})
-    return mngr.restore(step, args=args)[STATE]  # type: ignore[no-any-return]
+    restored = mngr.restore(step, args=args)[STATE]
+    saved = (metadata.custom_metadata or {}).get(_META_KEY, {}).get(_CHECKSUMS)
+    _verify(restored, saved, f"the {STATE} item of {where}")
+    return restored  # type: ignore[no-any-return]
+
+
+def _read_metadata(read: Any, where: str, item: str, earlier: list[int] | None) -> Any:
+    """``read()``, Orbax's metadata of ``item``; a ``ValueError`` naming the checkpoint and
+    the file when that file is missing, truncated or unreadable."""
+    try:
+        metadata = read()
+        problem = None if getattr(metadata, "tree", None) is not None else "missing or empty"
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+        problem = f"unreadable: {type(e).__name__}: {e}"
+    if problem is None:
+        return metadata
+    hint = (
+        f"; an earlier step restores: step={max(earlier)} (saved: {sorted(earlier)})"
+        if earlier
+        else ("; no earlier step is saved" if earlier is not None else "")
+    )
+    raise ValueError(
+        f"{where} is damaged: its {item}/_METADATA file (the tree of the saved arrays) is "
+        f"{problem}{hint}"
+    )
 
 
 def _local_target(metadata_tree: Any) -> Any:
@@ -207,19 +445,30 @@ def _local_target(metadata_tree: Any) -> Any:
     )
 
 
-def _load_tree(path: str, target: Params | None, item: str) -> Params:
-    """Restores the standalone Orbax item at ``path`` (checked against ``target`` first)."""
+def _load_tree(
+    path: str,
+    target: Params | None,
+    item: str,
+    where: str | None = None,
+    earlier: list[int] | None = None,
+) -> Params:
+    """Restores the standalone Orbax item at ``path`` (checked against ``target`` first,
+    its checksum verified after). ``where`` and ``earlier`` word the errors."""
+    where = path if where is None else where
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no Orbax checkpoint at {path}")
     handler = ocp.StandardCheckpointHandler()
-    metadata = handler.metadata(epath.Path(path))
+    metadata = _read_metadata(lambda: handler.metadata(epath.Path(path)), where, item, earlier)
     if target is None:
         target = _local_target(metadata.tree)
     else:
         _check_matches(item, metadata, target)
     args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=_fallback())
     with ocp.Checkpointer(handler) as checkpointer:
-        return checkpointer.restore(path, args=args)
+        restored = checkpointer.restore(path, args=args)
+    saved = (metadata.custom_metadata or {}).get(_META_KEY, {}).get(_CHECKSUMS)
+    _verify(restored, saved, where)
+    return restored
 
 
 def load_ema_params(
@@ -247,7 +496,10 @@ def load_ema_params(
             found = name_format.find_step(directory, step)
         except ValueError as e:
             raise FileNotFoundError(f"step {step} is not in {directory}") from e
-    return _load_tree(os.fspath(found.path / EMA_PARAMS), target, EMA_PARAMS)
+    all_steps = ocp.path.step.checkpoint_steps(directory)
+    earlier = [s for s in all_steps if s < found.step]
+    where = f"step {found.step} in {directory}"
+    return _load_tree(os.fspath(found.path / EMA_PARAMS), target, EMA_PARAMS, where, earlier)
 
 
 def deploy_params(
@@ -283,12 +535,18 @@ def export_ema_params(
     The artefact is a params-shaped tree (see :func:`deploy_params` for ``dtype`` and
     ``ema_index``), with no optimizer or EMA state: load it with :func:`load_exported` (or
     any Orbax ``StandardCheckpointer``). Blocks until written; ``force=True`` overwrites an
-    existing ``path``. In multi-process training every process calls this.
+    existing ``path`` (else ``ValueError``). A checksum of the arrays is written with
+    them and verified by :func:`load_exported`. In multi-process training every process
+    calls this.
     """
+    path = os.path.abspath(path)
+    _check_alive(_check_state(state), "state")
+    if os.path.exists(path) and not _checks.flag("force", force):
+        raise ValueError(f"{path} already exists: pass force=True to overwrite it")
     tree = deploy_params(state, dtype=dtype, ema_index=ema_index)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), tree, force=force)
-        checkpointer.wait_until_finished()
+    args = ocp.args.StandardSave(tree, custom_metadata={_META_KEY: {_CHECKSUMS: _checksums(tree)}})
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:  # blocking
+        checkpointer.save(path, args=args, force=force)
 
 
 def load_exported(path: str | os.PathLike[str], target: Params | None = None) -> Params:

@@ -27,13 +27,21 @@ def _float(t: jax.Array) -> jax.Array:
     return jnp.asarray(t, dtype=default_float())
 
 
+def _warn_inaccurate(name: str, beta: float) -> None:
+    """Without x64 every accumulator is at most float32: warn for decays too long for it."""
+    if default_float() == jnp.float32:
+        _checks.accuracy(name, beta, jnp.float32)
+
+
 def constant(decay: float) -> Schedule:
     """``β_t = decay`` for every step.
 
-    ``decay`` must not round to 1.0 in the default float: in float32 it must be below
-    ``1 - 2^-25`` (a window of ~3·10^7 steps) unless x64 is enabled.
+    ``decay`` must not round to 1.0 in the default float (float32: below ``1 - 2^-25``); in
+    float32 a decay above ~0.99994 warns, as float32 accumulators then drift by more than
+    1e-3 (docs/guarantees.md has the measured table).
     """
     decay = _checks.below_one(_checks.decay("decay", decay), "decay", decay, "it", default_float())
+    _warn_inaccurate("decay", decay)
 
     def schedule(t: jax.Array) -> jax.Array:
         return jnp.full(jnp.shape(t), decay, dtype=default_float())
@@ -46,7 +54,8 @@ def tf_warmup(decay: float = 0.9999) -> Schedule:
 
     Short windows early in training, ``decay`` once ``t >= (10·decay - 1)/(1 - decay)``.
     """
-    decay = _checks.decay("decay", decay)
+    decay = _checks.below_one(_checks.decay("decay", decay), "decay", decay, "it", default_float())
+    _warn_inaccurate("decay", decay)
 
     def schedule(t: jax.Array) -> jax.Array:
         t = _float(t)
@@ -70,6 +79,9 @@ def inverse_power(
     power = _checks.positive("power", power)
     min_decay = _checks.decay("min_decay", min_decay)
     max_decay = _checks.decay("max_decay", max_decay)
+    _checks.below_one(min_decay, "min_decay", min_decay, "it", default_float())
+    _checks.below_one(max_decay, "max_decay", max_decay, "it", default_float())
+    _warn_inaccurate("max_decay", max_decay)
     if min_decay > max_decay:
         raise ValueError(f"min_decay ({min_decay}) must be <= max_decay ({max_decay})")
 

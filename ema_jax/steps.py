@@ -38,6 +38,17 @@ def _metrics_dict(loss: jax.Array, aux: Any) -> dict[str, Any]:
     return {"loss": loss, "aux": aux}
 
 
+def _loss_and_aux(out: Any, shape: str = "(loss, aux)") -> tuple[Any, Any]:
+    """``out`` split as ``has_aux=True`` promises; a clear error when it is not a pair."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = type(out).__name__ + (f" of shape {np.shape(out)}" if hasattr(out, "shape") else "")
+        raise TypeError(
+            f"with has_aux=True, loss_fn must return a pair {shape}, got a {got} (use "
+            "has_aux=False for a loss alone)"
+        )
+    return out[0], out[1]
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     *,
@@ -62,13 +73,13 @@ def make_train_step(
             if with_model_state:
                 out = loss_fn(params, state.model_state, batch, *extra)
                 if has_aux:
-                    loss, (aux, model_state) = out
+                    loss, (aux, model_state) = _loss_and_aux(out, "(loss, (aux, model_state))")
                 else:
                     loss, model_state = out
                     aux = None
                 return loss, (aux, model_state)
             out = loss_fn(params, batch, *extra)
-            loss, aux = out if has_aux else (out, None)
+            loss, aux = _loss_and_aux(out) if has_aux else (out, None)
             return loss, (aux, None)
 
         (loss, (aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -148,6 +159,17 @@ def _named(metrics: Metrics) -> dict[str, Any]:
     return dict(metrics) if isinstance(metrics, Mapping) else {"loss": metrics}
 
 
+def _check_scalars(totals: dict[str, Any]) -> None:
+    """A ``ValueError`` naming the first metric that is not a scalar."""
+    for path, value in jax.tree_util.tree_flatten_with_path(totals)[0]:
+        if np.ndim(value):
+            raise ValueError(
+                f"metrics must be scalars (or dicts of scalars), but metric "
+                f"{jax.tree_util.keystr(path[1:])} of the {path[0].key} params has shape "
+                f"{np.shape(value)}: reduce it in metric_fn (e.g. jnp.mean)"
+            )
+
+
 def evaluate_dataset(
     paired_eval_step: Callable[..., dict[str, Metrics]],
     state: EmaTrainState,
@@ -163,6 +185,8 @@ def evaluate_dataset(
     count = 0
     for batch in batches:
         n = _batch_size(batch)
+        if n == 0:  # an empty batch has no mean (NaN) and weighs nothing
+            continue
         out = paired_eval_step(state, batch)
         flat: dict[str, Any] = {"raw": _named(out["raw"])}
         ema_out = out["ema"]
@@ -173,7 +197,8 @@ def evaluate_dataset(
         totals = scaled if totals is None else jax.tree.map(jnp.add, totals, scaled)
         count += n
     if totals is None:
-        raise ValueError("val_data yielded no batches")
+        raise ValueError("val_data yielded no batches (or only batches of size 0)")
+    _check_scalars(totals)
     means = jax.device_get(jax.tree.map(lambda x: x / count, totals))
     result: dict[str, float | list[float]] = {}
     for name, value in means["raw"].items():
@@ -184,6 +209,17 @@ def evaluate_dataset(
         else:
             result[f"val_{name}_ema"] = float(ema_means[name])
     return result
+
+
+def _check_reiterable(name: str, data: Any, epochs: int) -> None:
+    """Refuses a one-shot iterator (a generator) for several epochs before any state is
+    donated: its second pass would be empty and the first epoch's state lost."""
+    if epochs > 1 and not callable(data) and iter(data) is data:
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(data).__name__}), so epochs 2..{epochs} "
+            "would see no batches: pass a re-iterable (a list, a tf.data / grain dataset) or "
+            "a function epoch -> iterable"
+        )
 
 
 def train_with_ema(
@@ -225,6 +261,8 @@ def train_with_ema(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    _check_reiterable("train_data", train_data, epochs)
+    _check_reiterable("val_data", val_data, epochs)
     train_step = make_train_step(loss_fn, with_model_state=with_model_state)
     paired_eval = make_paired_eval_step(
         metric_fn if metric_fn is not None else loss_fn, with_model_state=with_model_state

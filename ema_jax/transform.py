@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 from jax import lax
 
@@ -31,6 +34,7 @@ from ema_jax import _checks, schedules
 
 Decay = float | schedules.Schedule
 Params = Any
+_MAX_STEP = int(np.iinfo(np.int32).max)
 
 
 class EmaState(struct.PyTreeNode):
@@ -38,7 +42,9 @@ class EmaState(struct.PyTreeNode):
 
     Attributes:
       count: int32, optimizer steps seen (calls to ``update``).
-      num_skipped: int32, updates skipped because the params held NaN/Inf.
+      num_skipped: int32, updates skipped because the params held NaN/Inf (with
+        ``skip_nonfinite``) or the decay was NaN/Inf or outside [0, 1] (always checked).
+        Like ``count``, it saturates at 2^31 - 1 instead of wrapping.
       weight: ``w_t`` of each average, in JAX's default float dtype (float32; float64 under
         x64), like all decay arithmetic: ``[]`` for one decay, ``[K]`` for K decays.
       ema: the accumulators, a tree like the params. With K decays every leaf has a
@@ -80,11 +86,8 @@ class EmaTransform:
 
     def init(self, params: Params) -> EmaState:
         """A state whose averages are copies of ``params`` (fresh buffers, same shardings)."""
-        leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-        for path, leaf in leaves_with_paths:
-            if not hasattr(leaf, "dtype"):
-                where = jax.tree_util.keystr(path)
-                raise TypeError(f"params{where} must be an array, got {type(leaf).__name__}")
+        leaves_with_paths = _array_leaves(params)
+        self._warn_inaccurate({self._accumulator(leaf.dtype) for _, leaf in leaves_with_paths})
         averages_shape = (len(self.decays),) if self.stacked else ()
         initial_weights = [0.0 if d else 1.0 for d in self.debias]
         return EmaState(
@@ -114,17 +117,22 @@ class EmaTransform:
                 f"state must be the EmaState returned by init(params), got {type(state).__name__}"
             )
         self._check_matches(params, state)
-        t = state.count + 1
+        t = optax.safe_increment(state.count)  # saturates at 2^31 - 1 instead of wrapping
         betas = _decays_at(self.decays, t, self.update_every).reshape(state.weight.shape)
         copying = t <= self.start_step
         betas = jnp.where(copying, 0.0, betas)
         due = copying | (t % self.update_every == 0)
+        # Always checked (scalar work): a decay that is NaN/Inf or outside [0, 1] (a faulty
+        # schedule) skips the update and is counted, so the shadow stays an average.
+        decay_ok = jnp.all((betas >= 0.0) & (betas <= 1.0))  # False for NaN
         if not self.skip_nonfinite:
-            finite = jnp.bool_(True)
+            finite = decay_ok
         elif self.update_every == 1:
-            finite = _all_finite(params)  # every step is due
+            finite = decay_ok & _all_finite(params)  # every step is due
         else:  # read the params only on the steps that update
-            finite = lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
+            finite = decay_ok & lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
+        finite = finite | ~due  # steps not due are neither checked nor counted
+        betas = jnp.where(decay_ok, betas, 0.0)  # no NaN reaches the weight, even unapplied
         apply = due & finite
         alpha, keep, weight = _coefficients(betas, state.weight, apply)
 
@@ -132,17 +140,31 @@ class EmaTransform:
             return _average(ema, params, alpha, keep, apply)
 
         if self.update_every == 1 and not self.skip_nonfinite:
-            new_ema = average(state.ema)  # no step is ever skipped: no branch to wait on
+            # Rarely skipped (a faulty decay only): α = 0 then leaves the average exact, so
+            # there is no branch to wait on.
+            new_ema = average(state.ema)
         else:
             # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
             new_ema = lax.cond(apply, average, lambda ema: ema, state.ema)
         new_state = state.replace(
             count=t,
-            num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+            num_skipped=jnp.where(
+                finite, state.num_skipped, optax.safe_increment(state.num_skipped)
+            ),
             weight=weight,
             ema=new_ema,
         )
         return shadow(new_state), new_state
+
+    def _warn_inaccurate(self, accumulators: set[np.dtype]) -> None:
+        """Warns for a constant decay too long for float32 accumulators (see
+        ``_checks.accuracy``); narrower ones were warned about by :func:`ema`."""
+        bits = [np.finfo(d).bits for d in accumulators if _is_float(d)]
+        narrowest = min((b for b in bits if b >= 32), default=None)
+        for i, d in enumerate(self.decays):
+            if narrowest is not None and not callable(d):
+                name = f"decay[{i}]" if self.stacked else "decay"
+                _checks.accuracy(name, d, np.dtype(f"float{narrowest}"))
 
     def _accumulator(self, dtype: Any) -> np.dtype:
         """float32 for floats narrower than 32 bits unless ``accumulator_dtype`` is set;
@@ -160,7 +182,19 @@ class EmaTransform:
         return dtype
 
     def _check_matches(self, params: Params, state: EmaState) -> None:
-        """A ``ValueError`` naming the first path where ``params`` and the state differ."""
+        """A ``ValueError`` naming the first path where ``params`` and the state differ
+        (tree, shape, or kind of dtype: bool / integer / real / complex)."""
+        if state.weight.ndim != int(self.stacked) or (
+            self.stacked and state.weight.shape[0] != len(self.decays)
+        ):
+            k = num_averages(state)
+            have = "one average" if k is None else f"{k} averages"
+            want = f"{len(self.decays)} averages" if self.stacked else "one average"
+            raise ValueError(
+                f"the state holds {have} but this transform keeps {want}: pass the state "
+                "made by this transform's init"
+            )
+        leaves_with_paths = _array_leaves(params)
         trailing = state.weight.ndim  # the averages axis, if any
 
         def flat(tree: Params, drop: int) -> dict[str, Any]:
@@ -179,6 +213,14 @@ class EmaTransform:
             problem = "the params tree's node types differ from the EMA state's"
         if problem is not None:
             raise ValueError(f"params do not match the EMA state: {problem}")
+        for (path, leaf), dtype in zip(leaves_with_paths, state.param_dtypes, strict=True):
+            if _kind(leaf.dtype) != _kind(dtype):
+                raise ValueError(
+                    f"params do not match the EMA state: params{jax.tree_util.keystr(path)} "
+                    f"has dtype {np.dtype(leaf.dtype).name} in the params, {dtype.name} in the "
+                    f"EMA state ({_kind(leaf.dtype)} vs {_kind(dtype)} values cannot be "
+                    "averaged into each other)"
+                )
 
 
 def ema(
@@ -237,15 +279,32 @@ def ema(
         decays=decays,
         debias=debiases,
         stacked=stacked,
-        update_every=_checks.integer("update_every", update_every, 1),  # type: ignore[arg-type]
-        start_step=_checks.integer("start_step", start_step, 0),  # type: ignore[arg-type]
-        accumulator_dtype=(
-            None
-            if accumulator_dtype is None
-            else _checks.floating_dtype("accumulator_dtype", accumulator_dtype)
-        ),
+        # Steps are int32 (the count saturates at 2^31 - 1): larger settings would never apply.
+        update_every=_checks.integer("update_every", update_every, 1, maximum=_MAX_STEP),  # type: ignore[arg-type]
+        start_step=_checks.integer("start_step", start_step, 0, maximum=_MAX_STEP - 1),  # type: ignore[arg-type]
+        accumulator_dtype=_narrow_ok(accumulator_dtype),
         skip_nonfinite=_checks.flag("skip_nonfinite", skip_nonfinite),
     )
+
+
+def _narrow_ok(accumulator_dtype: Any) -> np.dtype | None:
+    """The checked ``accumulator_dtype``; a warning when it is narrower than float32 (kept,
+    as asked: bf16 loses any step below half its ulp, so its average stalls far from the
+    params, and float16 overflows above 65504)."""
+    if accumulator_dtype is None:
+        return None
+    dtype = _checks.floating_dtype("accumulator_dtype", accumulator_dtype)
+    if np.finfo(dtype).bits < 32:
+        warnings.warn(
+            f"accumulator_dtype={dtype.name} is narrower than float32: each EMA step is "
+            f"rounded to {dtype.name}, so an average with a decay near 1 stalls far from the "
+            "params (bfloat16, decay 0.999: 0.25 instead of 0.993 after 5000 steps towards "
+            "1.0) and float16 overflows above 65504. Leave accumulator_dtype=None (float32 "
+            "for narrow params) unless you have measured that it suffices",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dtype
 
 
 def _decay(name: str, value: Decay) -> float | schedules.Schedule:
@@ -302,6 +361,32 @@ def _average(
     return jax.tree.map(leaf, ema, params)
 
 
+def _array_leaves(params: Params) -> list[tuple[Any, Any]]:
+    """``(path, leaf)`` pairs of ``params``; a ``TypeError`` naming the first leaf that is not
+    an array (a Python float, a string, ...)."""
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves_with_paths:
+        if not hasattr(leaf, "dtype"):
+            where = jax.tree_util.keystr(path)
+            raise TypeError(
+                f"params{where} must be an array (e.g. jnp.asarray(...)), got {type(leaf).__name__}"
+            )
+    return leaves_with_paths
+
+
+def _kind(dtype: Any) -> str:
+    """``"bool"``, ``"integer"``, ``"complex"`` or ``"real"``: dtypes of one kind may be cast
+    into each other's accumulators, different kinds may not."""
+    for kind, family in (
+        ("bool", jnp.bool_),
+        ("integer", jnp.integer),
+        ("complex", jnp.complexfloating),
+    ):
+        if jnp.issubdtype(dtype, family):
+            return kind
+    return "real"
+
+
 def _is_float(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.inexact))
 
@@ -318,14 +403,17 @@ def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.
     """``a + α·(b - a)``, exact at both ends: α = 0 gives ``a``, α = 1 (keep = 0) gives ``b``,
     and ``a == b`` gives ``a``.
 
-    Computed as ``a + (α·b - α·a)`` (``b - (keep·b - keep·a)`` for α ≥ 0.5): ``b - a``
+    Computed as ``a + (α·b - α·a)`` (``b - (keep·b - keep·a)`` for α ≥ 0.5; exactly ``b``
+    for keep = 0 and ``a`` for α = 0, whatever the other end holds): ``b - a``
     overflows for huge finite values of opposite signs, the scaled terms cannot. ``keep =
     1 - α`` is passed in so it is not re-rounded; the scalar branch costs nothing in a
     memory-bound loop.
     """
     alpha = alpha.astype(a.dtype)
     keep = keep.astype(a.dtype)
-    return jnp.where(alpha < 0.5, a + (alpha * b - alpha * a), b - (keep * b - keep * a))
+    lerped = jnp.where(alpha < 0.5, a + (alpha * b - alpha * a), b - (keep * b - keep * a))
+    # A copy is a copy and a skip a skip, even where the other end is Inf/NaN (0·Inf = NaN).
+    return jnp.where(keep == 0, b, jnp.where(alpha == 0, a, lerped))
 
 
 def _all_finite(tree: Params) -> jax.Array:
@@ -386,9 +474,12 @@ def accumulators(state: EmaState, ema_index: int | None = None) -> Params:
         if ema_index not in (None, 0):
             raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
         return state.ema
-    i = 0 if ema_index is None else ema_index
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < k:
-        raise ValueError(f"ema_index must be in [0, {k}), got {ema_index!r}")
+    try:  # Python and NumPy ints, concrete integer arrays; not bools, floats or tracers
+        i = 0 if ema_index is None else operator.index(ema_index)
+    except TypeError:
+        i = -1
+    if isinstance(ema_index, (bool, np.bool_)) or not 0 <= i < k:
+        raise ValueError(f"ema_index must be in [0, {k}), got {ema_index!r} (a static int)")
     return jax.tree.map(lambda x: x[..., i], state.ema)
 
 
