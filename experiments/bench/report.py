@@ -188,16 +188,19 @@ def goal_row(goal: Goal, m: Measured) -> list[str]:
     ]
 
 
-def goals_table(results: dict[str, Any], goals: Sequence[Goal] = GOALS) -> list[str]:
-    """Every goal against every measured row of its section (sections not run: no rows)."""
-    rows = [
-        goal_row(goal, m)
-        for goal in goals
-        if results.get(goal.section)
-        for m in MEASURED[goal.section](results[goal.section])
-        if goal.metric_key in m.metrics  # e.g. no torch, no speed vs torch
-    ]
-    return table(("goal", "measured", "target", "met"), rows)
+def goals_tables(results: dict[str, Any], goals: Sequence[Goal] = GOALS) -> list[str]:
+    """One table per goal: the goal against every measured row of its section (sections
+    not run, or rows without the goal's metric, e.g. no torch: no rows, no table)."""
+    out: list[str] = []
+    for goal in goals:
+        measured = (
+            MEASURED[goal.section](results[goal.section]) if results.get(goal.section) else []
+        )
+        rows = [goal_row(goal, m) for m in measured if goal.metric_key in m.metrics]
+        if rows:
+            out += ["", f"#### {goal.name}: {goal.description}"]
+            out += table(("measured", "value", "target", "met"), rows)
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -328,7 +331,7 @@ def report(results: dict[str, Any]) -> str:
                     "settings); > 1: ema_jax is faster"
                 )
                 out += [*update_table(results[key], ms_key), ""]
-    out += ["### Goals", *goals_table(results)]
+    out += ["### Goals", *goals_tables(results)]
     for key, section in SECTIONS.items():
         if results.get(key):
             out += ["", *section(results[key])]
