@@ -16,6 +16,7 @@ from experiments.bench.bandwidth import bench_bandwidth
 from experiments.bench.flags import FLAG_SETS, bench_flags
 from experiments.bench.memory import bench_memory
 from experiments.bench.multi_decay import bench_multi_decay
+from experiments.bench.nnx_update import bench_nnx
 from experiments.bench.report import report
 from experiments.bench.train_step import bench_mlp_step, bench_train_step
 from experiments.bench.update import bench_choices, bench_goal_row, bench_leaf_overhead, torch
@@ -31,6 +32,7 @@ class Plan:
 
     g1_sizes: tuple[Size, ...]
     g2_sizes: tuple[Size, ...]
+    g5_sizes: tuple[Size, ...]
     bandwidth_sizes: tuple[Size, ...]
     repeats: int
     adam_size: Size
@@ -43,6 +45,7 @@ class Plan:
 QUICK = Plan(
     g1_sizes=((1_000_000, 100),),
     g2_sizes=((1_000_000, 1000),),
+    g5_sizes=((1_000_000, 100),),
     bandwidth_sizes=((1_000_000, 10),),
     repeats=5,
     adam_size=(1_000_000, 100),
@@ -54,6 +57,7 @@ QUICK = Plan(
 FULL = Plan(
     g1_sizes=((10_000_000, 100), (100_000_000, 100)),
     g2_sizes=((10_000_000, 1000),),
+    g5_sizes=((10_000_000, 100), (1_000_000, 1000)),
     bandwidth_sizes=((10_000_000, 100), (100_000_000, 100)),
     repeats=30,
     adam_size=(10_000_000, 100),
@@ -132,7 +136,7 @@ def measure_updates(sizes: tuple[Size, ...], repeats: int) -> list[dict[str, Any
 
 
 def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[str, Any]:
-    """G1–G4, P3, P4, the per-leaf cost, the choices and (unless ``--no-flags``) the XLA
+    """G1–G5, P3, P4, the per-leaf cost, the choices and (unless ``--no-flags``) the XLA
     flags."""
     n, leaves = plan.adam_size
     out: dict[str, Any] = {
@@ -145,6 +149,8 @@ def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[st
         bench_train_step(args.p2_model, args.p2_batch, steps=20, repeats=plan.train_rounds),
     ]
     print("G4:", out["g4"], flush=True)
+    out["g5"] = [bench_nnx(n, k, repeats) for n, k in plan.g5_sizes]
+    print("G5:", [r["ms"] for r in out["g5"]], flush=True)
     out["p3"] = bench_memory(n, leaves)
     out["p4"] = [
         bench_multi_decay(n, k, repeats, skip_nonfinite=chk)

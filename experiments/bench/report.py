@@ -85,20 +85,21 @@ def update_measured(rows: list[dict[str, Any]]) -> list[Measured]:
 
 
 def nnx_measured(rows: list[dict[str, Any]]) -> list[Measured]:
-    """Per size: ema_jax.nnx.EMA's paired speed relative to flax's nnx.EMA and to the
-    functional update (other time / ema_jax.nnx time)."""
+    """Per size and NNX mode: ema_jax.nnx.EMA's paired speed relative to flax's nnx.EMA
+    (same mode) and to the functional update (other time / ema_jax.nnx time)."""
     return [
         Measured(
-            f"{r['params']:.0e} params, {r['leaves']} leaves, cold caches, paired over "
-            f"{r['repeats']} rounds: ms {', '.join(f'{k} {v:.2f}' for k, v in r['ms'].items())};"
-            f" vs nnx.EMA {_quartiles(r['paired']['nnx.EMA'])}, vs ema_jax "
-            f"{_quartiles(r['paired']['ema_jax'])}",
+            f"`{ours}`, {r['params']:.0e} params, {r['leaves']} leaves, cold caches, paired over "
+            f"{r['repeats']} rounds: vs nnx.EMA {_quartiles(paired['nnx.EMA'])}, vs ema_jax "
+            f"{_quartiles(paired['ema_jax'])}; ms: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["ms"].items()),
             {
-                "speed vs nnx.EMA": r["paired"]["nnx.EMA"]["ratio"],
-                "speed vs ema_jax": r["paired"]["ema_jax"]["ratio"],
+                "speed vs nnx.EMA": paired["nnx.EMA"]["ratio"],
+                "speed vs ema_jax": paired["ema_jax"]["ratio"],
             },
         )
         for r in rows
+        for ours, paired in r["paired"].items()
     ]
 
 

@@ -1,0 +1,183 @@
+"""ema_jax.nnx.EMA (issue 14): flax's nnx.EMA API over the one functional transform."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import ema_jax
+import ema_jax.nnx
+from ema_jax import schedules
+
+
+class Net(nnx.Module):
+    """Linear, BatchNorm and Dropout: Params, BatchStats and RNG state."""
+
+    def __init__(self, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.lin = nnx.Linear(3, 4, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.bn = nnx.BatchNorm(4, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs, param_dtype=dtype, dtype=dtype)
+
+    def __call__(self, x):
+        return self.out(self.drop(nnx.relu(self.bn(self.lin(x)))))[:, 0]
+
+
+def _net(dtype=jnp.float32) -> Net:
+    return Net(nnx.Rngs(0, dropout=1), dtype)
+
+
+def _batches(n: int = 8):
+    rng = np.random.default_rng(0)
+    return [
+        (jnp.asarray(rng.normal(size=(16, 3)), jnp.float32), jnp.asarray(rng.normal(size=16)))
+        for _ in range(n)
+    ]
+
+
+def _loss(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+
+@nnx.jit
+def _train_step(model, optimizer, averages, x, y):
+    grads = nnx.grad(_loss)(model, x, y)
+    optimizer.update(model, grads)
+    for average in averages:
+        average.update(model)
+
+
+def _train(averages, model, steps: int = 8):
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    for x, y in _batches(steps):
+        _train_step(model, optimizer, averages, x, y)
+    return optimizer
+
+
+def test_plain_decay_matches_flax_nnx_ema_and_the_views_agree():
+    """Acceptance 1: after a jitted Adam loop, ``apply_to``'s params equal flax's
+    ``nnx.EMA(model, β, only=nnx.Param)``'s within 1e-6, and both views give the same
+    outputs in eval mode; BatchNorm statistics and RNG state come from the model."""
+    model = _net()
+    ours, theirs = ema_jax.nnx.EMA(model, 0.9), nnx.EMA(model, 0.9, only=nnx.Param)
+    _train((ours, theirs), model)
+    view, reference = ours.apply_to(model), theirs.apply_to(model)
+    got, want = nnx.state(view, nnx.Param), nnx.state(reference, nnx.Param)
+    assert len(jax.tree.leaves(got)) == len(jax.tree.leaves(want)) == 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
+    assert not np.allclose(
+        got["lin"]["kernel"][...], nnx.state(model, nnx.Param)["lin"]["kernel"][...]
+    )
+    np.testing.assert_array_equal(view.bn.mean[...], model.bn.mean[...])  # not averaged
+    view.eval()
+    reference.eval()
+    x = _batches(1)[0][0]
+    np.testing.assert_allclose(view(x), reference(x), atol=1e-6)
+    assert int(ours.count[...]) == 8 and ours.decay == 0.9
+
+
+def _functional_run(tx, model_states):
+    """The functional transform over the same sequence of params (leaf lists)."""
+    state = tx.init(model_states[0])
+    shadows = []
+    update = jax.jit(tx.update)
+    for params in model_states[1:]:
+        shadow, state = update(params, state)
+        shadows.append(shadow)
+    return shadows, state
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": 0.9, "debias": True},
+        {"decay": schedules.power_function(sigma_rel=0.1), "update_every": 3},
+        {"decay": schedules.tf_warmup(0.99), "start_step": 2},
+        {"decay": (0.5, 0.9, schedules.half_life(3.0)), "debias": (True, False, True)},
+    ],
+    ids=["debias", "schedule, update_every", "start_step", "three decays"],
+)
+def test_options_equal_the_functional_transform_bitwise(kwargs):
+    """Acceptance 2: every option is the functional ``ema_jax.ema``'s, bitwise, on the same
+    params sequence (and so the float64 references of the functional tests)."""
+    decay = kwargs.pop("decay")
+    model = _net()
+    averager = ema_jax.nnx.EMA(model, decay, **kwargs)
+    seen = [jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+    @nnx.jit
+    def step(model, optimizer, averager, x, y):
+        optimizer.update(model, nnx.grad(_loss)(model, x, y))
+        averager.update(model)
+        return nnx.state(model, nnx.Param)
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    for x, y in _batches(7):
+        seen.append(jax.tree.leaves(step(model, optimizer, averager, x, y)))
+    shadows, state = _functional_run(ema_jax.ema(decay, **kwargs), seen)
+    jax.tree.map(np.testing.assert_array_equal, averager.state.ema, state.ema)
+    assert int(averager.state.count) == int(state.count) == 7
+    k = ema_jax.num_averages(state)
+    for i in range(k or 1):
+        got = jax.tree.leaves(averager.shadow(i if k else None))
+        want = shadows[-1][i] if k else shadows[-1]
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    if k:
+        assert isinstance(averager.params, tuple) and len(averager.params) == k
+
+
+def test_bf16_model_follows_the_fp32_prediction():
+    """Acceptance 3: bf16 params, β = 0.999: the fp32 accumulators follow the exact average
+    of the params seen (no stall), where flax's bf16 nnx.EMA stays put."""
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    ours, theirs = ema_jax.nnx.EMA(model, 0.999), nnx.EMA(model, 0.999, only=nnx.Param)
+    assert all(a.dtype == jnp.float32 for a in ours.state.ema)
+    start = np.asarray(model.kernel[...], np.float64)
+    target = start + 1.0
+    model.kernel[...] = jnp.asarray(target, jnp.bfloat16)
+    update = nnx.jit(lambda averagers, m: [a.update(m) for a in averagers])
+    for _ in range(500):
+        update((ours, theirs), model)
+    reached = np.asarray(model.kernel[...], np.float64)  # the target, rounded to bf16
+    exact = reached + 0.999**500 * (start - reached)
+    got = np.asarray(ours.state.ema[1], np.float64)  # leaves: bias, kernel
+    np.testing.assert_allclose(got, exact, atol=2e-3)
+    assert ours.shadow()["kernel"][...].dtype == jnp.bfloat16
+    stalled = np.asarray(theirs.params["kernel"][...], np.float64)
+    assert np.abs(stalled - exact).max() > 0.1  # flax's bf16 average barely moved
+
+
+def test_default_filter_skips_rng_state_and_bad_filters_name_the_path():
+    """Acceptance 5: the default ``only=nnx.Param`` works on a model with Dropout RNG state
+    (flax's default ``...`` fails there); a filter selecting nothing or RNG keys is refused
+    naming the path."""
+    model = _net()
+    averager = ema_jax.nnx.EMA(model, 0.99)
+    assert len(averager.state.ema) == 6
+    with pytest.raises(TypeError, match="key<fry>"):
+        nnx.EMA(model, 0.99).update(model)  # flax's default filter averages the RNG key
+    with pytest.raises(ValueError, match="selects no Variable"):
+        ema_jax.nnx.EMA(model, 0.99, only=nnx.Intermediate)
+    with pytest.raises(ValueError, match=r"selects RNG state at 'drop/rngs/(count|key)'"):
+        ema_jax.nnx.EMA(model, 0.99, only=...)
+    averaged = ema_jax.nnx.EMA(model, 0.99, only=(nnx.Param, nnx.BatchStat))
+    assert len(averaged.state.ema) == 8
+    with pytest.raises(ValueError, match="decay"):
+        ema_jax.nnx.EMA(model, 1.5)
+
+
+def test_the_ema_state_is_invisible_to_param_filters_and_donatable():
+    """The EMA's own Variables are not Params (an optimizer over a container never trains
+    them), and ``nnx.jit(..., donate_argnums=)`` updates them in place."""
+    model = _net()
+    averager = ema_jax.nnx.EMA(model, 0.9)
+    container = nnx.Dict(model=model, ema=averager)
+    assert set(nnx.state(container, nnx.Param)) == {"model"}
+    step = nnx.jit(lambda a, m: a.update(m), donate_argnums=0)
+    old = averager.accumulators[0][...]
+    step(averager, model)
+    assert old.is_deleted() and int(averager.count[...]) == 1
