@@ -285,9 +285,15 @@ def export_ema_params(
     any Orbax ``StandardCheckpointer``). Blocks until written; ``force=True`` overwrites an
     existing ``path``. In multi-process training every process calls this.
     """
-    tree = deploy_params(state, dtype=dtype, ema_index=ema_index)
+    export_params(path, deploy_params(state, dtype=dtype, ema_index=ema_index), force=force)
+
+
+def export_params(path: str | os.PathLike[str], params: Params, *, force: bool = False) -> None:
+    """Writes a params tree as the standalone artefact :func:`load_exported` reads (what
+    :func:`export_ema_params` writes; e.g. a synthesized post-hoc EMA). Blocks until
+    written; ``force=True`` overwrites an existing ``path``."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), tree, force=force)
+        checkpointer.save(os.path.abspath(path), params, force=force)
         checkpointer.wait_until_finished()
 
 
@@ -305,6 +311,7 @@ __all__ = [
     "STATE",
     "deploy_params",
     "export_ema_params",
+    "export_params",
     "load_ema_params",
     "load_exported",
     "manager",
