@@ -38,7 +38,7 @@ def constant(decay: float) -> Schedule:
     def schedule(t: jax.Array) -> jax.Array:
         return jnp.full(jnp.shape(t), decay, dtype=default_float())
 
-    return _with_product(schedule, lambda t, n: jnp.asarray(decay, default_float()) ** n)
+    return _with_product(schedule, lambda t, n: jnp.asarray(decay, default_float()) ** _float(n))
 
 
 def tf_warmup(decay: float = 0.9999) -> Schedule:

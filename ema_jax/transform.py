@@ -272,7 +272,13 @@ def _decays_at(
         # The update stands for the steps since the previous one: (t - n, t], n = k, or
         # fewer right after the copies of start_step.
         n = jnp.clip(t - start_step, 0, update_every)
-        return jnp.stack([_window_decay(d, t, n, update_every) for d in decays])
+
+        def products() -> jax.Array:
+            return jnp.stack([_window_decay(d, t, n, update_every) for d in decays])
+
+        # Only steps that update need them (a schedule may cost k evaluations).
+        due = (t % update_every == 0) | (t <= start_step)
+        return lax.cond(due, products, lambda: jnp.ones([len(decays)], scalar))
     return jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
 
 
@@ -288,7 +294,7 @@ def _window_decay(
     """
     scalar = schedules.default_float()
     if not callable(decay):
-        return jnp.asarray(decay, scalar) ** n
+        return jnp.asarray(decay, scalar) ** n.astype(scalar)
     product = getattr(decay, "decay_product", None)
     if product is not None:
         return jnp.asarray(product(t, n), scalar).reshape(())
