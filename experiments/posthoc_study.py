@@ -77,7 +77,7 @@ def time_recording(cfg: Config, ds: Any, every: int, rounds: int, directory: Pat
     averages and one snapshot), alternating ``rounds`` times; no evaluation."""
     keys = train_rul.run_keys(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    runs = {}
+    runs: dict[bool, list[Any]] = {}
     for record in (False, True):
         scoring, state = recording_state(cfg, ds, keys.init, record)
         step = ema_jax.make_train_step(scoring.train_loss)
@@ -294,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         path.write_text(json.dumps(result, indent=1))
         print(f"seed {seed}: chosen σ_rel {result['chosen_sigma_rel']}, test {result['test_rmse']}")
         if seed == 0 and args.timing_rounds and not timing_path.exists():
-            timing = time_recording(
+            measured = time_recording(
                 cfg, ds, args.snapshot_every, args.timing_rounds, runs_dir / "timing_snapshots"
             )
-            timing_path.write_text(json.dumps(timing, indent=1))
+            timing_path.write_text(json.dumps(measured, indent=1))
     runs = [
         json.loads((runs_dir / f"seed{s}.json").read_text())
         for s in range(args.seeds)
