@@ -154,9 +154,9 @@ def _trajectory(key, t, shape):
 @pytest.fixture(scope="module")
 def recorded():
     """1200 steps of params through ema((pf 0.05, pf 0.10, pf 0.15)), for update_every 1
-    and 4; snapshots of the first two every 60 steps; the tracked 0.15 and the params."""
+    and 20; snapshots of the first two every 60 steps; the tracked 0.15 and the params."""
     out = {}
-    for k in (1, 4):
+    for k in (1, 20):
         tx = ema_jax.ema(
             (PF(sigma_rel=0.05), PF(sigma_rel=0.10), PF(sigma_rel=0.15)),
             update_every=k,
@@ -184,17 +184,18 @@ def recorded():
     return out
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [1, 20])
 def test_synthesized_matches_directly_tracked_ema(recorded, k):
     """Acceptance 2: synthesize(0.15) from the 0.05/0.10 snapshots is within 1 % of the
     σ_rel = 0.15 EMA tracked in the same run, relative to that EMA's distance from the raw
-    params (measured: ~1e-4 for k = 1, ~3e-4 for k = 4)."""
+    params. Measured ~4e-4 for k = 1 and 20; with the old ``β_t^k`` rule k = 20 gives
+    ~2e-3 (its profile is not the one the solver assumes), hence the tighter 1e-3 bound."""
     snaps, tracked, raw = recorded[k]
     got = posthoc.synthesize(snaps, 0.15)
     assert got["b"].dtype == jnp.float32 and got["w"].shape == (8, 16)
     error = float(jnp.linalg.norm(got["w"] - tracked["w"]))
     distance = float(jnp.linalg.norm(tracked["w"] - raw))
-    assert error / distance < 0.01, error / distance
+    assert error / distance < 1e-3, error / distance
 
 
 # --------------------------------------------------------------------------- acceptance 3
@@ -360,7 +361,8 @@ def test_streaming_memory_stays_at_one_snapshot_plus_output(tmp_path):
 
 def test_sharded_target_lands_sharded(tmp_path):
     """On 8 host CPU devices (tests/conftest.py): sharded params recorded, synthesized onto
-    a sharded target: every leaf lands with the target's sharding, values as in memory."""
+    a target sharded another way: every leaf lands with the target's sharding (not the
+    recorded one), values as in memory."""
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     specs = {"w": P("data", "model"), "b": P()}
     sharding = {k: NamedSharding(mesh, v) for k, v in specs.items()}
@@ -379,10 +381,12 @@ def test_sharded_target_lands_sharded(tmp_path):
                     (t, 0.05, ema_jax.accumulators(state, 0)),
                     (t, 0.10, ema_jax.accumulators(state, 1)),
                 ]
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
-    )
+    # Another layout than the recorded one: each snapshot is read straight into it.
+    wanted = {"w": NamedSharding(mesh, P(None, "data")), "b": NamedSharding(mesh, P("model"))}
+    target = {
+        k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=wanted[k]) for k, x in params.items()
+    }
     got = posthoc.synthesize_from(tmp_path, 0.07, target=target)
     for name, leaf in got.items():
-        assert leaf.sharding.is_equivalent_to(sharding[name], leaf.ndim), (name, leaf.sharding)
+        assert leaf.sharding.is_equivalent_to(wanted[name], leaf.ndim), (name, leaf.sharding)
     tree_allclose(got, posthoc.synthesize(memory, 0.07), rtol=1e-6)
