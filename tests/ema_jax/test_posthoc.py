@@ -297,6 +297,8 @@ def test_directory_round_trip_and_cli(tmp_path):
                 }
             },
         )
+    with pytest.raises(ValueError, match=r"every snapshot is after out_step=2 \(the earliest"):
+        posthoc.synthesize_from(directory, 0.08, step=2)
     with pytest.raises(FileNotFoundError, match="no snapshots in"):
         posthoc.synthesize_from(tmp_path, 0.08)
     out = tmp_path / "export"
@@ -390,3 +392,16 @@ def test_sharded_target_lands_sharded(tmp_path):
     for name, leaf in got.items():
         assert leaf.sharding.is_equivalent_to(wanted[name], leaf.ndim), (name, leaf.sharding)
     tree_allclose(got, posthoc.synthesize(memory, 0.07), rtol=1e-6)
+
+
+def test_directory_with_mismatched_snapshots_names_the_path(tmp_path):
+    with posthoc.snapshot_manager(tmp_path, async_save=False) as mngr:
+        posthoc.save_snapshot(mngr, 10, [_tree(), _tree(1)])
+        posthoc.save_snapshot(mngr, 20, [{"w": jnp.ones((2, 3))}] * 2)
+        with pytest.raises(ValueError, match="sigma_rels gives 1"):
+            posthoc.save_snapshot(mngr, 30, [_tree(), _tree()], sigma_rels=(0.05,))
+    with pytest.raises(
+        ValueError,
+        match=r"averages.b is in the snapshot of step 10 but not in the snapshot of step 20",
+    ):
+        posthoc.synthesize_from(tmp_path, 0.1)
