@@ -8,8 +8,9 @@ Orbax snapshots every ``--snapshot-every`` epochs into ``<runs>/seed<s>/posthoc`
 directory, all kept). After training, ``ema_jax.posthoc.synthesize_from`` gives the EMA of
 every σ_rel of ``--sigma-grid``; the one with the lowest validation RMSE is chosen
 (validation only) and scored on test once, with raw and the directly tracked EMAs of the
-same run (``last`` rule). Seed 0 also times training with and without recording
-(alternating, training steps and snapshot writes only: the ratio is the recording cost).
+same run (``last`` rule). Then seed 0's configuration is timed with and without recording
+(``--timing-rounds``, alternating, training steps and snapshot writes only: the ratio is
+the recording cost), unless ``<runs>/timing.json`` exists.
 
 A script of its own, not a ``train_rul`` flag: the recorded averages and the snapshot
 callback change the run's variants and outputs, which every ``train_rul`` report reads.
@@ -271,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
     p.add_argument("--snapshot-every", type=int, default=5, help="epochs between snapshots")
     p.add_argument("--sigma-grid", type=float, nargs="+", default=GRID, help="σ_rel to try")
-    p.add_argument("--timing-rounds", type=int, default=2, help="seed 0's timing rounds (0: none)")
+    p.add_argument("--timing-rounds", type=int, default=6, help="timing rounds (0: none)")
     p.add_argument("--runs", default="runs/posthoc", help="per-seed outputs (resumable)")
     p.add_argument("--out", default="experiments/results", help="report directory")
     p.add_argument("--name", default="posthoc", help="report file name")
@@ -293,11 +294,16 @@ def main(argv: Sequence[str] | None = None) -> str:
         result = run_seed(cfg, ds, runs_dir / f"seed{seed}", args.snapshot_every, args.sigma_grid)
         path.write_text(json.dumps(result, indent=1))
         print(f"seed {seed}: chosen σ_rel {result['chosen_sigma_rel']}, test {result['test_rmse']}")
-        if seed == 0 and args.timing_rounds and not timing_path.exists():
-            measured = time_recording(
-                cfg, ds, args.snapshot_every, args.timing_rounds, runs_dir / "timing_snapshots"
-            )
-            timing_path.write_text(json.dumps(measured, indent=1))
+    if args.timing_rounds and not args.report_only and not timing_path.exists():
+        cfg = replace(base, seed=0)
+        measured = time_recording(
+            cfg,
+            train_rul.load_data(cfg),
+            args.snapshot_every,
+            args.timing_rounds,
+            runs_dir / "timing_snapshots",
+        )
+        timing_path.write_text(json.dumps(measured, indent=1))
     runs = [
         json.loads((runs_dir / f"seed{s}.json").read_text())
         for s in range(args.seeds)
