@@ -405,3 +405,20 @@ def test_directory_with_mismatched_snapshots_names_the_path(tmp_path):
         match=r"averages.b is in the snapshot of step 10 but not in the snapshot of step 20",
     ):
         posthoc.synthesize_from(tmp_path, 0.1)
+
+
+def test_snapshots_in_a_chosen_dtype_synthesize_in_the_params_dtype(tmp_path):
+    """``dtype=bfloat16`` stores bf16 (half the bytes); the result is in the params' float32,
+    equal to synthesizing the bf16-rounded snapshots."""
+    trees = [{"w": jnp.linspace(0.0, 1.0, 6) + 0.001 * j} for j in range(4)]
+    with posthoc.snapshot_manager(tmp_path, async_save=False) as mngr:
+        posthoc.save_snapshot(mngr, 10, trees[:2], dtype=jnp.bfloat16)
+        posthoc.save_snapshot(mngr, 20, trees[2:], dtype=jnp.bfloat16)
+    got = posthoc.synthesize_from(tmp_path, 0.12)
+    assert got["w"].dtype == jnp.float32
+    rounded = [jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), t) for t in trees]
+    steps_sigmas = [(10, 0.05), (10, 0.10), (20, 0.05), (20, 0.10)]
+    want = posthoc.synthesize(
+        [(s, g, t) for (s, g), t in zip(steps_sigmas, rounded, strict=True)], 0.12
+    )
+    tree_allclose(got, want, rtol=1e-6)
