@@ -5,7 +5,8 @@ state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-
 state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
 
-``ema_jax.checkpoint`` (Orbax) is imported on first use, so ``import ema_jax`` stays light.
+``ema_jax.checkpoint`` (Orbax) and ``ema_jax.posthoc`` are imported on first use, so
+``import ema_jax`` stays light.
 """
 
 import importlib
@@ -57,6 +58,7 @@ __all__ = [
     "make_paired_eval_step",
     "make_train_step",
     "num_averages",
+    "posthoc",
     "scale_decay",
     "schedules",
     "shadow",
@@ -66,7 +68,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``ema_jax.checkpoint`` loads Orbax (and tensorstore) only when it is first used."""
-    if name == "checkpoint":
-        return importlib.import_module("ema_jax.checkpoint")
+    """``ema_jax.checkpoint`` (Orbax, tensorstore) and ``ema_jax.posthoc`` load on first use."""
+    if name in ("checkpoint", "posthoc"):
+        return importlib.import_module(f"ema_jax.{name}")
     raise AttributeError(f"module 'ema_jax' has no attribute {name!r}")

@@ -539,12 +539,21 @@ def export_ema_params(
     them and verified by :func:`load_exported`. In multi-process training every process
     calls this.
     """
-    path = os.path.abspath(path)
     _check_alive(_check_state(state), "state")
+    export_params(path, deploy_params(state, dtype=dtype, ema_index=ema_index), force=force)
+
+
+def export_params(path: str | os.PathLike[str], params: Params, *, force: bool = False) -> None:
+    """Writes a params tree as the standalone artefact :func:`load_exported` reads (what
+    :func:`export_ema_params` writes; e.g. a synthesized post-hoc EMA), with a checksum of
+    its arrays that :func:`load_exported` verifies. Blocks until written; ``force=True``
+    overwrites an existing ``path`` (else ``ValueError``)."""
+    path = os.path.abspath(path)
     if os.path.exists(path) and not _checks.flag("force", force):
         raise ValueError(f"{path} already exists: pass force=True to overwrite it")
-    tree = deploy_params(state, dtype=dtype, ema_index=ema_index)
-    args = ocp.args.StandardSave(tree, custom_metadata={_META_KEY: {_CHECKSUMS: _checksums(tree)}})
+    _check_alive(params, "params")
+    meta = {_META_KEY: {_CHECKSUMS: _checksums(params)}}
+    args = ocp.args.StandardSave(params, custom_metadata=meta)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:  # blocking
         checkpointer.save(path, args=args, force=force)
 
@@ -563,6 +572,7 @@ __all__ = [
     "STATE",
     "deploy_params",
     "export_ema_params",
+    "export_params",
     "load_ema_params",
     "load_exported",
     "manager",

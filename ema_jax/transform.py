@@ -118,7 +118,8 @@ class EmaTransform:
             )
         self._check_matches(params, state)
         t = optax.safe_increment(state.count)  # saturates at 2^31 - 1 instead of wrapping
-        betas = _decays_at(self.decays, t, self.update_every).reshape(state.weight.shape)
+        betas = _decays_at(self.decays, t, self.update_every, self.start_step)
+        betas = betas.reshape(state.weight.shape)
         copying = t <= self.start_step
         betas = jnp.where(copying, 0.0, betas)
         due = copying | (t % self.update_every == 0)
@@ -242,7 +243,8 @@ def ema(
         tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
       debias: bias-corrected average; the first update copies θ. With several decays, a
         tuple of bools (one per decay) mixes plain and debiased averages in one pass.
-      update_every: update on every k-th optimizer step only, with ``β_t^k``, so the
+      update_every: update on every k-th optimizer step only, with the product of the
+        decays of the k steps the update stands for (``β^k`` for a constant), so the
         horizon stays in optimizer steps. Steps in between leave the average unchanged.
       start_step: for ``t <= start_step`` the shadow copies the params (``β = 0``).
       accumulator_dtype: dtype of the floating accumulators; ``None`` means float32 for
@@ -317,12 +319,48 @@ def _decay(name: str, value: Decay) -> float | schedules.Schedule:
 
 
 def _decays_at(
-    decays: Sequence[float | schedules.Schedule], t: jax.Array, update_every: int
+    decays: Sequence[float | schedules.Schedule],
+    t: jax.Array,
+    update_every: int,
+    start_step: int = 0,
 ) -> jax.Array:
-    """``[K]`` decays at step ``t``, in the default float; ``β_t^k`` when updating every k."""
+    """``[K]`` decays of an update at step ``t``, in the default float; with
+    ``update_every > 1`` the product of the per-step decays over the steps it stands for
+    (:func:`_window_decay`)."""
     scalar = schedules.default_float()
-    betas = jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
-    return betas**update_every if update_every > 1 else betas
+    if update_every > 1:
+        # The update stands for the steps since the previous one: (t - n, t], n = k, or
+        # fewer right after the copies of start_step.
+        n = jnp.clip(t - start_step, 0, update_every)
+
+        def products() -> jax.Array:
+            return jnp.stack([_window_decay(d, t, n, update_every) for d in decays])
+
+        # Only steps that update need them (a schedule may cost k evaluations).
+        due = (t % update_every == 0) | (t <= start_step)
+        return lax.cond(due, products, lambda: jnp.ones([len(decays)], scalar))
+    return jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
+
+
+def _window_decay(
+    decay: float | schedules.Schedule, t: jax.Array, n: jax.Array, k: int
+) -> jax.Array:
+    """``Π_{j=t-n+1..t} β_j`` (``n <= k`` steps, k static), in the default float.
+
+    ``β^n`` for a constant; a schedule's own closed form when it has one (its
+    ``decay_product(t, n)``, e.g. :func:`~ema_jax.schedules.power_function`'s telescoping
+    ``(1 - n/t)^(γ+1)``); otherwise the schedule evaluated at the k steps ``t-k+1..t`` in
+    one vectorised call (``jax.vmap``) and the last ``n`` multiplied: O(k) scalar work.
+    """
+    scalar = schedules.default_float()
+    if not callable(decay):
+        return jnp.asarray(decay, scalar) ** n.astype(scalar)
+    product = getattr(decay, "decay_product", None)
+    if product is not None:
+        return jnp.asarray(product(t, n), scalar).reshape(())
+    back = jnp.arange(k, dtype=t.dtype)  # t - back: t, t-1, ..., t-k+1
+    betas = jax.vmap(lambda j: jnp.asarray(decay(j), scalar).reshape(()))(t - back)
+    return jnp.prod(jnp.where(back < n, betas, jnp.ones((), scalar)))
 
 
 def _coefficients(

@@ -78,9 +78,11 @@ def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
     # Only updates that were due and skipped count: a NaN on a step in between is not read.
     assert int(state.num_skipped) == sum(t % update_every == 0 for t in bad_steps)
     assert int(state.count) == n
-    # β the transform uses: the schedule's float32 value, raised to update_every.
+    # β the transform uses: the product of the schedule's float32 values over the
+    # update_every steps the update stands for.
     steps = range(1, n + 1)
-    betas = [float(schedule(jnp.int32(t))) ** update_every for t in steps]
+    per_step = [float(schedule(jnp.int32(t))) for t in steps]
+    betas = [float(np.prod(per_step[max(0, t - update_every) : t])) for t in steps]
     applied = [t % update_every == 0 and t not in bad_steps for t in steps]
     ref = np_debiased_closed_form(np.asarray(thetas[1:], np.float64), betas, applied)
     first = applied.index(True)
@@ -362,19 +364,20 @@ def test_start_step_copies_then_averages(debias):
 @pytest.mark.parametrize("debias", [False, True])
 def test_start_step_with_update_every_matches_float64_loop(debias):
     """``start_step=4, update_every=3``: θ_t is copied for t ≤ 4 (every step, due or not);
-    afterwards only t = 6, 9, … update, with β³ (float64 loop, float32 β)."""
+    afterwards only t = 6, 9, … update: t = 6 with β² (it stands for steps 5 and 6, the
+    steps since the copy at 4), later ones with β³ (float64 loop, float32 β)."""
     s, k, beta, n = 4, 3, 0.8, 20
     thetas = jnp.asarray(THETAS[: n + 1, :8], jnp.float32)
     tx = ema_jax.ema(beta, debias=debias, start_step=s, update_every=k)
     outs = np.asarray(scan_updates(tx, thetas[0], thetas[1:])[0])
     theta64 = np.asarray(thetas, np.float64)
-    b = f32(f32(beta) ** k)
-    ema, want = theta64[0], []
+    ema, want, last = theta64[0], [], 0
     for t in range(1, n + 1):
         if t <= s:
-            ema = theta64[t]
+            ema, last = theta64[t], t
         elif t % k == 0:
-            ema = b * ema + (1 - b) * theta64[t]
+            b = f32(f32(beta) ** (t - last))
+            ema, last = b * ema + (1 - b) * theta64[t], t
         want.append(ema)
     np.testing.assert_array_equal(outs[:s], np.asarray(thetas[1 : s + 1]))
     np.testing.assert_allclose(outs, np.stack(want), rtol=1e-5, atol=1e-6)
