@@ -5,7 +5,7 @@ state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-
 state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
 
-``ema_jax.checkpoint`` (Orbax) and ``ema_jax.posthoc`` are imported on first use, so
+``ema_jax.checkpoint`` (Orbax), ``ema_jax.nnx`` and ``ema_jax.posthoc`` are imported on first use, so
 ``import ema_jax`` stays light.
 """
 
@@ -57,6 +57,7 @@ __all__ = [
     "make_eval_step",
     "make_paired_eval_step",
     "make_train_step",
+    "nnx",
     "num_averages",
     "posthoc",
     "scale_decay",
@@ -68,7 +69,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``ema_jax.checkpoint`` (Orbax, tensorstore) and ``ema_jax.posthoc`` load on first use."""
-    if name in ("checkpoint", "posthoc"):
+    """``ema_jax.checkpoint`` (Orbax, tensorstore), ``ema_jax.nnx`` and ``ema_jax.posthoc``
+    load on first use."""
+    if name in ("checkpoint", "nnx", "posthoc"):
         return importlib.import_module(f"ema_jax.{name}")
     raise AttributeError(f"module 'ema_jax' has no attribute {name!r}")
