@@ -5,8 +5,8 @@ state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-
 state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
 
-``ema_jax.checkpoint`` (Orbax), ``ema_jax.nnx`` and ``ema_jax.posthoc`` are imported on first use, so
-``import ema_jax`` stays light.
+``ema_jax.checkpoint`` (Orbax), ``ema_jax.nnx`` and ``ema_jax.posthoc`` are imported on first
+use, so ``import ema_jax`` stays light.
 """
 
 import importlib

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import os
 import socket
 from typing import Any
@@ -48,10 +49,42 @@ _META_KEY = "ema_jax"
 LOCK_FILE = ".ema_jax-writer.lock"
 
 
-def _check_state(state: Any) -> EmaTrainState:
-    if not isinstance(state, EmaTrainState):
-        raise TypeError(f"state must be an EmaTrainState, got {type(state).__name__}")
-    return state
+def _nnx_ema(state: Any) -> Any:
+    """The one ``ema_jax.nnx.EMA`` of an NNX training state (a graph node holding the
+    model, the optimizer and the EMA, e.g. ``nnx.Dict(model=..., optimizer=..., ema=...)``),
+    or ``None`` for an :class:`EmaTrainState`; a ``TypeError`` for anything else."""
+    if isinstance(state, EmaTrainState):
+        return None
+    from flax import nnx
+
+    from ema_jax.nnx import EMA
+
+    if not isinstance(state, (nnx.Module, nnx.Pytree)):
+        raise TypeError(
+            "state must be an EmaTrainState or an NNX object holding one ema_jax.nnx.EMA "
+            f"(e.g. nnx.Dict(model=..., optimizer=..., ema=...)), got {type(state).__name__}"
+        )
+    found = [node for _, node in nnx.iter_graph(state) if isinstance(node, EMA)]
+    if len(found) != 1:
+        raise TypeError(
+            f"an NNX training state must hold exactly one ema_jax.nnx.EMA, found {len(found)} "
+            f"in {type(state).__name__}"
+        )
+    return found[0]
+
+
+def _arrays(state: Any) -> Any:
+    """The tree of arrays the ``state`` item holds: the state itself, or ``nnx.state``."""
+    if isinstance(state, EmaTrainState):
+        return state
+    from flax import nnx
+
+    return nnx.state(state)
+
+
+def _param_dtypes(state: Any) -> tuple[np.dtype, ...]:
+    ema = _nnx_ema(state)
+    return state.ema_state.param_dtypes if ema is None else ema.param_dtypes  # type: ignore[no-any-return]
 
 
 def _check_manager(mngr: Any) -> ocp.CheckpointManager:
@@ -200,24 +233,27 @@ def manager(
     )
 
 
-def _static_metadata(state: EmaTrainState) -> dict[str, Any]:
+def _static_metadata(state: Any) -> dict[str, Any]:
     """What the arrays alone do not say: the params' dtypes the shadow casts back to (an
     fp32 accumulator may average bf16 or fp32 params). Everything else static (``tx``,
     ``ema``, ``average_model_state``, whose averaged tree differs anyway) comes from the
     target, like a learning rate comes from the code."""
-    return {"param_dtypes": [np.dtype(d).name for d in state.ema_state.param_dtypes]}
+    return {"param_dtypes": [np.dtype(d).name for d in _param_dtypes(state)]}
 
 
 def save(
     mngr: ocp.CheckpointManager,
     step: int,
-    state: EmaTrainState,
+    state: Any,
     *,
     force: bool = False,
     overwrite: bool = False,
     checksum_state: bool = False,
 ) -> bool:
-    """Saves ``state`` as step ``step``: items ``"state"`` and ``"ema_params"``.
+    """Saves ``state`` as step ``step``: items ``"state"`` and ``"ema_params"``. ``state`` is an
+    :class:`EmaTrainState`, or an NNX object holding the model, the optimizer and one
+    ``ema_jax.nnx.EMA`` (e.g. ``nnx.Dict(model=..., optimizer=..., ema=...)``): its
+    ``nnx.state`` is the ``"state"`` item, the EMA's shadow (pure dicts) ``"ema_params"``.
 
     Returns whether a save was started (``False`` when ``step`` is not due under
     ``save_interval_steps``, or is the latest step already saved; ``force=True`` saves a
@@ -237,8 +273,15 @@ def save(
     """
     mngr = _check_manager(mngr)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
-    state = _check_state(state)
-    _check_alive(state, "state")
+    ema = _nnx_ema(state)
+    tree = _arrays(state)
+    _check_alive(tree, "state")
+    if ema is None:
+        ema_params = state.ema_params
+    elif ema.transform.stacked:
+        ema_params = tuple(deploy_params(state, ema_index=i) for i in range(len(ema.decay)))
+    else:
+        ema_params = deploy_params(state)
     _checks.flag("overwrite", overwrite)
     _checks.flag("checksum_state", checksum_state)
     if isinstance(mngr, _Manager) and mngr.read_only:
@@ -257,12 +300,12 @@ def save(
             mngr.delete(abandoned_step)
     meta = _static_metadata(state)
     if checksum_state:
-        meta = {**meta, _CHECKSUMS: _checksums(state)}
-    ema_meta = {_META_KEY: {_CHECKSUMS: _checksums(state.ema_params)}}
+        meta = {**meta, _CHECKSUMS: _checksums(tree)}
+    ema_meta = {_META_KEY: {_CHECKSUMS: _checksums(ema_params)}}
     args = ocp.args.Composite(
         **{
-            STATE: ocp.args.StandardSave(state, custom_metadata={_META_KEY: meta}),
-            EMA_PARAMS: ocp.args.StandardSave(state.ema_params, custom_metadata=ema_meta),
+            STATE: ocp.args.StandardSave(tree, custom_metadata={_META_KEY: meta}),
+            EMA_PARAMS: ocp.args.StandardSave(ema_params, custom_metadata=ema_meta),
         }
     )
     try:
@@ -346,8 +389,18 @@ def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 
 
 def _flat(item: str, tree: Any) -> dict[str, Any]:
-    """``{"item.a.b": leaf}``, Orbax's flattening (the key paths it writes)."""
-    return {".".join((item, *key)): leaf for key, leaf in ocp.tree.to_flat_dict(tree).items()}
+    """``{"item.a.b": leaf}``, Orbax's flattening (the key paths it writes); typed PRNG keys
+    (NNX's RNG state) as the raw key data Orbax stores for them."""
+    return {
+        ".".join((item, *key)): _as_stored(leaf)
+        for key, leaf in ocp.tree.to_flat_dict(tree).items()
+    }
+
+
+def _as_stored(leaf: Any) -> Any:
+    if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.eval_shape(jax.random.key_data, leaf)
+    return leaf
 
 
 def _check_matches(item: str, metadata: Any, target: Any) -> None:
@@ -364,7 +417,7 @@ def _check_matches(item: str, metadata: Any, target: Any) -> None:
         raise ValueError(f"checkpoint does not match the target: {problem}")
 
 
-def _check_static(metadata: Any, target: EmaTrainState) -> None:
+def _check_static(metadata: Any, target: Any) -> None:
     saved = (metadata.custom_metadata or {}).get(_META_KEY)
     if saved is None:
         raise ValueError("checkpoint has no ema_jax metadata: was it written by ema_jax.save?")
@@ -381,9 +434,7 @@ def _fallback() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def restore(
-    mngr: ocp.CheckpointManager, target: EmaTrainState, step: int | None = None
-) -> EmaTrainState:
+def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
     """The ``EmaTrainState`` saved at ``step`` (the latest when ``None``), bit for bit.
 
     ``target`` gives the tree, the static fields and where each leaf goes: a concrete
@@ -394,25 +445,38 @@ def restore(
     to this process's first device when the checkpoint came from other devices. Leaves take
     the target's types: a fresh target's Python-int ``step`` comes back as a Python int.
 
+    For NNX (see :func:`save`) ``target`` is the training object, concrete or abstract from
+    ``nnx.eval_shape``; a new object holding the saved state is returned
+    (``nnx.merge(graphdef, restored)``), ``target`` is not changed.
+
     Raises:
       FileNotFoundError: no checkpoint (or not that step) in the manager's directory.
       ValueError: the checkpoint and the target differ (first differing path named).
     """
     mngr = _check_manager(mngr)
-    target = _check_state(target)
+    tree, rebuild = _arrays(target), _rebuild(target)
     mngr.wait_until_finished()
     step = _resolve_step(mngr, step)
     earlier = [s for s in mngr.all_steps() if s < step]
     where = f"step {step} in {mngr.directory}"
     metadata = _read_metadata(lambda: mngr.item_metadata(step)[STATE], where, STATE, earlier)
-    _check_matches(STATE, metadata, target)
+    _check_matches(STATE, metadata, tree)
     _check_static(metadata, target)
-    restore_args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=_fallback())
+    restore_args = ocp.args.StandardRestore(tree, strict=True, fallback_sharding=_fallback())
     args = ocp.args.Composite(**{STATE: restore_args})
     restored = mngr.restore(step, args=args)[STATE]
     saved = (metadata.custom_metadata or {}).get(_META_KEY, {}).get(_CHECKSUMS)
     _verify(restored, saved, f"the {STATE} item of {where}")
-    return restored  # type: ignore[no-any-return]
+    return rebuild(restored)
+
+
+def _rebuild(target: Any) -> Any:
+    """restored arrays -> the restored state: themselves, or for NNX a new object."""
+    if _nnx_ema(target) is None:
+        return lambda restored: restored
+    from flax import nnx
+
+    return functools.partial(nnx.merge, nnx.graphdef(target))
 
 
 def _read_metadata(read: Any, where: str, item: str, earlier: list[int] | None) -> Any:
@@ -455,6 +519,13 @@ def _load_tree(
     """Restores the standalone Orbax item at ``path`` (checked against ``target`` first,
     its checksum verified after). ``where`` and ``earlier`` word the errors."""
     where = path if where is None else where
+    from flax import nnx
+
+    if isinstance(target, nnx.State):  # Variables: restore their values, keep their types
+        values = _load_tree(path, nnx.to_pure_dict(target), item, where, earlier)
+        filled = jax.tree.map(lambda x: x, target)  # new Variables: the target is not changed
+        nnx.replace_by_pure_dict(filled, values)
+        return filled
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no Orbax checkpoint at {path}")
     handler = ocp.StandardCheckpointHandler()
@@ -502,21 +573,31 @@ def load_ema_params(
     return _load_tree(os.fspath(found.path / EMA_PARAMS), target, EMA_PARAMS, where, earlier)
 
 
-def deploy_params(
-    state: EmaTrainState, *, dtype: Any = None, ema_index: int | None = None
-) -> Params:
+def deploy_params(state: Any, *, dtype: Any = None, ema_index: int | None = None) -> Params:
     """The params-shaped tree that :func:`export_ema_params` writes.
 
     ``dtype=None``: ``state.ema_params`` (the params' dtypes). Otherwise the floating leaves
     are cast to ``dtype`` straight from the accumulators, so ``dtype=jnp.float32`` keeps the
     full fp32 average of bf16 params. ``ema_index`` picks one of several decays (default:
-    the first, as in :meth:`EmaTrainState.select_params`).
+    the first, as in :meth:`EmaTrainState.select_params`). For an NNX training state (see
+    :func:`save`): the averaged Variables' values as a pure dict (``nnx.to_pure_dict``).
     """
-    state = _check_state(state)
-    if dtype is None:
+    ema = _nnx_ema(state)
+    if ema is not None:
+        from flax import nnx
+
+        from ema_jax import transform
+
+        if dtype is None:
+            return nnx.to_pure_dict(ema.shadow(ema_index))
+        index = 0 if ema_index is None and ema.transform.stacked else ema_index
+        leaves = transform.accumulators(ema.state, index)
+        averages = nnx.to_pure_dict(jax.tree.unflatten(ema.variables, leaves))
+    elif dtype is None:
         return state.select_params(True, ema_index)
+    else:
+        averages = state.accumulators(ema_index)
     dtype = _checks.floating_dtype("dtype", dtype)
-    averages = state.accumulators(ema_index)
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, averages
     )
@@ -524,7 +605,7 @@ def deploy_params(
 
 def export_ema_params(
     path: str | os.PathLike[str],
-    state: EmaTrainState,
+    state: Any,
     *,
     dtype: Any = None,
     ema_index: int | None = None,
@@ -539,7 +620,7 @@ def export_ema_params(
     them and verified by :func:`load_exported`. In multi-process training every process
     calls this.
     """
-    _check_alive(_check_state(state), "state")
+    _check_alive(_arrays(state), "state")
     export_params(path, deploy_params(state, dtype=dtype, ema_index=ema_index), force=force)
 
 
@@ -559,7 +640,9 @@ def export_params(path: str | os.PathLike[str], params: Params, *, force: bool =
 
 
 def load_exported(path: str | os.PathLike[str], target: Params | None = None) -> Params:
-    """The params written by :func:`export_ema_params`.
+    """The params written by :func:`export_ema_params`. For NNX, ``target`` may be an
+    ``nnx.State`` (e.g. ``nnx.state(nnx.eval_shape(make_model), nnx.Param)``): the result is
+    that State with the exported values (``nnx.update(model, it)`` or ``nnx.merge``).
 
     ``target`` as in :func:`load_ema_params`; a target whose paths, shapes or floating
     dtypes differ from the artefact raises ``ValueError`` naming the first differing path.

@@ -484,7 +484,7 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with ckpt.manager(tmp_path) as mngr:
         with pytest.raises(ValueError, match="step must be >= 0"):
             ckpt.save(mngr, -1, w.make_state())
-        with pytest.raises(TypeError, match="state must be an EmaTrainState"):
+        with pytest.raises(TypeError, match="state must be an EmaTrainState or an NNX object"):
             ckpt.save(mngr, 0, {"params": 1})  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="step must be an int >= 0"):
             ckpt.restore(mngr, w.make_state(), step="last")  # type: ignore[arg-type]
