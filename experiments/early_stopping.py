@@ -107,9 +107,9 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str) -> str:
     def col(m: str, key: str) -> list[float]:
         return [float(r[m][key]) for r in rows]
 
-    diff = np.subtract(col(ema, "test_rmse"), col(raw, "test_rmse"))
-    rel = 100 * diff / np.asarray(col(raw, "test_rmse"))
-    d_epochs = np.subtract(col(ema, "epochs_trained"), col(raw, "epochs_trained"))
+    diff = list(np.subtract(col(ema, "test_rmse"), col(raw, "test_rmse")))
+    rel = list(100 * np.asarray(diff) / np.asarray(col(raw, "test_rmse")))
+    d_epochs = list(np.subtract(col(ema, "epochs_trained"), col(raw, "epochs_trained")))
     lines = [
         "# Early stopping: raw weights vs the EMA (FD001, the chosen configuration)",
         "",
@@ -131,12 +131,13 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str) -> str:
             f"{fmt(col(m, 'val_rmse'))} | {fmt(col(m, 'best_epoch'), 1)} | "
             f"{fmt(col(m, 'epochs_trained'), 1)} |"
         )
-    m, h = mean_ci(diff)
-    mr, hr = mean_ci(rel)
+    mean, half = mean_ci(diff)
+    mean_rel, half_rel = mean_ci(rel)
     lines += [
         "",
-        f"**EMA − raw, paired**: test RMSE {m:+.2f} ± {h:.2f} ({mr:+.1f} ± {hr:.1f} %); "
-        f"EMA lower in {int(np.sum(diff < 0))} of {n} seeds; epochs trained "
+        f"**EMA − raw, paired**: test RMSE {mean:+.2f} ± {half:.2f} "
+        f"({mean_rel:+.1f} ± {half_rel:.1f} %); "
+        f"EMA lower in {sum(d < 0 for d in diff)} of {n} seeds; epochs trained "
         f"{fmt(d_epochs, 1)}.",
         f"Stoppers that hit the {cfg.epochs}-epoch cap without stopping: raw "
         f"{sum(not r[raw]['stopped'] for r in rows)}, "
