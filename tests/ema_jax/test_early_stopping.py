@@ -314,3 +314,46 @@ def test_bad_monitors_name_the_choices(monitor, decay, match):
             early_stopping=ema_jax.EarlyStopping(),
             monitor=monitor,
         )
+
+
+def _states(n):
+    """``n`` states of one short run (distinct EMA params), non-donating steps."""
+    step = ema_jax.make_train_step(mse_loss, donate=False)
+    state, out = fresh(0.5), []
+    for epoch in range(n):
+        state, _ = step(state, train_data(epoch)[0])
+        out.append(state)
+    return out
+
+
+@pytest.mark.parametrize(("mode", "survivors", "best"), [("min", [1, 3], 3), ("max", [0, 2], 2)])
+def test_orbax_keeps_the_best_n_steps(tmp_path, mode, survivors, best):
+    """Acceptance 4: real Orbax writes; with ``max_to_keep=2`` the two best-metric steps
+    survive (a NaN ranks worst), and ``step="best"`` loads the best one's EMA params."""
+    from ema_jax import checkpoint
+
+    metrics = [0.5, 0.2, 0.9, 0.1, NAN, 0.3] if mode == "min" else [0.5, 0.2, 0.9, 0.1, NAN]
+    states = _states(len(metrics))
+    with checkpoint.manager(tmp_path, max_to_keep=2, best_metric="val", best_mode=mode) as mngr:
+        for i, (state, value) in enumerate(zip(states, metrics, strict=True)):
+            assert checkpoint.save(mngr, i, state, metrics={"val": value, "other": 1.0})
+        mngr.wait_until_finished()
+        assert sorted(mngr.all_steps()) == survivors
+        assert mngr.metrics(best) == {"val": metrics[best], "other": 1.0}
+        with pytest.raises(ValueError, match="keeps the best steps by 'val'"):
+            checkpoint.save(mngr, 10, states[0])
+        with pytest.raises(ValueError, match="metrics has no 'val'"):
+            checkpoint.save(mngr, 10, states[0], metrics={"loss": 1.0})
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == survivors
+    assert_bitwise(checkpoint.load_ema_params(tmp_path, step="best"), states[best].ema_params)
+
+
+def test_best_step_needs_a_best_metric_manager(tmp_path):
+    from ema_jax import checkpoint
+
+    with pytest.raises(ValueError, match="best_mode must be 'min' or 'max'"):
+        checkpoint.manager(tmp_path / "x", best_metric="val", best_mode="auto")
+    with checkpoint.manager(tmp_path, async_save=False) as mngr:
+        checkpoint.save(mngr, 0, _states(1)[0], metrics={"val": 1.0})
+    with pytest.raises(ValueError, match="not written by a manager with best_metric"):
+        checkpoint.load_ema_params(tmp_path, step="best")
