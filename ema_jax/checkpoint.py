@@ -325,7 +325,11 @@ def _best_step(directory: str, latest: Any) -> int:
         raise ValueError(f'step="best": {directory} was not written by a manager with best_metric')
     best_fn = _BestMetric(ranking["best_metric"], ranking["mode"])
     options = ocp.CheckpointManagerOptions(
-        read_only=True, best_fn=best_fn, best_mode=ranking["mode"]
+        read_only=True,
+        save_interval_steps=0,
+        create=False,
+        best_fn=best_fn,
+        best_mode=ranking["mode"],
     )
     with ocp.CheckpointManager(directory, options=options) as reader:
         best = reader.best_step()
