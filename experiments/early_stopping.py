@@ -100,7 +100,7 @@ def per_seed(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str) -> str:
+def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str, requested: int) -> str:
     raw, ema = MONITORS
     n = len(rows)
 
@@ -122,6 +122,16 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str) -> str:
         "once on the test split. Differences are paired by seed (same initialisation, data "
         "order, dropout and validation engines); mean ± 95 % t-interval.",
         "",
+        *(
+            [
+                f"**Partial: {n} of the {requested} requested seeds** (seeds "
+                f"{', '.join(str(r['seed']) for r in rows)}); the command below trains the rest "
+                "(stored seeds are reused).",
+                "",
+            ]
+            if n < requested
+            else []
+        ),
         "| weights | test RMSE | PHM08 | val RMSE | best epoch | epochs trained |",
         "|---|---|---|---|---|---|",
     ]
@@ -187,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"--patience {args.patience} --epochs {args.epochs} --runs {args.runs}"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows, cfg, command))
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows, cfg, command, args.seeds))
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "seeds": rows}))
     print(f"wrote {RESULTS / args.name}.md, .json ({len(rows)} seeds)")
 
