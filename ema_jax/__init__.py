@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from ema_jax import schedules
+from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
 from ema_jax.steps import (
     evaluate_dataset,
     make_eval_step,
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Decay",
+    "EarlyStopping",
+    "EarlyStoppingState",
     "EmaState",
     "EmaTrainState",
     "EmaTransform",

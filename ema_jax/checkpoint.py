@@ -190,6 +190,8 @@ def manager(
     save_interval_steps: int = 1,
     async_save: bool = True,
     read_only: bool = False,
+    best_metric: str | None = None,
+    best_mode: str = "min",
 ) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` for :func:`save` / :func:`restore`.
 
@@ -209,6 +211,11 @@ def manager(
     until ``close()`` (or its process ends, ``kill -9`` included); a second one, in this or
     another process, raises ``RuntimeError`` naming the holder. In a multi-process run only
     process 0 takes it. Readers (``read_only=True``, :func:`load_ema_params`) never wait.
+      best_metric: keep the best ``max_to_keep`` steps by this metric of
+        :func:`save`'s ``metrics`` instead of the newest (Orbax's ``best_fn``); every save
+        must then give it. A NaN metric ranks worst. ``load_ema_params(d, step="best")``
+        loads the best step.
+      best_mode: ``"min"`` (a loss) or ``"max"``: which end of ``best_metric`` is best.
 
     The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it).
     """
@@ -219,7 +226,7 @@ def manager(
     _checks.flag("read_only", read_only)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        **_preservation(max_to_keep, best_metric, best_mode),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
@@ -231,6 +238,68 @@ def manager(
     return _Manager(
         directory, lock=lock, options=options, item_handlers=_handlers(STATE, EMA_PARAMS)
     )
+
+
+class _BestMetric:
+    """Orbax's ``best_fn``: ``metrics[name]``, NaN mapped to the worst end for ``mode``."""
+
+    def __init__(self, name: str, mode: str) -> None:
+        self.name, self.mode = name, mode
+
+    def __call__(self, metrics: Any) -> float:
+        value = float(metrics[self.name])
+        if np.isnan(value):
+            return np.inf if self.mode == "min" else -np.inf
+        return value
+
+
+def _preservation(
+    max_to_keep: int | None, best_metric: str | None, best_mode: str
+) -> dict[str, Any]:
+    """The options that say which steps stay: the newest ``max_to_keep``, or the best by
+    ``best_metric`` (Orbax's ``best_fn``; steps saved without the metric are not kept)."""
+    if best_metric is None:
+        return {"preservation_policy": ocp.checkpoint_managers.LatestN(n=max_to_keep)}
+    if not isinstance(best_metric, str) or not best_metric:
+        raise TypeError(f"best_metric must be a metric name (a str), got {best_metric!r}")
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    return {
+        "max_to_keep": max_to_keep,
+        "best_fn": _BestMetric(best_metric, best_mode),
+        "best_mode": best_mode,
+        "keep_checkpoints_without_metrics": False,
+    }
+
+
+def _best_fn(mngr: ocp.CheckpointManager) -> _BestMetric | None:
+    """The ``best_fn`` of a :func:`manager` made with ``best_metric`` (Orbax keeps its
+    options private), else ``None``."""
+    best_fn = getattr(getattr(mngr, "_options", None), "best_fn", None)
+    return best_fn if isinstance(best_fn, _BestMetric) else None
+
+
+def _checked_metrics(metrics: Any, best: _BestMetric | None) -> dict[str, float] | None:
+    if metrics is None:
+        if best is not None:
+            raise ValueError(
+                f"this manager keeps the best steps by {best.name!r}: "
+                f"save(..., metrics={{{best.name!r}: value}})"
+            )
+        return None
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
+        raise TypeError(f"metrics must be a dict of str to numbers, got {metrics!r}")
+    checked = {}
+    for name, value in metrics.items():
+        try:
+            checked[name] = float(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}") from e
+    if best is not None and best.name not in checked:
+        raise ValueError(
+            f"metrics has no {best.name!r}, the manager's best_metric; got {sorted(checked)}"
+        )
+    return checked
 
 
 def _static_metadata(state: Any) -> dict[str, Any]:
@@ -249,11 +318,16 @@ def save(
     force: bool = False,
     overwrite: bool = False,
     checksum_state: bool = False,
+    metrics: dict[str, float] | None = None,
 ) -> bool:
     """Saves ``state`` as step ``step``: items ``"state"`` and ``"ema_params"``. ``state`` is an
     :class:`EmaTrainState`, or an NNX object holding the model, the optimizer and one
     ``ema_jax.nnx.EMA`` (e.g. ``nnx.Dict(model=..., optimizer=..., ema=...)``): its
     ``nnx.state`` is the ``"state"`` item, the EMA's shadow (pure dicts) ``"ema_params"``.
+
+    ``metrics`` (``{name: number}``, e.g. ``{"val_loss_ema": 0.12}``) are stored with the
+    step (Orbax's step metrics); a manager made with ``best_metric`` needs that metric and
+    ranks the steps by it.
 
     Returns whether a save was started (``False`` when ``step`` is not due under
     ``save_interval_steps``, or is the latest step already saved; ``force=True`` saves a
@@ -301,7 +375,10 @@ def save(
     meta = _static_metadata(state)
     if checksum_state:
         meta = {**meta, _CHECKSUMS: _checksums(tree)}
-    ema_meta = {_META_KEY: {_CHECKSUMS: _checksums(ema_params)}}
+    best = _best_fn(mngr)
+    checked = _checked_metrics(metrics, best)
+    ranking = {} if best is None else {"best_metric": best.name, "mode": best.mode}
+    ema_meta = {_META_KEY: {_CHECKSUMS: _checksums(ema_params), **ranking}}
     args = ocp.args.Composite(
         **{
             STATE: ocp.args.StandardSave(tree, custom_metadata={_META_KEY: meta}),
@@ -309,7 +386,7 @@ def save(
         }
     )
     try:
-        return bool(mngr.save(step, args=args, force=force))
+        return bool(mngr.save(step, args=args, force=force, metrics=checked))
     except BaseException:
         mngr.reload()  # Orbax may have dropped intact steps from its list: re-read the disk
         raise
@@ -542,10 +619,35 @@ def _load_tree(
     return restored
 
 
+def _best_step(directory: str, latest: Any) -> int:
+    """The step that the ``best_metric`` recorded with the latest step ranks best."""
+    handler = ocp.StandardCheckpointHandler()
+    metadata = handler.metadata(epath.Path(os.fspath(latest.path / EMA_PARAMS)))
+    ranking = (metadata.custom_metadata or {}).get(_META_KEY)
+    if not ranking:
+        raise ValueError(f'step="best": {directory} was not written by a manager with best_metric')
+    best_fn = _BestMetric(ranking["best_metric"], ranking["mode"])
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        save_interval_steps=0,
+        create=False,
+        best_fn=best_fn,
+        best_mode=ranking["mode"],
+    )
+    with ocp.CheckpointManager(directory, options=options) as reader:
+        best = reader.best_step()
+    if best is None:
+        raise FileNotFoundError(f"no checkpoint with metrics in {directory}")
+    return int(best)
+
+
 def load_ema_params(
-    directory: str | os.PathLike[str], step: int | None = None, target: Params | None = None
+    directory: str | os.PathLike[str],
+    step: int | str | None = None,
+    target: Params | None = None,
 ) -> Params:
-    """The ``ema_params`` saved at ``step`` (latest when ``None``), for evaluation or deploy.
+    """The ``ema_params`` saved at ``step`` (latest when ``None``; ``"best"``: the best step
+    of a :func:`manager` made with ``best_metric``), for evaluation or deploy.
 
     Opens only ``directory/<step>/ema_params`` (about a fifth of an Adam checkpoint): the
     ``"state"`` item (optimizer state, accumulators) is never read. ``target`` (a
@@ -557,10 +659,12 @@ def load_ema_params(
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint in {directory}")
     name_format = ocp.path.step.standard_name_format()  # the manager's step naming
-    if step is None:
+    if step is None or step == "best":
         found = ocp.path.step.latest_step_metadata(directory, name_format)
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
+        if step == "best":
+            found = name_format.find_step(directory, _best_step(directory, found))
     else:
         _checks.integer("step", step, 0)
         try:

@@ -16,14 +16,16 @@ static): the state is never modified, so there is nothing to swap in or restore.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
 from ema_jax.train_state import EmaTrainState
 
 Batch = Any
@@ -222,6 +224,67 @@ def _check_reiterable(name: str, data: Any, epochs: int) -> None:
         )
 
 
+_INDEXED = re.compile(r"(?P<key>.+)\[(?P<index>\d+)\]")
+
+
+def _monitored(
+    record: Mapping[str, Any], monitor: str, mode: str
+) -> tuple[float, bool, int | None]:
+    """``(value, use_ema, ema_index)`` of ``monitor`` in one epoch's ``record``.
+
+    ``monitor`` is a history key holding a number (``"val_loss"`` monitors the raw weights,
+    ``"val_loss_ema"`` the average's), ``"<key>[i]"`` for average ``i`` of several, or
+    ``"best_ema"``: the best (by ``mode``) of ``val_loss_ema``'s averages this epoch.
+    """
+    if monitor == "best_ema":
+        values = record["val_loss_ema"]
+        if not isinstance(values, list):
+            return float(values), True, None
+        finite = [i for i, v in enumerate(values) if not np.isnan(v)] or [0]
+        pick = min if mode == "min" else max
+        best = pick(finite, key=lambda i: values[i])
+        return float(values[best]), True, best
+    match = _INDEXED.fullmatch(monitor)
+    key, index = (match["key"], int(match["index"])) if match else (monitor, None)
+    choices = ", ".join(_monitor_names(record))
+    value = record.get(key)
+    if key == "seconds" or value is None:
+        raise ValueError(f"monitor={monitor!r} is not a monitored value; choose from {choices}")
+    is_list = isinstance(value, list)
+    if is_list != (index is not None) or (is_list and (index or 0) >= len(value)):
+        raise ValueError(
+            f"monitor={monitor!r} does not name one value of this history ({key} is "
+            f"{'a list of ' + str(len(value)) if is_list else 'a number'}); "
+            f"choose from {choices}"
+        )
+    return float(value[index] if index is not None else value), key.endswith("_ema"), index
+
+
+def _monitor_names(record: Mapping[str, Any]) -> list[str]:
+    names = ["best_ema"]
+    for key, value in record.items():
+        if key == "seconds":
+            continue
+        names += [f"{key}[{i}]" for i in range(len(value))] if isinstance(value, list) else [key]
+    return names
+
+
+def _stopping_monitors(
+    early_stopping: EarlyStopping | None, monitor: str | Sequence[str]
+) -> tuple[str, ...]:
+    if early_stopping is None:
+        return ()
+    if not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(
+            f"early_stopping must be an ema_jax.EarlyStopping, got {type(early_stopping).__name__}"
+        )
+    monitors = (monitor,) if isinstance(monitor, str) else tuple(monitor)
+    if not monitors or not all(isinstance(m, str) for m in monitors):
+        raise TypeError(f"monitor must be a history key or a sequence of them, got {monitor!r}")
+    return monitors
+
+
+@overload
 def train_with_ema(
     state: EmaTrainState,
     loss_fn: Callable[..., Any],
@@ -233,7 +296,42 @@ def train_with_ema(
     rng: jax.Array | None = None,
     callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
     with_model_state: bool = False,
-) -> tuple[dict[str, list[Any]], EmaTrainState]:
+    early_stopping: None = None,
+    monitor: str | Sequence[str] = "val_loss_ema",
+) -> tuple[dict[str, list[Any]], EmaTrainState]: ...
+
+
+@overload
+def train_with_ema(
+    state: EmaTrainState,
+    loss_fn: Callable[..., Any],
+    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    val_data: Iterable[Batch],
+    *,
+    epochs: int,
+    metric_fn: Callable[..., Any] | None = None,
+    rng: jax.Array | None = None,
+    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
+    with_model_state: bool = False,
+    early_stopping: EarlyStopping,
+    monitor: str | Sequence[str] = "val_loss_ema",
+) -> tuple[dict[str, list[Any]], EmaTrainState, Any]: ...
+
+
+def train_with_ema(
+    state: EmaTrainState,
+    loss_fn: Callable[..., Any],
+    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    val_data: Iterable[Batch],
+    *,
+    epochs: int,
+    metric_fn: Callable[..., Any] | None = None,
+    rng: jax.Array | None = None,
+    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
+    with_model_state: bool = False,
+    early_stopping: EarlyStopping | None = None,
+    monitor: str | Sequence[str] = "val_loss_ema",
+) -> Any:
     """The seed's ``train_with_ema`` loop, functional: train, then evaluate raw and EMA.
 
     Args:
@@ -248,6 +346,16 @@ def train_with_ema(
       rng: base key for stochastic layers (dropout); folded with the step.
       callback: ``callback(epoch, record, state)`` after each epoch (print, progress bar).
       with_model_state: BatchNorm & co., see the module docstring for the signatures.
+      early_stopping: an :class:`~ema_jax.EarlyStopping`, updated after each epoch with the
+        ``monitor`` value and the weights it measures; training ends once it stops (at
+        most ``epochs`` epochs).
+      monitor: what ``early_stopping`` watches: a history key holding a number
+        (``"val_loss"``: the raw weights; ``"val_loss_ema"``: the average's), ``"<key>[i]"``
+        for average ``i`` of K, or ``"best_ema"``: each epoch the best of the K averages'
+        ``val_loss_ema`` (kept in the history as ``best_ema`` and ``best_ema_index``), and
+        that average's weights. A sequence of monitors runs one stopper state per monitor
+        on the same training run (training uses only the raw params, so they cannot
+        interact) and ends when all have stopped.
 
     The train step donates ``state``: the arrays of the state passed in (and so the
     ``params`` it was created from) are consumed; use the returned state.
@@ -257,7 +365,11 @@ def train_with_ema(
       (one entry per epoch; plus ``val_<name>[_ema]`` for every metric) and ``seconds``
       (each epoch's wall time, training and evaluation; the first includes compilation),
       and ``state``'s
-      ``ema_params`` are the weights to deploy.
+      ``ema_params`` are the weights to deploy. With ``early_stopping``:
+      ``(history, state, stopping)``, ``stopping`` the final
+      :class:`~ema_jax.EarlyStoppingState` (``best_weights``, ``best_epoch``,
+      ``stopped_epoch``; epochs from 0; with ``with_model_state`` the weights are
+      ``(params, model_state)``), or ``{monitor: state}`` for a sequence of monitors.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
@@ -267,6 +379,8 @@ def train_with_ema(
     paired_eval = make_paired_eval_step(
         metric_fn if metric_fn is not None else loss_fn, with_model_state=with_model_state
     )
+    monitors = _stopping_monitors(early_stopping, monitor)
+    stoppers = {m: early_stopping.init() for m in monitors} if early_stopping else {}
     history: dict[str, list[Any]] = {"train_loss": []}
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -279,9 +393,38 @@ def train_with_ema(
             raise ValueError("train_data yielded no batches")
         record: dict[str, Any] = {"train_loss": float(jnp.mean(jnp.stack(losses)))}
         record.update(evaluate_dataset(paired_eval, state, val_data))
+        if "best_ema" in monitors:
+            mode = early_stopping.mode if early_stopping else "min"
+            record["best_ema"], _, record["best_ema_index"] = _monitored(record, "best_ema", mode)
         record["seconds"] = time.perf_counter() - start
+        for name, es in stoppers.items():
+            stoppers[name] = _update_stopper(
+                early_stopping, es, record, name, state, with_model_state
+            )
         for key, value in record.items():
             history.setdefault(key, []).append(value)
         if callback is not None:
             callback(epoch, record, state)
-    return history, state
+        if stoppers and all(es.stop for es in stoppers.values()):
+            break
+    if early_stopping is None:
+        return history, state
+    return history, state, stoppers if not isinstance(monitor, str) else stoppers[monitor]
+
+
+def _update_stopper(
+    stopper: Any,
+    es: EarlyStoppingState,
+    record: Mapping[str, Any],
+    monitor: str,
+    state: EmaTrainState,
+    with_model_state: bool,
+) -> EarlyStoppingState:
+    """``stopper.update`` with ``monitor``'s value and the weights it measured."""
+    if es.stop:
+        return es
+    value, use_ema, index = _monitored(record, monitor, stopper.mode)
+    weights = state.select_params(use_ema, index)
+    if with_model_state:
+        weights = (weights, state.select_model_state(use_ema, index))
+    return stopper.update(es, value, weights)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -96,6 +97,14 @@ FACTOR = Kind(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 TEXT = Kind(str, lambda v: True, "a string")
 SWITCH = Kind(bool, lambda v: True, "True or False")
 MODEL = one_of(MODEL_SPECS)
+MONITOR = Kind(
+    str,
+    lambda v: (
+        v in ("best_ema", "train_loss")
+        or (re.fullmatch(r"val_\w+(_ema\[\d+\])?", v) is not None and not v.endswith("_ema"))
+    ),
+    "best_ema, train_loss, val_<metric> or val_<metric>_ema[i] (average i of --ema-decay)",
+)
 
 
 def option(
@@ -188,6 +197,21 @@ class Config:
         SWITCH,
         label="cycle feature",
     )
+    early_stopping: int | None = option(
+        None,
+        "stop when the monitored value has not improved for this many epochs (Keras's "
+        "rule, ema_jax.EarlyStopping; default: off); each --monitor gets its own stopper on "
+        "the same run, which ends when all have stopped, and the test split is read once "
+        "for each one's best weights (rule 'early')",
+        INDEX,
+    )
+    monitors: tuple[str, ...] = option(
+        ("best_ema",),
+        "what --early-stopping watches: val_loss (raw weights), val_loss_ema[i] (average i), "
+        "best_ema (each epoch the best average's val_loss), or any other per-epoch value",
+        MONITOR,
+        nargs="+",
+    )
     perturb: tuple[float, ...] = option(
         (),
         "relative weight-noise sizes for the flatness probe (e.g. 0.01 0.02 0.05)",
@@ -213,6 +237,15 @@ class Config:
                 f"ema_debias needs one bool per decay ({len(self.ema_decays)}), "
                 f"got {len(self.ema_debias)}"
             )
+        if self.early_stopping is not None and self.refit_all:
+            raise ValueError("early_stopping needs validation engines: not with refit_all")
+        for monitor in self.monitors:
+            index = re.search(r"\[(\d+)\]$", monitor)
+            if index and int(index[1]) >= len(self.ema_decays):
+                raise ValueError(
+                    f"monitors: {monitor!r} names average {index[1]}, but there are "
+                    f"{len(self.ema_decays)} (--ema-decay)"
+                )
         if self.lr_drop_epoch and self.cosine:
             raise ValueError("lr_drop_epoch and cosine are exclusive schedules: pick one")
 

@@ -14,9 +14,12 @@ Model selection uses validation only, with two documented rules, both reported:
 * ``last``: the weights at the end of training (no selection; the deployment the seed
   describes: train N epochs, ship the EMA weights);
 * ``best``: per variant, the epoch with the lowest validation RMSE (its weights are kept
-  on the host when they improve).
+  on the host when they improve);
+* ``early`` (with ``--early-stopping PATIENCE``): per ``--monitor``, the best weights of an
+  ``ema_jax.EarlyStopping`` on that value; the run ends once every monitor has stopped
+  (training uses the raw params only, so one run carries them all, paired).
 
-The test split is read once, after training, for both rules and every variant.
+The test split is read once, after training, for every rule and variant.
 
 ``--refit-all`` is the second stage of the usual protocol: choose the model, epoch count
 and EMA variant on the validation split, then retrain that choice on *all* training
@@ -291,12 +294,14 @@ def _each(callbacks: Sequence[Callback]) -> Callback:
 
 def train(
     cfg: Config, ds: Any, scoring: Scoring, state: ema_jax.EmaTrainState, key: jax.Array
-) -> tuple[dict[str, list[Any]], ema_jax.EmaTrainState, dict[str, Choice]]:
+) -> tuple[dict[str, list[Any]], ema_jax.EmaTrainState, dict[str, Choice], dict[str, Any]]:
     """``cfg.epochs`` epochs of ``ema_jax.train_with_ema`` (dropout from ``key``; the data
-    reshuffled every epoch by ``cfg.seed``), validated on :func:`monitor_windows`.
+    reshuffled every epoch by ``cfg.seed``), validated on :func:`monitor_windows`; fewer
+    with ``cfg.early_stopping``, once every monitor's stopper has stopped.
 
-    Returns the loop's ``history`` and final state, and the ``best`` rule's choices
-    (:class:`KeepBest`; none with ``refit_all``: nothing is selected without validation).
+    Returns the loop's ``history`` and final state, the ``best`` rule's choices
+    (:class:`KeepBest`; none with ``refit_all``: nothing is selected without validation),
+    and ``{monitor: EarlyStoppingState}`` (empty without ``cfg.early_stopping``).
     """
     rng = np.random.default_rng(cfg.seed)
     keep_best = KeepBest(cfg.variants)
@@ -305,7 +310,11 @@ def train(
     with tqdm(total=cfg.epochs, desc=desc, disable=not cfg.progress) as bar:
         if cfg.progress:
             callbacks.append(show_progress(bar, cfg.variants))
-        history, state = ema_jax.train_with_ema(
+        stopping: dict[str, Any] = {}
+        stopper = None
+        if cfg.early_stopping is not None:
+            stopper = ema_jax.EarlyStopping(patience=cfg.early_stopping)
+        out: Any = ema_jax.train_with_ema(
             state,
             scoring.train_loss,
             lambda epoch: batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
@@ -314,8 +323,47 @@ def train(
             metric_fn=scoring.metrics,
             rng=key,
             callback=_each(callbacks),
+            early_stopping=stopper,
+            monitor=cfg.monitors,
         )
-    return history, state, keep_best.best
+        history, state = out[:2]
+        if stopper is not None:
+            stopping = out[2]
+    return history, state, keep_best.best, stopping
+
+
+def early_choices(
+    cfg: Config,
+    history: Mapping[str, list[Any]],
+    rows: Sequence[Mapping[str, Any]],
+    stopping: Mapping[str, Any],
+) -> tuple[dict[str, Choice], dict[str, dict[str, Any]]]:
+    """The ``early`` rule: per monitor, its stopper's best weights as a :class:`Choice`, and
+    what ``history.json`` records of it: ``variant`` (whose weights), ``best_epoch`` and
+    ``stopped_epoch`` (from 1, like the rows; ``None``: never stopped), ``epochs_trained``
+    (the run's, shared by all monitors), ``best_metric``, ``patience``."""
+    choices, record = {}, {}
+    for monitor, es in stopping.items():
+        best = es.best_epoch
+        if best is None:  # every monitored value was NaN: nothing to choose
+            continue
+        if monitor == "best_ema":
+            variant = cfg.variants[1 + int(history["best_ema_index"][best])]
+        elif monitor.endswith("]"):
+            variant = cfg.variants[1 + int(monitor.rsplit("[", 1)[1][:-1])]
+        else:
+            variant = "raw"
+        val_rmse = rows[best][f"val_rmse_{variant}"]
+        choices[monitor] = Choice(es.best_weights, best + 1, val_rmse)
+        record[monitor] = {
+            "variant": variant,
+            "best_epoch": best + 1,
+            "stopped_epoch": None if es.stopped_epoch is None else es.stopped_epoch + 1,
+            "epochs_trained": len(rows),
+            "best_metric": es.best_metric,
+            "patience": cfg.early_stopping,
+        }
+    return choices, record
 
 
 def evaluate(
@@ -355,18 +403,21 @@ def run(cfg: Config, ds: Any) -> tuple[dict[str, Any], ema_jax.EmaTrainState]:
     """Train ``cfg`` on the dataset ``ds`` (an ``experiments.cmapss`` dataset).
 
     Returns ``(result, state)``: ``result`` has ``config``, ``rows`` (one dict per epoch),
-    ``test`` (:func:`evaluate` of both rules), ``perturb`` (:func:`probe` of the final
-    weights, when asked) and ``epoch_seconds`` (median epoch after the first, which
-    includes compilation).
+    ``test`` (:func:`evaluate` of both rules, and of rule ``early``, keyed by monitor, with
+    ``cfg.early_stopping``), ``early_stopping`` (:func:`early_choices`' record, when on),
+    ``perturb`` (:func:`probe` of the final weights, when asked) and ``epoch_seconds``
+    (median epoch after the first, which includes compilation).
     """
     keys = run_keys(cfg.seed)
     scoring, state = build(cfg, ds, keys.init)
-    history, state, best = train(cfg, ds, scoring, state, keys.dropout)
+    history, state, best, stopping = train(cfg, ds, scoring, state, keys.dropout)
     rows = history_rows(history, cfg.variants)
     final = dict(zip(cfg.variants, variant_weights(state), strict=True))
-    last = {n: Choice(final[n], cfg.epochs, rows[-1][f"val_rmse_{n}"]) for n in cfg.variants}
+    last = {n: Choice(final[n], len(rows), rows[-1][f"val_rmse_{n}"]) for n in cfg.variants}
     choices = {"last": last, "best": last if cfg.refit_all else best}
     result: dict[str, Any] = {"config": asdict(cfg), "rows": rows}
+    if stopping:
+        choices["early"], result["early_stopping"] = early_choices(cfg, history, rows, stopping)
     result["test"] = evaluate(scoring, ds, choices)
     if cfg.perturb:
         result["perturb"] = probe(cfg, ds, scoring, final, keys.probe)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ema_jax import checkpoint
-from experiments import cmapss, sweep, synthetic
+from experiments import cmapss, sweep, synthetic, train_rul
 from experiments.config import Config
 from experiments.models import make_model
 from experiments.train_rul import (
@@ -39,8 +39,54 @@ def cli_run(tmp_path_factory):
     argv = ["--data-dir", str(data), "--model", "dcnn", "--epochs", str(EPOCHS)]
     argv += ["--batch-size", "32", "--lr", "3e-3", "--ema-decay", "0.9", "0.98", "--ema-debias"]
     argv += ["--perturb", "0.05", "--out", str(out), "--no-progress"]
-    result = main(argv)
+    # Two stoppers that do not end the run: val_loss stops at epoch 5, train_loss never.
+    argv += ["--early-stopping", "2", "--monitor", "val_loss", "train_loss"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_rul, "evaluate", _counting(EVALUATED))
+        result = main(argv)
     return result, out, cmapss.load(data, seed=0)
+
+
+EVALUATED: list = []
+"""The choices of every call of ``train_rul.evaluate`` (the test split's only reader) in
+:func:`cli_run`."""
+
+
+def _counting(calls):
+    evaluate = train_rul.evaluate
+
+    def counting(scoring, ds, choices):
+        calls.append(choices)
+        return evaluate(scoring, ds, choices)
+
+    return counting
+
+
+def test_early_stopping_is_recorded_and_tested_once(cli_run):
+    """``--early-stopping 2 --monitor val_loss train_loss``: history.json records each
+    stopper (epochs from 1, like the rows); the run lasts until both stop (train_loss never
+    does); rule ``early`` is evaluated with the others, in the one reading of the test split."""
+    _, out, _ = cli_run
+    history = json.loads((out / "history.json").read_text())
+    stops = history["early_stopping"]
+    assert history["config"]["early_stopping"] == 2
+    assert history["config"]["monitors"] == ["val_loss", "train_loss"]
+    rows = history["rows"]
+    assert len(rows) == EPOCHS
+    losses = [r["val_loss_raw"] for r in rows]
+    best = 1 + int(np.argmin(losses[:5]))
+    assert stops["val_loss"]["best_epoch"] == best
+    assert stops["val_loss"]["stopped_epoch"] == best + 2 == 5  # Keras: patience 2
+    assert stops["val_loss"]["best_metric"] == pytest.approx(losses[best - 1], rel=1e-12)
+    assert stops["train_loss"]["stopped_epoch"] is None
+    assert stops["train_loss"]["variant"] == stops["val_loss"]["variant"] == "raw"
+    assert len(EVALUATED) == 1 and set(EVALUATED[0]) == {"last", "best", "early"}
+    test = history["test"]
+    assert test["early"]["val_loss"]["epoch"] == best
+    # Same weights, same figures: raw's best epoch is 3 of 8; train_loss's best is the last.
+    assert test["best"]["raw"]["epoch"] == best and test["early"]["val_loss"] == test["best"]["raw"]
+    assert test["early"]["train_loss"]["epoch"] == EPOCHS
+    assert test["early"]["train_loss"]["rmse"] == test["last"]["raw"]["rmse"]
 
 
 def roughness(values):
