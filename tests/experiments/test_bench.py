@@ -223,3 +223,17 @@ def test_the_command_line_writes_the_report_and_the_results(tmp_path: Path) -> N
 def test_the_command_line_refuses_bad_counts(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
+
+
+def test_the_nnx_section_pairs_ema_jax_nnx_with_flax_and_the_functional_update() -> None:
+    """G5 at a toy size: every implementation in both NNX modes, and a judged row per mode."""
+    from experiments.bench import nnx_update
+
+    row = nnx_update.bench_nnx(2_000, 2, 2)
+    names = {"ema_jax.nnx", "nnx.EMA", "nnx.jit no-op"}
+    assert set(row["ms"]) == {n + m for n in names for m in nnx_update.MODES} | {"ema_jax"}
+    assert set(row["paired"]) == {"ema_jax.nnx", "ema_jax.nnx tree"}
+    results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1, "g5": [row]}
+    lines = report.report(results).splitlines()
+    judged = [r for r in lines if r.startswith("| G5") and r.endswith(("| yes |", "| no |"))]
+    assert len(judged) == 4  # two goals × two modes
