@@ -623,8 +623,8 @@ def _best_step(directory: str, latest: Any) -> int:
     """The step that the ``best_metric`` recorded with the latest step ranks best."""
     handler = ocp.StandardCheckpointHandler()
     metadata = handler.metadata(epath.Path(os.fspath(latest.path / EMA_PARAMS)))
-    ranking = (metadata.custom_metadata or {}).get(_META_KEY)
-    if not ranking:
+    ranking = (metadata.custom_metadata or {}).get(_META_KEY) or {}
+    if "best_metric" not in ranking:  # the item's metadata always holds its checksums
         raise ValueError(f'step="best": {directory} was not written by a manager with best_metric')
     best_fn = _BestMetric(ranking["best_metric"], ranking["mode"])
     options = ocp.CheckpointManagerOptions(
