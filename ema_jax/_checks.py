@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,6 +123,17 @@ def floating_dtype(name: str, value: Any) -> np.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating dtype, got {dtype}")
     return dtype
+
+
+def shapes_by_path(tree: Any, prefix: str = "", drop: int = 0) -> dict[str, Any]:
+    """``{prefix + keystr(path): ShapeDtypeStruct}`` of every leaf, its last ``drop`` axes
+    left out (a K-decay accumulator's averages axis): what :func:`first_difference` compares."""
+    return {
+        prefix + jax.tree_util.keystr(path): jax.ShapeDtypeStruct(
+            np.shape(leaf)[: np.ndim(leaf) - drop], jnp.result_type(leaf)
+        )
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def first_difference(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ema_jax import _checks, window
-from ema_jax.transform import EmaState, Params, accumulators, num_averages
+from ema_jax.transform import EmaState, Params, _cast_leaves, accumulators, num_averages
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -185,19 +185,6 @@ def _zeros(tree: Params) -> Params:
     )
 
 
-def _cast(total: Params, dtypes: Sequence[np.dtype]) -> Params:
-    leaves, treedef = jax.tree.flatten(total)
-    cast = [x if x.dtype == d else x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
-    return jax.tree.unflatten(treedef, cast)
-
-
-def _flat_shapes(tree: Params) -> dict[str, Any]:
-    return {
-        jax.tree_util.keystr(path): jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
 def synthesize(
     snapshots: Sequence[tuple[int, float, Params]], sigma_rel: float, step: int | None = None
 ) -> Params:
@@ -222,11 +209,11 @@ def synthesize(
     for i, item in enumerate(snapshots):
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             raise TypeError(f"snapshots[{i}] must be a (step, sigma_rel, params) triple")
-    first = _flat_shapes(snapshots[0][2])
+    first = _checks.shapes_by_path(snapshots[0][2])
     for i, (_, _, tree) in enumerate(snapshots[1:], start=1):
         problem = _checks.first_difference(
             first,
-            _flat_shapes(tree),
+            _checks.shapes_by_path(tree),
             expected_name="snapshots[0]",
             got_name=f"snapshots[{i}]",
             compare_dtypes=True,
@@ -240,7 +227,7 @@ def synthesize(
     total = _zeros(snapshots[0][2])
     for i in order:
         total = _accumulate(total, [snapshots[i][2]], jnp.asarray(weights[i : i + 1]))
-    return _cast(total, [x.dtype for x in first.values()])
+    return _cast_leaves(total, [x.dtype for x in first.values()])
 
 
 # --------------------------------------------------------------------------- Orbax
@@ -454,7 +441,7 @@ def synthesize_from(
         del averages
     names = first_description["param_dtypes"]
     dtypes = [np.dtype(names[k.removeprefix("averages.")]) for k in keys]
-    return _cast(total, dtypes)
+    return _cast_leaves(total, dtypes)
 
 
 # --------------------------------------------------------------------------- command line

@@ -197,17 +197,11 @@ class EmaTransform:
             )
         leaves_with_paths = _array_leaves(params)
         trailing = state.weight.ndim  # the averages axis, if any
-
-        def flat(tree: Params, drop: int) -> dict[str, Any]:
-            return {
-                "params" + jax.tree_util.keystr(path): jax.ShapeDtypeStruct(
-                    np.shape(leaf)[: np.ndim(leaf) - drop], jnp.result_type(leaf)
-                )
-                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-            }
-
         problem = _checks.first_difference(
-            flat(state.ema, trailing), flat(params, 0), expected_name="EMA state", got_name="params"
+            _checks.shapes_by_path(state.ema, "params", drop=trailing),
+            _checks.shapes_by_path(params, "params"),
+            expected_name="EMA state",
+            got_name="params",
         )
         same_nodes = jax.tree.structure(state.ema) == jax.tree.structure(params)  # type: ignore[operator]
         if problem is None and not same_nodes:
@@ -489,14 +483,14 @@ def shadow(state: EmaState, ema_index: int | None = None) -> Params:
     k = num_averages(state)
     if k is not None and ema_index is None:
         return tuple(shadow(state, i) for i in range(k))
-    leaves, treedef = jax.tree.flatten(accumulators(state, ema_index))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x if x.dtype == d else x.astype(d)
-            for x, d in zip(leaves, state.param_dtypes, strict=True)
-        ],
-    )
+    return _cast_leaves(accumulators(state, ema_index), state.param_dtypes)
+
+
+def _cast_leaves(tree: Params, dtypes: Sequence[Any]) -> Params:
+    """``tree`` with leaf ``i`` in ``dtypes[i]`` (leaves already in it are kept as they are)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    cast = [x if x.dtype == d else x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
+    return jax.tree.unflatten(treedef, cast)
 
 
 def accumulators(state: EmaState, ema_index: int | None = None) -> Params:
