@@ -115,7 +115,7 @@ class EMA(nnx.Pytree):
     def params(self) -> Any:
         """The averaged Variables as an ``nnx.State`` (the tracked Variables' types, in the
         params' dtypes), as ``nnx.EMA.params``; with K decays a K-tuple of them."""
-        k = transform.num_averages(self.state)
+        k = self.transform.num_averages
         if k is None:
             return self.shadow()
         return tuple(self.shadow(i) for i in range(k))
@@ -123,9 +123,8 @@ class EMA(nnx.Pytree):
     def shadow(self, ema_index: int | None = None) -> nnx.State:
         """One average as an ``nnx.State``: the only one, or with K decays average
         ``ema_index`` (default 0)."""
-        state = self.state
-        index = 0 if ema_index is None and transform.num_averages(state) is not None else ema_index
-        return jax.tree.unflatten(self.variables, transform.shadow(state, index))  # type: ignore[no-any-return]
+        index = 0 if ema_index is None and self.transform.stacked else ema_index
+        return jax.tree.unflatten(self.variables, transform.shadow(self.state, index))  # type: ignore[no-any-return]
 
     def apply_to(self, model: M, ema_index: int | None = None) -> M:
         """A new model like ``model`` whose tracked Variables hold the average
