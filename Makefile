@@ -21,7 +21,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.experiments
 
 demo: $(VENV)/.experiments
-	$(BIN)/python -m experiments.train_rul --epochs 12 --ema-decay 0.99 0.999 --ema-debias --out runs/demo
+	$(BIN)/python -m experiments.train_rul --epochs 12 --ema-decay 0.99 0.999 --out runs/demo
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

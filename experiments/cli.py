@@ -1,13 +1,13 @@
 """The command-line flags of a :class:`~experiments.config.Config`, derived from its fields; no JAX.
 
 Every field has one flag, its name with dashes (``batch_size`` -> ``--batch-size``; a
-tuple field takes the singular, ``ema_decays`` -> ``--ema-decay``; a switch that is on by
-default is turned off by ``--no-<name>``). Type, range, default and help come from the
-field's metadata (:func:`experiments.config.option`), so ``train_rul``, ``sweep``,
-``claims`` and ``window_check`` share one definition of each flag. A command that sets
-some fields itself (``sweep``: the decays, from ``--models`` and ``--seeds`` the model and
-seed) leaves them out of its :class:`ConfigFlags`; one with other defaults (``sweep``
-probes flatness by default) names them.
+tuple field takes the singular, ``ema_decays`` -> ``--ema-decay``; a switch is turned on
+by ``--<name>`` and off by ``--no-<name>``, argparse's ``BooleanOptionalAction``). Type,
+range, default and help come from the field's metadata (:func:`experiments.config.option`),
+so ``train_rul``, ``sweep``, ``claims`` and ``window_check`` share one definition of each
+flag. A command that sets some fields itself (``sweep``: the decays, from ``--models`` and
+``--seeds`` the model and seed) leaves them out of its :class:`ConfigFlags`; one with other
+defaults (``sweep`` probes flatness by default) names them.
 
 :meth:`ConfigFlags.argv` is the inverse of parsing: the flags that give a config, those
 that differ from the command's defaults, so the command a report prints to reproduce a
@@ -37,12 +37,14 @@ def _is_switch(f: Field[Any]) -> bool:
 
 
 def flag_name(f: Field[Any]) -> str:
-    """``--batch-size``, ``--ema-decay`` (tuple fields: singular), ``--no-progress`` (a
-    switch on by default)."""
+    """``--batch-size``, ``--ema-decay`` (tuple fields: singular), ``--progress`` (a switch,
+    whose ``--no-progress`` turns it off)."""
     name = f.name.removesuffix("s") if f.metadata["nargs"] else f.name
-    if _is_switch(f) and f.default is True:
-        name = "no_" + name
     return "--" + name.replace("_", "-")
+
+
+def _negated(flag: str) -> str:
+    return "--no-" + flag.removeprefix("--")
 
 
 def _text(value: Any) -> str:
@@ -56,6 +58,8 @@ def _text(value: Any) -> str:
 def _shown_default(value: Any) -> str:
     if value is None:  # the help text says what None means
         return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
     if isinstance(value, tuple):
         return f" (default: {' '.join(map(_text, value)) or 'none'})"
     return f" (default: {_text(value)})"
@@ -91,10 +95,13 @@ class ConfigFlags:
     def _argparse_options(self, f: Field[Any]) -> dict[str, Any]:
         kind, default = _kind(f), self.default(f.name)
         help = f.metadata["help"].replace("%", "%%")
-        if _is_switch(f):
-            if f.default is True:
-                return {"action": "store_false", "help": f"do not {help}"}
-            return {"action": "store_true", "help": help}
+        if _is_switch(f):  # one switch per field, also for each item of a tuple (`each`)
+            on = all(default) if isinstance(default, tuple) else bool(default)
+            return {
+                "action": argparse.BooleanOptionalAction,
+                "default": on,
+                "help": help + _shown_default(on),
+            }
         options: dict[str, Any] = {
             "type": kind.parse,
             "default": default,
@@ -123,22 +130,34 @@ class ConfigFlags:
     def parse(
         self, parser: argparse.ArgumentParser, argv: Sequence[str] | None, **fixed: Any
     ) -> tuple[argparse.Namespace, Config]:
-        """``parser.parse_args(argv)`` and its :meth:`config`; an invalid combination is an
-        argparse error (usage and one line, exit status 2), like an invalid value."""
+        """``parser.parse_args(argv)`` and its :meth:`config`; an invalid combination, or a
+        ``--data-dir`` whose files are missing or malformed (read once here to check them),
+        is an argparse error (usage and one line naming the flag, exit status 2), like an
+        invalid value."""
         args = parser.parse_args(argv)
         try:
-            return args, self.config(args, **fixed)
+            cfg = self.config(args, **fixed)
         except ValueError as error:
             parser.error(str(error))
+        if cfg.data_dir is not None:  # a missing or malformed file: one line, not a traceback
+            from experiments.cmapss import DataFileError, read_subset
+
+            try:
+                read_subset(cfg.data_dir, cfg.subset)
+            except (FileNotFoundError, DataFileError) as error:
+                parser.error(f"argument --data-dir: {error}")
+        return args, cfg
 
     def argv(self, cfg: Config) -> list[str]:
         """The flags that make :meth:`parse` return ``cfg`` (with the same ``fixed``):
         those of the fields whose value differs from this command's default."""
         words: list[str] = []
         for name in self.names:
-            value = getattr(cfg, name)
-            if value != self.default(name):
-                words += _words(FIELDS[name], value)
+            value, default = getattr(cfg, name), self.default(name)
+            if FIELDS[name].metadata["each"]:  # one switch for all items: compare the set
+                value, default = tuple(sorted(set(value))), tuple(sorted(set(default)))
+            if value != default:
+                words += _words(FIELDS[name], getattr(cfg, name))
         return words
 
 
@@ -146,13 +165,15 @@ def _words(f: Field[Any], value: Any) -> list[str]:
     """The flag of field ``f`` and the words that give it ``value``."""
     flag = flag_name(f)
     if f.metadata["each"]:
-        if all(value):
+        if value and all(value):
             return [flag]
         if not any(value):
-            return []
-        raise ValueError(f"{f.name}={value!r}: {flag} turns on all or none, not some")
+            return [_negated(flag)]
+        raise ValueError(
+            f"{f.name}={value!r}: {flag} / {_negated(flag)} turn on all or none, not some"
+        )
     if _is_switch(f):
-        return [flag]  # only a value other than the default is written: the flag's
+        return [flag if value else _negated(flag)]
     if f.metadata["nargs"]:
         return [flag, *map(_text, value)]
     return [flag, _text(value)]

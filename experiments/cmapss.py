@@ -48,14 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.config import COUNT, FRACTION, INDEX, POSITIVE
+from experiments.config import COUNT, FRACTION, INDEX, POSITIVE, SUBSETS
 
 SENSORS: tuple[str, ...] = tuple(f"s_{i}" for i in range(1, 22))
 SETTINGS: tuple[str, ...] = ("setting_1", "setting_2", "setting_3")
 COLUMNS: tuple[str, ...] = ("unit", "cycle", *SETTINGS, *SENSORS)
 """The 26 columns of every C-MAPSS file, in file order."""
 
-SUBSETS: tuple[str, ...] = ("FD001", "FD002", "FD003", "FD004")
 CONDITION_DECIMALS: tuple[int, int, int] = (0, 2, 0)
 """Rounding of (setting_1, setting_2, setting_3) that names an operating condition: the six
 FD002/FD004 flight conditions sit at altitudes 0/10/20/25/35/42 kft, Mach 0/0.25/0.62/0.70/0.84
@@ -107,10 +106,47 @@ def _check_table(name: str, table: np.ndarray) -> None:
         raise ValueError(f"{name} has no rows")
 
 
+class DataFileError(ValueError):
+    """A C-MAPSS file that is not what NASA's files are; the message names the file and,
+    where one is to blame, the line."""
+
+
+def _read_numbers(path: Path, columns: int) -> np.ndarray:
+    """The whitespace-separated numbers of ``path``, ``columns`` per line (blank lines
+    skipped), as ``[rows, columns]`` float64; a :class:`DataFileError` naming the first line
+    that has another count of fields or a field that is no number."""
+    try:
+        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except UnicodeDecodeError as error:  # a ValueError too: before the handler below
+        raise DataFileError(f"{path}: not a text file ({error.reason})") from None
+    except ValueError as error:  # find the line: numpy counts data rows, not lines
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                words = line.split()
+                if words and len(words) != columns:
+                    raise DataFileError(
+                        f"{path}, line {number}: {len(words)} fields, expected {columns}"
+                    ) from None
+                for column, word in enumerate(words, 1):
+                    try:
+                        float(word)
+                    except ValueError:
+                        raise DataFileError(
+                            f"{path}, line {number}, field {column}: {word!r} is not a number"
+                        ) from None
+        raise DataFileError(f"{path}: {error}") from None
+    if table.size == 0:
+        raise DataFileError(f"{path} has no rows")
+    if table.shape[1] != columns:
+        raise DataFileError(f"{path}, line 1: {table.shape[1]} fields, expected {columns}")
+    return table
+
+
 def read_subset(data_dir: str | PathLike[str], subset: str = "FD001") -> RawSubset:
     """Read NASA's ``train_``, ``test_`` and ``RUL_<subset>.txt`` from ``data_dir``.
 
-    Raises FileNotFoundError naming the first missing file, ValueError for a malformed one.
+    Raises FileNotFoundError naming the first missing file, :class:`DataFileError` (a
+    ValueError) naming a malformed one and its first bad line.
     """
     _check_subset(subset)
     directory = Path(data_dir)
@@ -121,14 +157,12 @@ def read_subset(data_dir: str | PathLike[str], subset: str = "FD001") -> RawSubs
                 f"C-MAPSS file {path} not found: data_dir must hold NASA's train_{subset}.txt, "
                 f"test_{subset}.txt and RUL_{subset}.txt"
             )
-    train = np.loadtxt(paths["train"], dtype=np.float64, ndmin=2)
-    test = np.loadtxt(paths["test"], dtype=np.float64, ndmin=2)
-    rul = np.loadtxt(paths["RUL"], dtype=np.float64, ndmin=1)
-    _check_table(str(paths["train"]), train)
-    _check_table(str(paths["test"]), test)
+    train = _read_numbers(paths["train"], len(COLUMNS))
+    test = _read_numbers(paths["test"], len(COLUMNS))
+    rul = _read_numbers(paths["RUL"], 1)[:, 0]
     n_test_units = len(np.unique(test[:, _UNIT]))
     if rul.shape != (n_test_units,):
-        raise ValueError(
+        raise DataFileError(
             f"{paths['RUL']} must hold one value per test unit ({n_test_units}), got {rul.shape}"
         )
     return RawSubset(train=train, test=test, rul=rul)

@@ -36,6 +36,10 @@ MODEL_SPECS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
 )
 
 
+SUBSETS: tuple[str, ...] = ("FD001", "FD002", "FD003", "FD004")
+"""The four C-MAPSS subsets."""
+
+
 @dataclass(frozen=True)
 class Kind:
     """A kind of option value: its type, the condition it meets, and the phrase that
@@ -133,7 +137,7 @@ class Config:
     data_dir: str | None = option(
         None, "directory with NASA's C-MAPSS files (default: synthetic)", TEXT
     )
-    subset: str = option("FD001", "FD001..FD004", TEXT)
+    subset: str = option("FD001", "the C-MAPSS subset", one_of(SUBSETS))
     model: str = option("cnn_attn", "the model (experiments/models.py)", MODEL)
     epochs: int = option(30, "training epochs", COUNT)
     batch_size: int = option(256, "training mini-batch size", COUNT)
@@ -151,7 +155,12 @@ class Config:
         (0.999,), "one or more decays β in [0, 1), all kept in the same run", FRACTION, nargs="+"
     )
     ema_debias: tuple[bool, ...] = option(
-        (False,), "bias-corrected averages (default: plain)", SWITCH, each="ema_decays"
+        (True,),
+        "bias-correct every average (ema_jax.ema's debias=True: exact from the first step, "
+        "so a run shorter than the 1/(1-β)-step window gets the mean of its steps); "
+        "--no-ema-debias: plain averages, which start at the initial weights",
+        SWITCH,
+        each="ema_decays",
     )
     seed: int = option(
         0, "seed of the initialisation, dropout, data order and validation split", INDEX
@@ -200,9 +209,9 @@ class Config:
     early_stopping: int | None = option(
         None,
         "stop when the monitored value has not improved for this many epochs (Keras's "
-        "rule, ema_jax.EarlyStopping; default: off); each --monitor gets its own stopper on "
-        "the same run, which ends when all have stopped, and the test split is read once "
-        "for each one's best weights (rule 'early')",
+        "rule, ema_jax.EarlyStopping); each --monitor gets its own stopper on the same run, "
+        "which ends when all have stopped, and the test split is read once for each one's "
+        "best weights (rule 'early') (default: off)",
         INDEX,
     )
     monitors: tuple[str, ...] = option(

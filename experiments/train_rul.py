@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 import ema_jax
 from experiments import cmapss
 from experiments.cli import ConfigFlags
-from experiments.config import Config
+from experiments.config import Config, variant_name
 from experiments.models import make_model
 
 Callback = Callable[[int, dict[str, Any], ema_jax.EmaTrainState], None]
@@ -519,6 +519,35 @@ def results_table(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def initial_weight_notes(cfg: Config, steps: int) -> list[str]:
+    """A note for each plain average that, after ``steps`` updates, still gives the initial
+    weights a share ``β^steps`` of more than 10 %: a run shorter than its window."""
+    return [
+        f"note: {variant_name(decay, False)} is a plain average (--no-ema-debias) and this run "
+        f"has {steps} steps, so {decay**steps:.0%} of its weight stays on the initial weights; "
+        "the debiased default has no such share"
+        for decay, debias in zip(cfg.ema_decays, cfg.ema_debias, strict=True)
+        if not debias and decay**steps > 0.1
+    ]
+
+
+def verdict(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """One line: under rule ``last``, the average with the lowest validation RMSE against the
+    raw weights, on validation and test."""
+    last = test["last"]
+    raw = last["raw"]
+    name = min((n for n in last if n != "raw"), key=lambda n: last[n]["val_rmse"])
+    ema = last[name]
+    lower = [s for s, k in (("validation", "val_rmse"), ("test", "rmse")) if ema[k] < raw[k]]
+    outcome = "not lower" if not lower else "lower on both" if len(lower) == 2 else ""
+    outcome = outcome or f"lower on {lower[0]} only"
+    return (
+        f"final weights: {name} (the average with the lowest validation RMSE) "
+        f"val {ema['val_rmse']:.2f} / test {ema['rmse']:.2f} against raw "
+        f"{raw['val_rmse']:.2f} / {raw['rmse']:.2f}: the EMA is {outcome}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, cfg = FLAGS.parse(parser(), argv)
     ds = load_data(cfg)
@@ -526,13 +555,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"data: {cfg.data_dir or 'synthetic default'} {cfg.subset}  train {len(ds.x_train)}  "
         f"val {len(ds.x_val)}  test {len(ds.x_test)} windows, {len(ds.features)} features"
     )
+    for note in initial_weight_notes(cfg, cfg.epochs * (len(ds.x_train) // cfg.batch_size)):
+        print(note)
     result, state = run(cfg, ds)
     out = Path(args.out)
     write_history(result, out)
     plot_curves(result, out / "curves.png")
     export_ema(state, cfg.variants, out / "ema_params")
     print("\n" + results_table(result["test"]))
-    print(f"\nwrote {out}/history.json, history.csv, curves.png, ema_params/")
+    print("\n" + verdict(result["test"]))
+    print(f"wrote {out}/history.json, history.csv, curves.png, ema_params/")
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import cache
 from pathlib import Path
 
@@ -138,7 +139,28 @@ def test_read_subset_rejects_malformed_files(tmp_path: Path):
     with pytest.raises(ValueError, match="one value per test unit"):
         cmapss.read_subset(tmp_path)
     np.savetxt(tmp_path / "train_FD001.txt", raw.train[:, :20])
-    with pytest.raises(ValueError, match=r"shape \[rows, 26\]"):
+    with pytest.raises(ValueError, match=r"train_FD001\.txt, line 1: 20 fields, expected 26"):
+        cmapss.read_subset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("hello world", r"line 4: 2 fields, expected 26"),
+        (" ".join(["1"] * 25 + ["nan?"]), r"line 4, field 26: 'nan\?' is not a number"),
+    ],
+)
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path: Path, line: str, message: str):
+    """Issue #19: numpy's "could not convert string 'hello' to float64 at row 0, column 1"
+    named neither the file nor its line (numpy counts data rows, skipping blank lines)."""
+    synthetic.write(tmp_path, small_raw())
+    path = tmp_path / "test_FD001.txt"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0], "", rows[1], line, *rows[2:]]) + "\n")
+    with pytest.raises(cmapss.DataFileError, match=re.escape(str(path)) + ", " + message):
+        cmapss.read_subset(tmp_path)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(cmapss.DataFileError, match="not a text file"):
         cmapss.read_subset(tmp_path)
 
 

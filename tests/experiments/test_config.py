@@ -13,7 +13,7 @@ import pytest
 
 from experiments import claims, sweep, train_rul, window_check
 from experiments.cli import FIELDS, ConfigFlags, flag_name
-from experiments.config import MODEL_SPECS, Config
+from experiments.config import MODEL_SPECS, SWITCH, Config
 
 # One config with every field away from its default (each flag is exercised).
 EVERY_FIELD_SET = Config(
@@ -49,24 +49,32 @@ def test_every_config_field_has_one_flag_whose_default_is_the_configs(capsys):
     p = train_rul.parser()
     flags = {flag for action in p._actions for flag in action.option_strings}
     assert {flag_name(f) for f in FIELDS.values()} <= flags
-    assert flags - {flag_name(f) for f in FIELDS.values()} == {"-h", "--help", "--out"}
+    switches = {"--no-" + flag_name(f)[2:] for f in FIELDS.values() if f.metadata["kind"] is SWITCH}
+    negated = {flag for flag in flags if flag.startswith("--no-")}
+    assert "--no-ema-debias" in negated and negated == switches  # each switch: on and off
+    assert flags - {flag_name(f) for f in FIELDS.values()} - negated == {"-h", "--help", "--out"}
     assert train_rul.FLAGS.parse(p, [])[1] == Config()
     with pytest.raises(SystemExit):
         p.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "--ema-decay EMA_DECAY [EMA_DECAY ...]" in text and "--no-progress" in text
     assert "(default: 30)" in text and "(default: 0.999)" in text  # derived, never typed
+    for action in p._actions:  # every option shows its default, switches as on/off
+        if action.option_strings != ["-h", "--help"]:
+            assert "(default: " in (action.help or ""), action.option_strings
+    assert "--ema-debias, --no-ema-debias" in text
 
 
 def test_defaults_are_the_standard_preprocessing_and_training():
     """Defaults unchanged: window 30, cap 125, no smoothing, one model, no prefixes; 30
-    epochs of batch 256 at lr 1e-3; one plain EMA, β = 0.999."""
+    epochs of batch 256 at lr 1e-3; one bias-corrected EMA, β = 0.999 (issue #19: a plain
+    one still carries the initial weights after a short run)."""
     cfg = Config()
     assert (cfg.window, cfg.max_rul, cfg.smooth, cfg.members, cfg.min_prefix) == (
         30, 125.0, 0.0, 1, 0
     )  # fmt: skip
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.ema_decays, cfg.ema_debias) == (
-        30, 256, 1e-3, (0.999,), (False,)
+        30, 256, 1e-3, (0.999,), (True,)
     )  # fmt: skip
     assert cfg.preprocessing() == {
         "window": 30, "max_rul": 125.0, "smooth": 0.0, "min_prefix": 0, "cycle_feature": False
@@ -82,16 +90,22 @@ def test_argv_round_trips_through_the_parser(cfg):
     """``FLAGS.argv(cfg)`` names only what differs from the defaults, and parses back to
     ``cfg``: every field, floats that ``:g`` would round, a path with a space."""
     words = train_rul.FLAGS.argv(cfg)
-    assert train_rul.FLAGS.parse(train_rul.parser(), words)[1] == cfg
+    # config(parse_args) rather than parse(): parse also reads --data-dir, which is made up here
+    assert train_rul.FLAGS.config(train_rul.parser().parse_args(words)) == cfg
     assert words[words.index("--weight-decay") + 1] == "1.234567e-05"
     assert ("--cosine" in words) == cfg.cosine  # a switch at its default is not written
     assert train_rul.FLAGS.argv(Config()) == []
-    assert train_rul.FLAGS.argv(Config(ema_decays=(0.9, 0.99), ema_debias=(False, False))) == [
+    assert train_rul.FLAGS.argv(Config(ema_decays=(0.9, 0.99), ema_debias=(True, True))) == [
         "--ema-decay",
         "0.9",
         "0.99",
     ]
-    with pytest.raises(ValueError, match="--ema-debias turns on all or none"):
+    assert train_rul.FLAGS.argv(Config(ema_decays=(0.9,), ema_debias=(False,))) == [
+        "--ema-decay",
+        "0.9",
+        "--no-ema-debias",
+    ]
+    with pytest.raises(ValueError, match="--ema-debias / --no-ema-debias turn on all or none"):
         train_rul.FLAGS.argv(Config(ema_decays=(0.9, 0.99), ema_debias=(True, False)))
 
 
@@ -114,9 +128,9 @@ def test_sweep_run_command_reproduces_the_stored_configs():
     assert command.startswith(
         prefix + "--models dcnn_li --seeds 3 --data-dir 'data dir/with space'"
     )
-    args, base = sweep.FLAGS.parse(
-        sweep.parser(),
-        shlex.split(command[len(prefix) :]),
+    args = sweep.parser().parse_args(shlex.split(command[len(prefix) :]))
+    base = sweep.FLAGS.config(  # not parse(), which would read the made-up --data-dir
+        args,
         ema_decays=sweep.SWEEP_DECAYS,
         ema_debias=sweep.SWEEP_DEBIAS,
         progress=False,
@@ -183,6 +197,8 @@ def test_config_rejects_bad_values(kwargs, message):
         (["--lr-drop-factor", "2"], r"argument --lr-drop-factor: must be a number in \(0, 1\]"),
         (["--model", "mlp"], r"argument --model: must be one of \['cnn_attn'"),
         (["--cosine", "--lr-drop-epoch", "3"], "lr_drop_epoch and cosine are exclusive"),
+        (["--subset", "FD005"], r"argument --subset: must be one of \['FD001'"),
+        (["--data-dir", "/nonexistent"], r"argument --data-dir: C-MAPSS file \S+ not found"),
     ],
 )
 def test_cli_rejects_bad_values_in_one_argparse_line(argv, message, capsys):
@@ -251,3 +267,22 @@ def test_config_and_reports_import_no_jax(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr
     assert "## dcnn: 1 seeds, 30 epochs" in (tmp_path / "r.md").read_text()
+
+
+def test_a_malformed_data_file_is_one_line_naming_file_and_line(tmp_path):
+    """Issue #19: a non-C-MAPSS file gave numpy's traceback naming neither file nor line; now
+    the command (a real process) exits 2 with argparse's one line, before any training."""
+    from experiments import synthetic
+
+    synthetic.write(tmp_path, synthetic.generate(n_train=3, n_test=2, seed=0))
+    path = tmp_path / "train_FD001.txt"
+    path.write_text("hello world\n" + path.read_text())
+    argv = [sys.executable, "-m", "experiments.train_rul", "--data-dir", str(tmp_path)]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2]
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"python -m experiments.train_rul: error: argument --data-dir: {path}, line 1: "
+        "2 fields, expected 26"
+    )
