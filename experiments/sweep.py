@@ -212,7 +212,32 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
             + ").",
             "",
         ]
+    lines += per_seed_tables(runs, {m: v for m, (_, v) in best_last.items()})
     return "\n".join(lines)
+
+
+def per_seed_tables(runs: dict[str, list[dict[str, Any]]], chosen: dict[str, str]) -> list[str]:
+    """Per model, rule ``last``, one row per seed: raw and the variant that validation chose
+    (``chosen[model]``; a refit run shows its split model's choice)."""
+    lines: list[str] = []
+    for model, results in runs.items():
+        variant = chosen.get(model.removesuffix(REFIT_SUFFIX))
+        if variant is None or variant == "raw":
+            continue
+        lines += [
+            f"## Per seed: `{model}`, rule `last`, raw vs `{variant}`",
+            "",
+            "| seed | raw val RMSE | raw test RMSE | EMA val RMSE | EMA test RMSE | Δ test |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            raw, ema = r["test"]["last"]["raw"], r["test"]["last"][variant]
+            lines.append(
+                f"| {r['config']['seed']} | {raw['val_rmse']:.2f} | {raw['rmse']:.2f} | "
+                f"{ema['val_rmse']:.2f} | {ema['rmse']:.2f} | {ema['rmse'] - raw['rmse']:+.2f} |"
+            )
+        lines.append("")
+    return lines
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") -> None:

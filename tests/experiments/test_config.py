@@ -226,7 +226,7 @@ def test_each_cli_takes_the_config_flags_it_does_not_set_itself():
         "progress",
     }
     assert every - set(window_check.FLAGS.names) == {"window", "seed", "members", "progress"}
-    assert claims.FLAGS.names == ("data_dir", "subset", "batch_size")
+    assert claims.FLAGS.names == ("data_dir", "subset", "batch_size", "window", "cycle_feature")
     assert sweep.FLAGS.default("perturb") == (0.01, 0.02, 0.05)
     assert sweep.FLAGS.parse(sweep.parser(), [])[1].perturb == (0.01, 0.02, 0.05)
     assert sweep.FLAGS.parse(sweep.parser(), ["--perturb"])[1].perturb == ()
