@@ -415,7 +415,7 @@ def test_refit_all_trains_on_every_engine_and_selects_nothing(cli_run, tmp_path)
     argv += ["--ema-decay", "0.9", "--refit-all", "--out", str(tmp_path), "--no-progress"]
     result = main(argv)
     assert result["config"]["refit_all"] is True
-    for name in ("raw", "ema0.9"):
+    for name in ("raw", "ema0.9-debiased"):  # averages are debiased by default
         assert result["test"]["best"][name] == result["test"]["last"][name]
         assert result["test"]["best"][name]["epoch"] == 2
 
@@ -504,11 +504,11 @@ def test_ensemble_run_trains_every_member(cli_run, tmp_path):
     argv += ["--members", "2", "--ema-decay", "0.9", "--out", str(tmp_path), "--no-progress"]
     result = main(argv)
     assert result["config"]["members"] == 2
-    params = checkpoint.load_exported(tmp_path / "ema_params" / "ema0.9")
+    params = checkpoint.load_exported(tmp_path / "ema_params" / "ema0.9-debiased")
     assert sorted(params) == ["member0", "member1"]
     pred = np.asarray(make_model("dcnn", members=2).apply({"params": params}, ds.x_test))
     rmse = cmapss.rmse(pred * ds.max_rul, ds.y_test)
-    np.testing.assert_allclose(result["test"]["last"]["ema0.9"]["rmse"], rmse, rtol=1e-4)
+    np.testing.assert_allclose(result["test"]["last"]["ema0.9-debiased"]["rmse"], rmse, rtol=1e-4)
 
 
 def test_sweep_command_names_non_default_data_options():
@@ -551,11 +551,11 @@ def test_window_check_scores_the_truncated_validation_engines(monkeypatch) -> No
     lives = [int((raw.train[:, 0] == u).sum()) for u in val_units]
     assert row["seed"] == 0 and row["window"] == 35
     assert row["endpoints"] == sum(life - 30 for life in lives)
-    assert set(row["last"]) == {"raw", "ema0.999"}
+    assert set(row["last"]) == {"raw", "ema0.999-debiased"}
     [(cfg, ds, state)] = seen
     model = make_model(cfg.model)
     (ema,) = state.ema_params  # train_rul keeps its decays as a tuple, here of one
-    for name, params in (("raw", state.params), ("ema0.999", ema)):
+    for name, params in (("raw", state.params), ("ema0.999-debiased", ema)):
         pred = np.asarray(model.apply({"params": params}, ds.x_test), np.float64) * ds.max_rul
         rmse = np.sqrt(np.mean((pred - ds.y_test.astype(np.float64)) ** 2))
         np.testing.assert_allclose(row["last"][name], rmse, rtol=1e-4, atol=1e-3)
