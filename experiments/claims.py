@@ -28,10 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from experiments import cmapss
+from experiments import cmapss, early_stopping
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, MODEL
 from experiments.sweep import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, fmt, load_runs, summarise
+
+STOPPED_MODEL = early_stopping.chosen(None, patience=1, epochs=1).model
+"""The one model :mod:`experiments.early_stopping` trains."""
 
 FLAGS = ConfigFlags(("data_dir", "subset", "batch_size", "window", "cycle_feature"))
 """The :class:`~experiments.config.Config` flags of the timing claim's data and batches."""
@@ -122,13 +125,13 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _paired_row(name: str, test: Sequence[float], raw: Sequence[float], extra: str = "") -> str:
+def _paired_row(name: str, test: Sequence[float], raw: Sequence[float]) -> str:
     diff = [t - r for t, r in zip(test, raw, strict=True)]
     pct = [100 * d / r for d, r in zip(diff, raw, strict=True)]
     lower = sum(d < 0 for d in diff)
     return (
         f"| {name} | {len(test)} | {fmt(test)} | {fmt(diff)} | {fmt(pct, 1)} % | "
-        f"{lower} of {len(test)} |{extra}"
+        f"{lower} of {len(test)} |"
     )
 
 
@@ -172,15 +175,11 @@ def claim_selection(
                         base,
                     )
                 )
-        if early is not None and model == "cnn_gru":  # early_stopping studies cnn_gru only
+        if early is not None and model == STOPPED_MODEL:
             stored = json.loads(early.read_text())["seeds"]
             mine = [r for r in stored if r["seed"] in raw]
-            seeds = [r["seed"] for r in mine]
-            base = [raw[s] for s in seeds]
-            for key, label in (
-                ("val_loss", "raw + early stopping"),
-                ("val_loss_ema[0]", "EMA + early stopping"),
-            ):
+            base = [raw[r["seed"]] for r in mine]
+            for key, label in early_stopping.LABELS.items():
                 rows.append(
                     _paired_row(f"{model}, {label}", [r[key]["test_rmse"] for r in mine], base)
                 )

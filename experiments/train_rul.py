@@ -539,8 +539,7 @@ def verdict(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     name = min((n for n in last if n != "raw"), key=lambda n: last[n]["val_rmse"])
     ema = last[name]
     lower = [s for s, k in (("validation", "val_rmse"), ("test", "rmse")) if ema[k] < raw[k]]
-    outcome = "not lower" if not lower else "lower on both" if len(lower) == 2 else ""
-    outcome = outcome or f"lower on {lower[0]} only"
+    outcome = {0: "not lower", 2: "lower on both"}.get(len(lower)) or f"lower on {lower[0]} only"
     return (
         f"final weights: {name} (the average with the lowest validation RMSE) "
         f"val {ema['val_rmse']:.2f} / test {ema['rmse']:.2f} against raw "
