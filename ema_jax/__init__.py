@@ -30,6 +30,7 @@ from ema_jax.transform import (
     ema,
     num_averages,
     shadow,
+    shadows,
 )
 from ema_jax.window import (
     decay_for_window,
@@ -66,6 +67,7 @@ __all__ = [
     "scale_decay",
     "schedules",
     "shadow",
+    "shadows",
     "sigma_rel_to_gamma",
     "train_with_ema",
 ]

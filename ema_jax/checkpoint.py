@@ -694,8 +694,7 @@ def deploy_params(state: Any, *, dtype: Any = None, ema_index: int | None = None
 
         if dtype is None:
             return nnx.to_pure_dict(ema.shadow(ema_index))
-        index = 0 if ema_index is None and ema.transform.stacked else ema_index
-        leaves = transform.accumulators(ema.state, index)
+        leaves = transform.accumulators(ema.state, ema_index)
         averages = nnx.to_pure_dict(jax.tree.unflatten(ema.variables, leaves))
     elif dtype is None:
         return state.select_params(True, ema_index)

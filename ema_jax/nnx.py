@@ -9,6 +9,7 @@ results as the functional API, under ``nnx.jit`` (with or without donation) or e
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar
 
 import jax
@@ -18,6 +19,21 @@ from ema_jax import transform
 from ema_jax.transform import Decay, EmaState
 
 M = TypeVar("M")
+
+#: Where each field of :class:`~ema_jax.EmaState` lives in an :class:`EMA`, derived from
+#: ``EmaState`` itself: its arrays in :class:`EmaVariable` s of the same names, except the
+#: accumulators (``EmaState.ema``, one per tracked Variable) in the list ``accumulators``;
+#: its static fields (the params' dtypes) as plain attributes. These names are the paths
+#: an NNX checkpoint saves.
+_ACCUMULATORS = "accumulators"
+_ARRAY_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(EmaState)
+    if f.metadata.get("pytree_node", True) and f.name != "ema"
+)
+_STATIC_FIELDS = tuple(
+    f.name for f in dataclasses.fields(EmaState) if not f.metadata.get("pytree_node", True)
+)
 
 
 class EmaVariable(nnx.Variable):
@@ -37,11 +53,14 @@ class EMA(nnx.Pytree):
         eval_model = ema.apply_to(model)  # the model with the averaged Variables
 
     Attributes:
-      transform: the :class:`~ema_jax.EmaTransform` (static).
+      transform: the rule, the :class:`~ema_jax.EmaTransform` (static).
       filter: the ``only`` filter: which Variables are averaged (static).
-      state: the :class:`~ema_jax.EmaState` (read-only; its trees are lists of the tracked
-        Variables' values, in the order of ``nnx.state(model, only)``), kept in
-        :class:`EmaVariable` s ``count``, ``num_skipped``, ``weight`` and ``accumulators``.
+      state: the rule's :class:`~ema_jax.EmaState` (read-only; its trees are lists of the
+        tracked Variables' values, in the order of ``nnx.state(model, only)``). Its array
+        fields are kept in :class:`EmaVariable` s of the same names (``count``,
+        ``num_skipped``, ``weight``), its accumulators (``EmaState.ema``) in the list
+        ``accumulators``.
+      params: the shadow (:meth:`shadow`); with K decays every average's, a K-tuple.
 
     Unlike ``nnx.EMA``'s, the view ``apply_to`` returns is a snapshot of the average when
     it is called (the average may be fp32 for bf16 params, or one of K), not a live alias:
@@ -54,34 +73,24 @@ class EMA(nnx.Pytree):
         decay: Decay | tuple[Decay, ...],
         *,
         only: Any = nnx.Param,
-        debias: bool | tuple[bool, ...] = False,
-        update_every: int = 1,
-        start_step: int = 0,
-        accumulator_dtype: Any = None,
-        skip_nonfinite: bool = False,
         graph: bool | None = None,
+        **options: Any,
     ) -> None:
         """Tracks the Variables of ``model`` selected by ``only``; the average starts at
-        their values. ``decay`` and the options: :func:`ema_jax.ema`. ``graph``: as for
-        ``nnx.state`` (NNX's graph or tree mode)."""
-        self.transform = transform.ema(
-            decay,
-            debias=debias,
-            update_every=update_every,
-            start_step=start_step,
-            accumulator_dtype=accumulator_dtype,
-            skip_nonfinite=skip_nonfinite,
-        )
+        their values. ``decay`` and ``**options`` (``debias``, ``update_every``, ...) are
+        :func:`ema_jax.ema`'s, passed on as given. ``graph``: as for ``nnx.state`` (NNX's
+        graph or tree mode)."""
+        self.transform = transform.ema(decay, **options)
         self.filter = only
         self.graph = graph
         tracked = _tracked(model, only, graph)
         self.variables = jax.tree.structure(tracked)  # static: the Variables' types, metadata
         initial = self.transform.init(jax.tree.leaves(tracked))
-        self.param_dtypes = initial.param_dtypes
-        self.count = EmaVariable(initial.count)
-        self.num_skipped = EmaVariable(initial.num_skipped)
-        self.weight = EmaVariable(initial.weight)
-        self.accumulators = nnx.List([EmaVariable(a) for a in initial.ema])
+        for name in _STATIC_FIELDS:
+            setattr(self, name, getattr(initial, name))
+        for name in _ARRAY_FIELDS:
+            setattr(self, name, EmaVariable(getattr(initial, name)))
+        setattr(self, _ACCUMULATORS, nnx.List([EmaVariable(a) for a in initial.ema]))
 
     @property
     def decay(self) -> Any:
@@ -93,11 +102,9 @@ class EMA(nnx.Pytree):
     def state(self) -> EmaState:
         """The functional state this object holds (see :class:`~ema_jax.EmaState`)."""
         return EmaState(
-            count=self.count.get_value(),
-            num_skipped=self.num_skipped.get_value(),
-            weight=self.weight.get_value(),
-            ema=[a.get_value() for a in self.accumulators],
-            param_dtypes=self.param_dtypes,
+            **{name: getattr(self, name) for name in _STATIC_FIELDS},
+            **{name: getattr(self, name).get_value() for name in _ARRAY_FIELDS},
+            ema=[a.get_value() for a in getattr(self, _ACCUMULATORS)],
         )
 
     def update(self, model: Any) -> None:
@@ -105,26 +112,23 @@ class EMA(nnx.Pytree):
         ``optimizer.update(model, grads)``, inside the same ``nnx.jit`` step)."""
         values = jax.tree.leaves(nnx.state(model, self.filter, graph=self.graph))
         _, new = self.transform.update(values, self.state)
-        self.count.set_value(new.count)
-        self.num_skipped.set_value(new.num_skipped)
-        self.weight.set_value(new.weight)
-        for variable, accumulator in zip(self.accumulators, new.ema, strict=True):
+        for name in _ARRAY_FIELDS:
+            getattr(self, name).set_value(getattr(new, name))
+        for variable, accumulator in zip(getattr(self, _ACCUMULATORS), new.ema, strict=True):
             variable.set_value(accumulator)
 
     @property
     def params(self) -> Any:
-        """The averaged Variables as an ``nnx.State`` (the tracked Variables' types, in the
-        params' dtypes), as ``nnx.EMA.params``; with K decays a K-tuple of them."""
-        k = self.transform.num_averages
-        if k is None:
+        """The shadow as an ``nnx.State`` (the tracked Variables' types, in the params'
+        dtypes), as ``nnx.EMA.params``; with K decays every average's, a K-tuple of them."""
+        if not self.transform.stacked:
             return self.shadow()
-        return tuple(self.shadow(i) for i in range(k))
+        return tuple(self.shadow(i) for i in range(self.transform.num_averages))
 
     def shadow(self, ema_index: int | None = None) -> nnx.State:
-        """One average as an ``nnx.State``: the only one, or with K decays average
-        ``ema_index`` (default 0)."""
-        index = 0 if ema_index is None and self.transform.stacked else ema_index
-        return jax.tree.unflatten(self.variables, transform.shadow(self.state, index))  # type: ignore[no-any-return]
+        """One average's shadow as an ``nnx.State``: average ``ema_index`` (``None``: the
+        first, for a single decay the only one)."""
+        return jax.tree.unflatten(self.variables, transform.shadow(self.state, ema_index))  # type: ignore[no-any-return]
 
     def apply_to(self, model: M, ema_index: int | None = None) -> M:
         """A new model like ``model`` whose tracked Variables hold the average

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax import _checks, window
-from ema_jax.transform import EmaState, Params, _cast_leaves, accumulators, num_averages
+from ema_jax import _checks, _dtypes, window
+from ema_jax.transform import EmaState, Params, accumulators, num_averages
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -227,7 +227,7 @@ def synthesize(
     total = _zeros(snapshots[0][2])
     for i in order:
         total = _accumulate(total, [snapshots[i][2]], jnp.asarray(weights[i : i + 1]))
-    return _cast_leaves(total, [x.dtype for x in first.values()])
+    return _dtypes.cast_back(total, [x.dtype for x in first.values()])
 
 
 # --------------------------------------------------------------------------- Orbax
@@ -298,7 +298,7 @@ def save_snapshot(
         for i, s in enumerate(sigma_rels)
     ]
     if isinstance(averages, EmaState):
-        k = num_averages(averages) or 1
+        k = num_averages(averages)
         trees = [accumulators(averages, i) for i in range(k)]
         param_dtypes = [np.dtype(d) for d in averages.param_dtypes]
     else:
@@ -441,7 +441,7 @@ def synthesize_from(
         del averages
     names = first_description["param_dtypes"]
     dtypes = [np.dtype(names[k.removeprefix("averages.")]) for k in keys]
-    return _cast_leaves(total, dtypes)
+    return _dtypes.cast_back(total, dtypes)
 
 
 # --------------------------------------------------------------------------- command line

@@ -134,12 +134,12 @@ def make_paired_eval_step(
 
     def paired_eval_step(state: EmaTrainState, batch: Batch) -> dict[str, Metrics]:
         raw = _evaluate(metric_fn, state, batch, False, None, with_model_state)
-        k = state.num_averages
-        if k is None:
+        if not state.ema.stacked:
             averaged: Metrics = _evaluate(metric_fn, state, batch, True, None, with_model_state)
         else:
             averaged = tuple(
-                _evaluate(metric_fn, state, batch, True, i, with_model_state) for i in range(k)
+                _evaluate(metric_fn, state, batch, True, i, with_model_state)
+                for i in range(state.num_averages)
             )
         return {"raw": raw, "ema": averaged}
 

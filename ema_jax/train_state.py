@@ -1,7 +1,8 @@
 """A Flax ``TrainState`` that carries an EMA of its params.
 
 ``apply_gradients`` is one pure function: the optimizer step, then the EMA update from
-the *new* params. Training only ever differentiates ``params``; the shadow is read
+the *new* params. Training only ever differentiates ``params``; the shadow (the averaged
+weights, in the params' dtypes: glossary in ``docs/semantics.md``) is read
 (``ema_params``), never trained.
 
 Non-param collections (e.g. BatchNorm's ``batch_stats``) live in ``model_state``. By
@@ -81,36 +82,36 @@ class EmaTrainState(train_state.TrainState):
         return new.replace(ema_state=ema_state)
 
     @property
-    def num_averages(self) -> int | None:
-        """K when the EMA keeps several decays, else ``None``."""
+    def num_averages(self) -> int:
+        """K, the number of averages the EMA keeps: 1 for a single decay."""
         return transform.num_averages(self.ema_state)
 
     def _average(self, ema_index: int | None) -> tuple[Params, Any]:
-        """``(params, model_state)`` of average ``ema_index`` (default the first), in the
+        """``(params, model_state)`` of average ``ema_index`` (``None``: the first), in the
         params' dtypes; ``model_state`` is ``None`` unless it is averaged too."""
-        averaged = transform.shadow(self.ema_state, 0 if ema_index is None else ema_index)
-        return _split(averaged, self.average_model_state)
+        return _split(transform.shadow(self.ema_state, ema_index), self.average_model_state)
 
     def accumulators(self, ema_index: int | None = None) -> Any:
         """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
-        params), params-shaped: decay ``ema_index`` (default the first) of several."""
+        params), params-shaped: average ``ema_index`` (``None``: the first)."""
         averaged = transform.accumulators(self.ema_state, ema_index)
         return _split(averaged, self.average_model_state)[0]
 
     @property
     def ema_params(self) -> Params:
-        """The shadow params, same tree and dtypes as ``params`` (a K-tuple for K decays).
+        """The shadow, same tree and dtypes as ``params``; for K decays every average's
+        (a K-tuple, as :func:`ema_jax.shadows`). One of them: :meth:`select_params`.
 
         Like ``params``, these may be the state's own buffers: a train step that donates
         the state invalidates them. Keep a copy (``jax.tree.map(jnp.copy, ...)``) to hold
         on to them across steps.
         """
-        if self.num_averages is None:
+        if not self.ema.stacked:
             return self._average(None)[0]
         return tuple(self._average(i)[0] for i in range(self.num_averages))
 
     def select_params(self, use_ema: bool, ema_index: int | None = None) -> Params:
-        """``params`` or the shadow params (decay ``ema_index`` when there are several)."""
+        """``params`` or the shadow of average ``ema_index`` (``None``: the first)."""
         return self._average(ema_index)[0] if use_ema else self.params
 
     def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:

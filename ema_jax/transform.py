@@ -1,13 +1,14 @@
 """The EMA of a parameter pytree as a pure ``init`` / ``update`` pair: :class:`EmaTransform`.
 
+The words are those of the glossary in ``docs/semantics.md``: the *rule* is an
+:class:`EmaTransform` (made by :func:`ema`), its *state* an :class:`EmaState`, whose
+``ema`` field holds the *accumulators* (full precision, e.g. fp32 for bf16 params); the
+*shadow* is one average cast back to the params' dtypes, the weights to evaluate and deploy
+(:func:`shadow`; all K of them: :func:`shadows`).
+
 The update rule, its bias correction and its step conventions are written once, in
-``docs/semantics.md``; this module implements them in three pieces:
-
-* :func:`_decays_at` — the decays ``β_t`` of the K averages at step ``t`` (scalar work);
-* :func:`_coefficients` — the lerp factor, its complement and the new total weight
-  ``w_t`` from ``β_t`` and ``w_{t-1}`` (scalar work);
-* :func:`_average` — one elementwise pass over the leaves (the only memory traffic).
-
+``docs/semantics.md``; :mod:`ema_jax._kernel` implements them in three pieces (the decays
+``β_t`` of the K averages, the lerp coefficients, one elementwise pass over the leaves).
 One decay is the case K = 1 of the same code. The only difference is the layout: a single
 decay keeps params-shaped accumulators and a scalar weight, ``decay=(β_1, ..., β_K)``
 gives every accumulator a trailing axis of size K and a ``[K]`` weight (so one pass reads
@@ -17,7 +18,6 @@ each param once for all K). The layout is read off the weight's shape, never re-
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import warnings
 from collections.abc import Sequence
@@ -30,7 +30,7 @@ import optax
 from flax import struct
 from jax import lax
 
-from ema_jax import _checks, schedules
+from ema_jax import _checks, _dtypes, _kernel, schedules
 
 Decay = float | schedules.Schedule
 Params = Any
@@ -47,8 +47,9 @@ class EmaState(struct.PyTreeNode):
         Like ``count``, it saturates at 2^31 - 1 instead of wrapping.
       weight: ``w_t`` of each average, in JAX's default float dtype (float32; float64 under
         x64), like all decay arithmetic: ``[]`` for one decay, ``[K]`` for K decays.
-      ema: the accumulators, a tree like the params. With K decays every leaf has a
-        trailing axis of size K (``[*param.shape, K]``); :func:`shadow` splits them.
+      ema: the accumulators, a tree like the params (the name is in every saved
+        checkpoint's paths). With K decays every leaf has a trailing axis of size K
+        (``[*param.shape, K]``); :func:`accumulators` and :func:`shadow` take one slice.
       param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
     """
 
@@ -80,13 +81,13 @@ class EmaTransform:
     skip_nonfinite: bool = False
 
     @property
-    def num_averages(self) -> int | None:
-        """K when built from a tuple of decays, ``None`` for a single decay."""
-        return len(self.decays) if self.stacked else None
+    def num_averages(self) -> int:
+        """K, the number of averages kept: 1 for a single decay."""
+        return len(self.decays)
 
     def init(self, params: Params) -> EmaState:
         """A state whose averages are copies of ``params`` (fresh buffers, same shardings)."""
-        leaves_with_paths = _array_leaves(params)
+        leaves_with_paths = _kernel.array_leaves(params)
         self._warn_inaccurate({self._accumulator(leaf.dtype) for _, leaf in leaves_with_paths})
         averages_shape = (len(self.decays),) if self.stacked else ()
         initial_weights = [0.0 if d else 1.0 for d in self.debias]
@@ -95,15 +96,18 @@ class EmaTransform:
             num_skipped=jnp.zeros([], jnp.int32),
             weight=jnp.asarray(initial_weights, schedules.default_float()).reshape(averages_shape),
             ema=jax.tree.map(
-                lambda x: _copies(x, self._accumulator(x.dtype), averages_shape), params
+                lambda x: _kernel.copies(x, self._accumulator(x.dtype), averages_shape), params
             ),
             param_dtypes=tuple(np.dtype(leaf.dtype) for _, leaf in leaves_with_paths),
         )
 
     def update(self, params: Params, state: EmaState, *misuse: Any) -> tuple[Params, EmaState]:
-        """One step: ``(shadow_params, new_state)`` from the params after the optimizer step.
+        """One step: ``(shadow, new_state)`` from the params after the optimizer step.
 
-        The shadow has the params' tree and dtypes (a K-tuple of trees for K decays).
+        The shadow has the params' tree and dtypes: ``shadow(new_state)`` for a single
+        decay, every average, ``shadows(new_state)`` (a K-tuple), for a tuple of decays, as
+        ``EmaTrainState.ema_params`` and ``nnx.EMA.params`` give them. Under ``jit`` the
+        averages not used are never materialised.
         """
         if misuse:  # optax.chain and TrainState call update(updates, state, params)
             raise TypeError(
@@ -118,7 +122,7 @@ class EmaTransform:
             )
         self._check_matches(params, state)
         t = optax.safe_increment(state.count)  # saturates at 2^31 - 1 instead of wrapping
-        betas = _decays_at(self.decays, t, self.update_every, self.start_step)
+        betas = _kernel.decays_at(self.decays, t, self.update_every, self.start_step)
         betas = betas.reshape(state.weight.shape)
         copying = t <= self.start_step
         betas = jnp.where(copying, 0.0, betas)
@@ -129,16 +133,16 @@ class EmaTransform:
         if not self.skip_nonfinite:
             finite = decay_ok
         elif self.update_every == 1:
-            finite = decay_ok & _all_finite(params)  # every step is due
+            finite = decay_ok & _kernel.all_finite(params)  # every step is due
         else:  # read the params only on the steps that update
-            finite = decay_ok & lax.cond(due, _all_finite, lambda _: jnp.bool_(True), params)
+            finite = decay_ok & lax.cond(due, _kernel.all_finite, lambda _: jnp.bool_(True), params)
         finite = finite | ~due  # steps not due are neither checked nor counted
         betas = jnp.where(decay_ok, betas, 0.0)  # no NaN reaches the weight, even unapplied
         apply = due & finite
-        alpha, keep, weight = _coefficients(betas, state.weight, apply)
+        alpha, keep, weight = _kernel.coefficients(betas, state.weight, apply)
 
         def average(ema: Params) -> Params:
-            return _average(ema, params, alpha, keep, apply)
+            return _kernel.average(ema, params, alpha, keep, apply)
 
         if self.update_every == 1 and not self.skip_nonfinite:
             # Rarely skipped (a faulty decay only): α = 0 then leaves the average exact, so
@@ -155,12 +159,12 @@ class EmaTransform:
             weight=weight,
             ema=new_ema,
         )
-        return shadow(new_state), new_state
+        return (shadows(new_state) if self.stacked else shadow(new_state)), new_state
 
     def _warn_inaccurate(self, accumulators: set[np.dtype]) -> None:
         """Warns for a constant decay too long for float32 accumulators (see
         ``_checks.accuracy``); narrower ones were warned about by :func:`ema`."""
-        bits = [np.finfo(d).bits for d in accumulators if _is_float(d)]
+        bits = [np.finfo(d).bits for d in accumulators if _dtypes.is_averaged(d)]
         narrowest = min((b for b in bits if b >= 32), default=None)
         for i, d in enumerate(self.decays):
             if narrowest is not None and not callable(d):
@@ -168,19 +172,9 @@ class EmaTransform:
                 _checks.accuracy(name, d, np.dtype(f"float{narrowest}"))
 
     def _accumulator(self, dtype: Any) -> np.dtype:
-        """float32 for floats narrower than 32 bits unless ``accumulator_dtype`` is set;
-        complex leaves get the complex dtype of that precision (never the real dtype, which
-        would drop the imaginary part); integer and bool leaves keep their dtype."""
-        dtype = np.dtype(dtype)
-        if not _is_float(dtype):
-            return dtype
-        if self.accumulator_dtype is not None:
-            if jnp.issubdtype(dtype, jnp.complexfloating):
-                return np.dtype(jnp.promote_types(self.accumulator_dtype, jnp.complex64))
-            return self.accumulator_dtype
-        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-            return np.dtype(jnp.float32)
-        return dtype
+        """The accumulator dtype of a leaf of ``dtype`` (:func:`ema_jax._dtypes.accumulator`
+        with this transform's ``accumulator_dtype``)."""
+        return _dtypes.accumulator(dtype, self.accumulator_dtype)
 
     def _check_matches(self, params: Params, state: EmaState) -> None:
         """A ``ValueError`` naming the first path where ``params`` and the state differ
@@ -189,13 +183,13 @@ class EmaTransform:
             self.stacked and state.weight.shape[0] != len(self.decays)
         ):
             k = num_averages(state)
-            have = "one average" if k is None else f"{k} averages"
+            have = f"{k} averages" if state.weight.ndim else "one average"
             want = f"{len(self.decays)} averages" if self.stacked else "one average"
             raise ValueError(
                 f"the state holds {have} but this transform keeps {want}: pass the state "
                 "made by this transform's init"
             )
-        leaves_with_paths = _array_leaves(params)
+        leaves_with_paths = _kernel.array_leaves(params)
         trailing = state.weight.ndim  # the averages axis, if any
         problem = _checks.first_difference(
             _checks.shapes_by_path(state.ema, "params", drop=trailing),
@@ -209,12 +203,12 @@ class EmaTransform:
         if problem is not None:
             raise ValueError(f"params do not match the EMA state: {problem}")
         for (path, leaf), dtype in zip(leaves_with_paths, state.param_dtypes, strict=True):
-            if _kind(leaf.dtype) != _kind(dtype):
+            if _dtypes.kind(leaf.dtype) != _dtypes.kind(dtype):
                 raise ValueError(
                     f"params do not match the EMA state: params{jax.tree_util.keystr(path)} "
                     f"has dtype {np.dtype(leaf.dtype).name} in the params, {dtype.name} in the "
-                    f"EMA state ({_kind(leaf.dtype)} vs {_kind(dtype)} values cannot be "
-                    "averaged into each other)"
+                    f"EMA state ({_dtypes.kind(leaf.dtype)} vs {_dtypes.kind(dtype)} values "
+                    "cannot be averaged into each other)"
                 )
 
 
@@ -230,11 +224,12 @@ def ema(
     """An exponential moving average of params (formulas: ``docs/semantics.md``).
 
     ``tx.update(params, state)`` takes the *current params* (not gradients) and returns
-    ``(shadow_params, new_state)``; the shadow has the params' tree and dtypes.
+    ``(shadow, new_state)``; the shadow has the params' tree and dtypes.
 
     Args:
       decay: ``β`` in [0, 1), a schedule ``t -> β_t`` (see :mod:`ema_jax.schedules`), or a
-        tuple of them to keep K averages in one pass (the shadow is then a K-tuple).
+        tuple of them to keep K averages in one pass (``update`` then returns the K
+        shadows as a tuple).
       debias: bias-corrected average; the first update copies θ. With several decays, a
         tuple of bools (one per decay) mixes plain and debiased averages in one pass.
       update_every: update on every k-th optimizer step only, with the product of the
@@ -312,212 +307,60 @@ def _decay(name: str, value: Decay) -> float | schedules.Schedule:
     return _checks.below_one(beta, name, value, "it", schedules.default_float())
 
 
-def _decays_at(
-    decays: Sequence[float | schedules.Schedule],
-    t: jax.Array,
-    update_every: int,
-    start_step: int = 0,
-) -> jax.Array:
-    """``[K]`` decays of an update at step ``t``, in the default float; with
-    ``update_every > 1`` the product of the per-step decays over the steps it stands for
-    (:func:`_window_decay`)."""
-    scalar = schedules.default_float()
-    if update_every > 1:
-        # The update stands for the steps since the previous one: (t - n, t], n = k, or
-        # fewer right after the copies of start_step.
-        n = jnp.clip(t - start_step, 0, update_every)
-
-        def products() -> jax.Array:
-            return jnp.stack([_window_decay(d, t, n, update_every) for d in decays])
-
-        # Only steps that update need them (a schedule may cost k evaluations).
-        due = (t % update_every == 0) | (t <= start_step)
-        return lax.cond(due, products, lambda: jnp.ones([len(decays)], scalar))
-    return jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
-
-
-def _window_decay(
-    decay: float | schedules.Schedule, t: jax.Array, n: jax.Array, k: int
-) -> jax.Array:
-    """``Π_{j=t-n+1..t} β_j`` (``n <= k`` steps, k static), in the default float.
-
-    ``β^n`` for a constant; a schedule's own closed form when it has one (its
-    ``decay_product(t, n)``, e.g. :func:`~ema_jax.schedules.power_function`'s telescoping
-    ``(1 - n/t)^(γ+1)``); otherwise the schedule evaluated at the k steps ``t-k+1..t`` in
-    one vectorised call (``jax.vmap``) and the last ``n`` multiplied: O(k) scalar work.
-    """
-    scalar = schedules.default_float()
-    if not callable(decay):
-        return jnp.asarray(decay, scalar) ** n.astype(scalar)
-    product = getattr(decay, "decay_product", None)
-    if product is not None:
-        return jnp.asarray(product(t, n), scalar).reshape(())
-    back = jnp.arange(k, dtype=t.dtype)  # t - back: t, t-1, ..., t-k+1
-    betas = jax.vmap(lambda j: jnp.asarray(decay(j), scalar).reshape(()))(t - back)
-    return jnp.prod(jnp.where(back < n, betas, jnp.ones((), scalar)))
-
-
-def _coefficients(
-    betas: jax.Array, weight: jax.Array, apply: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(α, keep, w_t)`` of one update, elementwise over the averages.
-
-    ``w_t = β·w_{t-1} + (1 - β)``, ``α = (1 - β)/w_t`` and ``keep = β·w_{t-1}/w_t = 1 - α``
-    (computed directly so it is not re-rounded). Not applied (skipped or not due): α = 0,
-    keep = 1, weight unchanged. A schedule returning 1.0 before any weight (``w_t = 0``)
-    keeps the copy instead of dividing 0 by 0.
-    """
-    new_weight = betas * weight + (1.0 - betas)
-    use = apply & (new_weight > 0)
-    denominator = jnp.where(use, new_weight, 1.0)
-    alpha = jnp.where(use, (1.0 - betas) / denominator, 0.0)
-    keep = jnp.where(use, betas * weight / denominator, 1.0)
-    return alpha, keep, jnp.where(apply, new_weight, weight)
-
-
-def _average(
-    ema: Params, params: Params, alpha: jax.Array, keep: jax.Array, apply: jax.Array
-) -> Params:
-    """The elementwise pass: every floating accumulator lerps towards its param; integer
-    and bool leaves are copied when ``apply``. ``alpha`` is ``[]`` or ``[K]``; with K the
-    param gets a trailing axis and the factors broadcast over the K averages."""
-
-    def leaf(a: jax.Array, p: jax.Array) -> jax.Array:
-        p = p[..., None] if alpha.ndim else p
-        if not _is_float(a.dtype):
-            # Reading `a` (a no-op select when applied) keeps the donated buffer in use, so
-            # jit updates it in place.
-            return jnp.where(apply, jnp.broadcast_to(p, a.shape).astype(a.dtype), a)
-        return _lerp(a, p.astype(a.dtype), alpha, keep)
-
-    return jax.tree.map(leaf, ema, params)
-
-
-def _array_leaves(params: Params) -> list[tuple[Any, Any]]:
-    """``(path, leaf)`` pairs of ``params``; a ``TypeError`` naming the first leaf that is not
-    an array (a Python float, a string, ...)."""
-    leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in leaves_with_paths:
-        if not hasattr(leaf, "dtype"):
-            where = jax.tree_util.keystr(path)
-            raise TypeError(
-                f"params{where} must be an array (e.g. jnp.asarray(...)), got {type(leaf).__name__}"
-            )
-    return leaves_with_paths
-
-
-def _kind(dtype: Any) -> str:
-    """``"bool"``, ``"integer"``, ``"complex"`` or ``"real"``: dtypes of one kind may be cast
-    into each other's accumulators, different kinds may not."""
-    for kind, family in (
-        ("bool", jnp.bool_),
-        ("integer", jnp.integer),
-        ("complex", jnp.complexfloating),
-    ):
-        if jnp.issubdtype(dtype, family):
-            return kind
-    return "real"
-
-
-def _is_float(dtype: Any) -> bool:
-    return bool(jnp.issubdtype(dtype, jnp.inexact))
-
-
-def _copies(x: jax.Array, dtype: np.dtype, averages_shape: tuple[int, ...]) -> jax.Array:
-    """Fresh buffers (never an alias of ``x``) holding ``x`` in ``dtype``, once per average:
-    ``[*x.shape, *averages_shape]``, sharded like ``x`` (an averages axis replicated)."""
-    x = jnp.asarray(x, dtype)
-    expanded = x.reshape(x.shape + (1,) * len(averages_shape))
-    return jnp.array(jnp.broadcast_to(expanded, x.shape + averages_shape), copy=True)
-
-
-def _lerp(a: jax.Array, b: jax.Array, alpha: jax.Array, keep: jax.Array) -> jax.Array:
-    """``a + α·(b - a)``, exact at both ends: α = 0 gives ``a``, α = 1 (keep = 0) gives ``b``,
-    and ``a == b`` gives ``a``.
-
-    Computed as ``a + (α·b - α·a)`` (``b - (keep·b - keep·a)`` for α ≥ 0.5; exactly ``b``
-    for keep = 0 and ``a`` for α = 0, whatever the other end holds): ``b - a``
-    overflows for huge finite values of opposite signs, the scaled terms cannot. ``keep =
-    1 - α`` is passed in so it is not re-rounded; the scalar branch costs nothing in a
-    memory-bound loop.
-    """
-    alpha = alpha.astype(a.dtype)
-    keep = keep.astype(a.dtype)
-    lerped = jnp.where(alpha < 0.5, a + (alpha * b - alpha * a), b - (keep * b - keep * a))
-    # A copy is a copy and a skip a skip, even where the other end is Inf/NaN (0·Inf = NaN).
-    return jnp.where(keep == 0, b, jnp.where(alpha == 0, a, lerped))
-
-
-def _all_finite(tree: Params) -> jax.Array:
-    """Whether every floating element of ``tree`` is finite, in one read of the params.
-
-    A sum with a NaN/Inf term is NaN/Inf in any order, so a finite ``Σ x`` proves the
-    tree finite. Plain sums are XLA's fastest reductions and need no scratch buffer (on CPU,
-    reducing ``isfinite(x)`` first writes a boolean copy of the leaf; ``max``/``min`` are
-    unsafe: XLA:CPU's fast path drops NaNs). Only a non-finite sum (a NaN/Inf, or large
-    finite values that overflow) takes the exact branch, ``Σ (x - x)``: 0, or NaN iff some
-    ``x`` is NaN/Inf. Sharded params: scalar all-reduces only (one per mesh axis).
-    """
-    leaves = [x for x in jax.tree.leaves(tree) if _is_float(x.dtype)]
-    if not leaves:
-        return jnp.bool_(True)
-
-    def total(xs: list[jax.Array]) -> jax.Array:
-        sums = [jnp.sum(x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in xs]
-        return functools.reduce(jnp.add, sums)
-
-    def exact(xs: list[jax.Array]) -> jax.Array:
-        return jnp.isfinite(total([x - x for x in xs]))
-
-    return lax.cond(jnp.isfinite(total(leaves)), lambda xs: jnp.bool_(True), exact, leaves)
-
-
 def shadow(state: EmaState, ema_index: int | None = None) -> Params:
-    """The shadow params held by ``state``, cast back to the params' dtypes.
+    """The shadow of one average: its accumulators cast back to the params' tree and dtypes.
 
-    One tree for a single decay; for ``decay=(β_1, ..., β_K)`` a tuple of K trees, or the
-    tree of decay ``ema_index`` alone. A single decay's fp32 shadow is the accumulator buffer
-    itself; with K decays each shadow is a slice of the stacked accumulators (a copy
-    outside ``jit``, fused into its consumers inside).
+    ``ema_index`` picks one of K decays; ``None`` (the default) is the first average, for a
+    single decay the only one. All K at once: :func:`shadows`. A single decay's fp32
+    shadow is the accumulator buffer itself; with K decays each shadow is a slice of the
+    stacked accumulators (a copy outside ``jit``, fused into its consumers inside).
+
+    Raises:
+      ValueError: ``ema_index`` is not an average of ``state`` (see :func:`accumulators`).
     """
-    k = num_averages(state)
-    if k is not None and ema_index is None:
-        return tuple(shadow(state, i) for i in range(k))
-    return _cast_leaves(accumulators(state, ema_index), state.param_dtypes)
+    return _dtypes.cast_back(accumulators(state, ema_index), state.param_dtypes)
 
 
-def _cast_leaves(tree: Params, dtypes: Sequence[Any]) -> Params:
-    """``tree`` with leaf ``i`` in ``dtypes[i]`` (leaves already in it are kept as they are)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    cast = [x if x.dtype == d else x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
-    return jax.tree.unflatten(treedef, cast)
+def shadows(state: EmaState) -> tuple[Params, ...]:
+    """Every average's shadow, in the order of the decays: a tuple of K trees (a 1-tuple
+    for a single decay)."""
+    return tuple(shadow(state, i) for i in range(num_averages(state)))
 
 
 def accumulators(state: EmaState, ema_index: int | None = None) -> Params:
     """The raw accumulators of one average, params-shaped, in the accumulator dtypes
-    (e.g. fp32 for bf16 params): ``state.ema`` for one decay, the slice of decay ``ema_index``
-    (default 0) for K decays.
+    (e.g. fp32 for bf16 params): ``state.ema`` for one decay, the slice of average
+    ``ema_index`` for K decays. ``None`` (the default) is the first average.
 
     Raises:
-      ValueError: ``ema_index`` outside ``[0, K)`` (or not ``None``/0 for a single decay).
+      ValueError: ``ema_index`` not a static int in ``[0, K)`` (``None`` or 0 for a single
+        decay).
     """
-    k = num_averages(state)
-    if k is None:
-        if ema_index not in (None, 0):
-            raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
+    i = _average_index(state, ema_index)
+    if state.weight.ndim == 0:  # one decay: params-shaped, no averages axis
         return state.ema
+    return jax.tree.map(lambda x: x[..., i], state.ema)
+
+
+def _average_index(state: EmaState, ema_index: int | None) -> int:
+    """The position of the average ``ema_index`` names: ``None`` is the first (0); a Python
+    or NumPy int or a concrete integer array in ``[0, K)`` is itself. The one place where
+    ``ema_index`` is read: every API taking it passes it through here."""
+    k = num_averages(state)
     try:  # Python and NumPy ints, concrete integer arrays; not bools, floats or tracers
         i = 0 if ema_index is None else operator.index(ema_index)
     except TypeError:
         i = -1
     if isinstance(ema_index, (bool, np.bool_)) or not 0 <= i < k:
+        if state.weight.ndim == 0:
+            raise ValueError(f"ema_index must be None or 0 for a single decay, got {ema_index!r}")
         raise ValueError(f"ema_index must be in [0, {k}), got {ema_index!r} (a static int)")
-    return jax.tree.map(lambda x: x[..., i], state.ema)
+    return i
 
 
-def num_averages(state: EmaState) -> int | None:
-    """K for a multi-decay state, ``None`` for a single decay."""
-    return int(state.weight.shape[0]) if state.weight.ndim == 1 else None
+def num_averages(state: EmaState) -> int:
+    """K, the number of averages ``state`` holds: 1 for a single decay."""
+    return int(state.weight.shape[0]) if state.weight.ndim == 1 else 1
 
 
 __all__ = [
@@ -528,4 +371,5 @@ __all__ = [
     "ema",
     "num_averages",
     "shadow",
+    "shadows",
 ]
