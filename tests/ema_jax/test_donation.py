@@ -1,4 +1,4 @@
-"""Donation end to end (issue 5, P3): the EMA costs exactly one accumulator copy.
+"""Donation end to end: the EMA costs exactly one accumulator copy.
 
 * A donated update writes the new averages into the old buffers (same device pointers,
   old arrays deleted) — also on skipped steps (``update_every``, NaN) and for K decays.

@@ -1,4 +1,4 @@
-"""Several decays in one update (issue 5, P4): ``ema(decay=(β_1, ..., β_K))``.
+"""Several decays in one update: ``ema(decay=(β_1, ..., β_K))``.
 
 Each of the K averages must be the single-decay EMA run alone with the same settings (the
 same float32 formula: bitwise but for XLA:CPU contracting a multiply-add into an FMA in one
@@ -117,9 +117,10 @@ def test_scheduled_average_in_a_tuple_matches_float64_loop():
     np.testing.assert_allclose(np.asarray(shadows[1]["w"]), want_fast, rtol=1e-6, atol=1e-6)
 
 
-def test_shadow_is_a_tuple_of_trees_in_the_params_dtypes():
+def test_shadows_are_k_trees_in_the_params_dtypes():
     """The K averages live side by side (one trailing axis of size K per leaf, so one pass
-    reads each param once); ``shadow`` splits them into K trees in the params' dtypes."""
+    reads each param once); ``shadows`` splits them into K trees in the params' dtypes,
+    ``update`` returns the same K-tuple, and ``shadow(state)`` is the first average."""
     params = jax.tree.map(lambda x: x[0], _sequence())
     tx = ema_jax.ema((0.9, 0.99, 0.999))
     state = tx.init(params)
@@ -133,7 +134,10 @@ def test_shadow_is_a_tuple_of_trees_in_the_params_dtypes():
     for k, tree in enumerate(out):
         assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, params)
         _assert_trees_equal(tree, ema_jax.shadow(state, k))
-        _assert_trees_equal(tree, ema_jax.shadow(state)[k])
+        _assert_trees_equal(tree, ema_jax.shadows(state)[k])
+    assert len(ema_jax.shadows(state)) == 3
+    _assert_trees_equal(ema_jax.shadow(state), out[0])  # ema_index=None: the first
+    _assert_trees_equal(ema_jax.accumulators(state), ema_jax.accumulators(state, 0))
     with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got 3"):
         ema_jax.shadow(state, 3)
     with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got -1"):
@@ -184,7 +188,7 @@ def trained():
 def test_train_state_exposes_each_average_by_index(trained):
     state, _ = trained
     assert state.num_averages == 3
-    averages = ema_jax.shadow(state.ema_state)
+    averages = ema_jax.shadows(state.ema_state)
     assert isinstance(state.ema_params, tuple) and len(state.ema_params) == 3
     for i in range(3):
         _assert_trees_equal(state.ema_params[i], averages[i])
@@ -224,7 +228,7 @@ def test_train_state_averages_equal_standalone_runs_of_the_same_params(trained):
 def test_eval_steps_pick_the_average_by_index(trained):
     state, batches = trained
     batch = batches[0]
-    averages = ema_jax.shadow(state.ema_state)
+    averages = ema_jax.shadows(state.ema_state)
     eval_step = ema_jax.make_eval_step(mse_loss)
     for i in range(3):
         got = eval_step(state, batch, use_ema=True, ema_index=i)

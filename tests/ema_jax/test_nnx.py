@@ -1,4 +1,4 @@
-"""ema_jax.nnx.EMA (issue 14): flax's nnx.EMA API over the one functional transform."""
+"""ema_jax.nnx.EMA: flax's nnx.EMA API over the one functional transform."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _train(averages, model, steps: int = 8):
 
 
 def test_plain_decay_matches_flax_nnx_ema_and_the_views_agree():
-    """Acceptance 1: after a jitted Adam loop, ``apply_to``'s params equal flax's
+    """After a jitted Adam loop, ``apply_to``'s params equal flax's
     ``nnx.EMA(model, β, only=nnx.Param)``'s within 1e-6, and both views give the same
     outputs in eval mode; BatchNorm statistics and RNG state come from the model."""
     model = _net()
@@ -97,12 +97,12 @@ def _functional_run(tx, model_states):
         {"decay": 0.9, "debias": True},
         {"decay": schedules.power_function(sigma_rel=0.1), "update_every": 3},
         {"decay": schedules.tf_warmup(0.99), "start_step": 2},
-        {"decay": (0.5, 0.9, schedules.half_life(3.0)), "debias": (True, False, True)},
+        {"decay": (0.5, 0.9, schedules.from_half_life(3.0)), "debias": (True, False, True)},
     ],
     ids=["debias", "schedule, update_every", "start_step", "three decays"],
 )
 def test_options_equal_the_functional_transform_bitwise(kwargs):
-    """Acceptance 2: every option is the functional ``ema_jax.ema``'s, bitwise, on the same
+    """Every option is the functional ``ema_jax.ema``'s, bitwise, on the same
     params sequence (and so the float64 references of the functional tests)."""
     decay = kwargs.pop("decay")
     model = _net()
@@ -131,7 +131,7 @@ def test_options_equal_the_functional_transform_bitwise(kwargs):
 
 
 def test_bf16_model_follows_the_fp32_prediction():
-    """Acceptance 3: bf16 params, β = 0.999: the fp32 accumulators follow the exact average
+    """bf16 params, β = 0.999: the fp32 accumulators follow the exact average
     of the params seen (no stall), where flax's bf16 nnx.EMA stays put."""
     model = nnx.Linear(2, 2, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
     ours, theirs = ema_jax.nnx.EMA(model, 0.999), nnx.EMA(model, 0.999, only=nnx.Param)
@@ -152,7 +152,7 @@ def test_bf16_model_follows_the_fp32_prediction():
 
 
 def test_default_filter_skips_rng_state_and_bad_filters_name_the_path():
-    """Acceptance 5: the default ``only=nnx.Param`` works on a model with Dropout RNG state
+    """The default ``only=nnx.Param`` works on a model with Dropout RNG state
     (flax's default ``...`` fails there); a filter selecting nothing or RNG keys is refused
     naming the path."""
     model = _net()
@@ -184,7 +184,7 @@ def test_the_ema_state_is_invisible_to_param_filters_and_donatable():
 
 
 def test_resume_in_a_new_process_is_bit_exact_and_the_export_serves_inference(tmp_path):
-    """Acceptance 4: model, optimizer and EMA saved at step 3 by ``ema_jax.checkpoint``,
+    """Model, optimizer and EMA saved at step 3 by ``ema_jax.checkpoint``,
     restored in a fresh process into ``nnx.eval_shape`` and trained to step 6, equal the
     uninterrupted run bitwise; the EMA-only export, loaded there into an abstract
     ``nnx.State``, gives the same inference outputs; the ``ema_params`` item is the shadow."""

@@ -1,4 +1,4 @@
-"""Property tests (point 9): constants are fixed points, the shadow stays inside the range of
+"""Property tests: constants are fixed points, the shadow stays inside the range of
 what it has seen, and the average is linear in its input sequence.
 
 Shapes are fixed and each configuration's runner is built once, so hypothesis examples reuse
@@ -41,7 +41,7 @@ sequences = hnp.arrays(np.float32, (STEPS + 1, WIDTH), elements=floats)
 @SETTINGS
 @given(name=names, value=st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=False))
 def test_constant_sequence_is_a_fixed_point(name, value):
-    """Point 9: the EMA of a constant sequence is exactly that constant, at every step.
+    """The EMA of a constant sequence is exactly that constant, at every step.
 
     (Subnormal constants are excluded: XLA on CPU flushes denormals to zero in arithmetic.)
     """
@@ -53,7 +53,7 @@ def test_constant_sequence_is_a_fixed_point(name, value):
 @SETTINGS
 @given(name=names, seq=sequences)
 def test_shadow_stays_inside_what_it_has_seen(name, seq):
-    """Point 9: after step t every coordinate of the shadow lies within that coordinate's
+    """After step t every coordinate of the shadow lies within that coordinate's
     min/max over θ_0..θ_t (plain and debiased, constant and scheduled decays)."""
     shadows = np.asarray(RUNNERS[name](jnp.asarray(seq[0]), jnp.asarray(seq[1:]))[0])
     low = np.minimum.accumulate(seq, axis=0)[1:]
@@ -71,7 +71,7 @@ def test_shadow_stays_inside_what_it_has_seen(name, seq):
     b=st.floats(-10, 10, width=32),
 )
 def test_average_is_linear_in_the_sequence(name, x, y, a, b):
-    """Point 9: EMA(a·x + b·y) = a·EMA(x) + b·EMA(y), to float32 rounding.
+    """EMA(a·x + b·y) = a·EMA(x) + b·EMA(y), to float32 rounding.
 
     Tolerance: every quantity is a convex combination of inputs bounded by
     M = |a|·max|x| + |b|·max|y|; each of the ≤ 12 updates and the input combination round

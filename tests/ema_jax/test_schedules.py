@@ -1,4 +1,4 @@
-"""Decay schedules against their closed forms (point 3) and their bad arguments (point 10)."""
+"""Decay schedules against their closed forms, their bad arguments, and equality by value."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ema_jax
 from ema_jax import schedules
 
 TS = [0, 1, 2, 10, 100, 10_000, 1_000_000]
@@ -54,13 +55,13 @@ CASES = {
         schedules.power_function(sigma_rel=0.10),
         _power_function(_gamma_for(0.10)),
     ),
-    "half_life": (schedules.half_life(100), lambda t: 0.5 ** (1 / 100)),
+    "from_half_life": (schedules.from_half_life(100), lambda t: 0.5 ** (1 / 100)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_schedule_equals_closed_form(name):
-    """Point 3: each schedule equals its closed form at t ∈ {0, 1, 2, 10, 100, 1e4, 1e6},
+    """Each schedule equals its closed form at t ∈ {0, 1, 2, 10, 100, 1e4, 1e6},
     eagerly and under jit with a traced int32 t; the result is a float32 scalar.
 
     atol 1e-7: β is a float32 near 1, whose spacing is 6e-8.
@@ -77,7 +78,7 @@ def test_schedule_equals_closed_form(name):
 
 
 def test_schedules_reach_their_plateaus():
-    """Point 3: the documented milestones (so the closed forms above are not vacuous)."""
+    """The documented milestones (so the closed forms above are not vacuous)."""
     assert float(schedules.tf_warmup(0.9999)(jnp.int32(1_000_000))) == np.float32(0.9999)
     # inverse_power(power=2/3) reaches 0.999 at ~31.6k steps, 3/4 at ~10k steps.
     two_thirds = schedules.inverse_power(max_decay=0.99999)
@@ -90,8 +91,8 @@ def test_schedules_reach_their_plateaus():
     pf = schedules.power_function(sigma_rel=0.05)
     values = [float(pf(jnp.int32(t))) for t in TS]
     assert values[:2] == [0.0, 0.0] and all(a < b for a, b in itertools.pairwise(values[1:]))
-    # half_life: the average halves its weight in exactly h steps.
-    assert float(schedules.half_life(37.0)(jnp.int32(5))) ** 37 == pytest.approx(0.5, rel=1e-5)
+    # from_half_life: the average halves its weight in exactly h steps.
+    assert float(schedules.from_half_life(37.0)(jnp.int32(5))) ** 37 == pytest.approx(0.5, rel=1e-5)
 
 
 def test_schedule_as_decay_under_vmap():
@@ -123,17 +124,79 @@ def test_schedule_as_decay_under_vmap():
         (lambda: schedules.power_function(True), TypeError, "gamma"),
         (lambda: schedules.power_function(sigma_rel=0.31), ValueError, "sigma_rel"),
         (lambda: schedules.power_function(sigma_rel=0.0), ValueError, "sigma_rel"),
-        (lambda: schedules.half_life(0.0), ValueError, "steps"),
-        (lambda: schedules.half_life(-3.0), ValueError, "steps"),
-        (lambda: schedules.half_life(float("nan")), ValueError, "steps"),
-        (lambda: schedules.half_life("10"), TypeError, "steps"),
-        (lambda: schedules.half_life(1e17), ValueError, "steps=1e+17"),
-        (lambda: schedules.half_life(1e9), ValueError, "steps=1000000000.0 is out of range"),
+        (lambda: schedules.from_half_life(0.0), ValueError, "steps"),
+        (lambda: schedules.from_half_life(-3.0), ValueError, "steps"),
+        (lambda: schedules.from_half_life(float("nan")), ValueError, "steps"),
+        (lambda: schedules.from_half_life("10"), TypeError, "steps"),
+        (lambda: schedules.from_half_life(1e17), ValueError, "steps=1e+17"),
+        (lambda: schedules.from_half_life(1e9), ValueError, "steps=1000000000.0 is out of range"),
         (lambda: schedules.constant(0.99999999), ValueError, "rounds to 1.0 in float32"),
     ],
 )
 def test_bad_schedule_arguments_raise_naming_them(make, error, names):
-    """Point 10: schedule constructors reject bad arguments, naming them."""
+    """Schedule constructors reject bad arguments, naming them."""
     with pytest.raises(error) as info:
         make()
     assert names in str(info.value)
+
+
+FACTORIES = {
+    "constant": lambda: schedules.constant(0.9),
+    "tf_warmup": lambda: schedules.tf_warmup(0.99),
+    "inverse_power": lambda: schedules.inverse_power(power=0.75),
+    "power_function": lambda: schedules.power_function(sigma_rel=0.1),
+    "from_half_life": lambda: schedules.from_half_life(10.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_schedules_are_equal_and_hash_alike_by_value(name):
+    """Two schedules built with the same arguments are equal and hash alike, and so are the
+    transforms built from them (a transform is a static, hashed part of a jitted step);
+    other arguments make a different schedule."""
+    make = FACTORIES[name]
+    assert make() == make() and hash(make()) == hash(make())
+    assert ema_jax.ema(make()) == ema_jax.ema(make())
+    assert hash(ema_jax.ema((make(), 0.5))) == hash(ema_jax.ema((make(), 0.5)))
+    others = [FACTORIES[other]() for other in FACTORIES if other != name]
+    assert all(make() != other for other in others)
+    assert schedules.constant(0.9) != schedules.constant(0.99)
+
+
+def test_closed_form_products_are_recognised_by_the_protocol():
+    """``constant`` and ``power_function`` give ``decay_product(t, n)`` in closed form (the
+    :class:`~ema_jax.schedules.ClosedFormProduct` protocol); it equals the product of the
+    per-step decays. A plain function with such an attribute satisfies the protocol too."""
+    t, n = jnp.int32(50), jnp.int32(4)
+    for schedule in (schedules.constant(0.9), schedules.power_function(gamma=6.94)):
+        assert isinstance(schedule, schedules.ClosedFormProduct)
+        steps = [float(schedule(jnp.int32(j))) for j in range(47, 51)]
+        assert float(schedule.decay_product(t, n)) == pytest.approx(math.prod(steps), rel=1e-5)
+    assert not isinstance(schedules.tf_warmup(0.99), schedules.ClosedFormProduct)
+
+    def halving(t):
+        return jnp.float32(0.5)
+
+    halving.decay_product = lambda t, n: 0.5 ** n.astype(jnp.float32)  # type: ignore[attr-defined]
+    assert isinstance(halving, schedules.ClosedFormProduct)
+
+
+def test_any_callable_is_a_schedule():
+    """A plain function ``t -> β_t`` is a decay as before (the dataclasses are no
+    requirement): the average follows a float64 loop with its decays."""
+    tx = ema_jax.ema(lambda t: jnp.where(t < 3, 0.0, 0.5).astype(jnp.float32))
+    state = tx.init(jnp.zeros(1))
+    outs = []
+    for theta in (1.0, 2.0, 3.0, 4.0):
+        out, state = tx.update(jnp.full(1, theta, jnp.float32), state)
+        outs.append(float(out[0]))
+    assert outs == [1.0, 2.0, 2.5, 3.25]
+
+
+def test_half_life_is_a_deprecated_alias_of_from_half_life():
+    """``schedules.half_life(steps)`` (named like ``ema_jax.half_life(decay)``, which goes the
+    other way) still works, warns ``DeprecationWarning`` and names the new name."""
+    with pytest.warns(DeprecationWarning, match=r"use ema_jax\.schedules\.from_half_life"):
+        old = schedules.half_life(37.0)
+    assert old == schedules.from_half_life(37.0)
+    assert ema_jax.half_life(float(old(jnp.int32(1)))) == pytest.approx(37.0, rel=1e-4)

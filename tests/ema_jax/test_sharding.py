@@ -1,4 +1,4 @@
-"""Sharded params on 8 host CPU devices (point 8): the EMA state keeps the params' shardings
+"""Sharded params on 8 host CPU devices: the EMA state keeps the params' shardings
 and the update is shard-local except for one scalar all-reduce of the non-finite check."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _assert_same_shardings(tree, params):
 
 
 def test_state_and_update_keep_param_shardings(mesh):
-    """Point 8: after ``init`` (eager and jitted) and after a jitted update, every EMA
+    """After ``init`` (eager and jitted) and after a jitted update, every EMA
     accumulator and every shadow leaf has its param's sharding (bf16 → f32 included)."""
     params = _params(mesh, two_sharded_floats=True)
     tx = ema_jax.ema(0.9)
@@ -93,7 +93,7 @@ def _is_scalar_all_reduce(op, shape):
 
 
 def test_update_has_no_collective_without_the_nonfinite_check(mesh):
-    """Point 8: with ``skip_nonfinite=False`` the compiled update is purely shard-local."""
+    """With ``skip_nonfinite=False`` the compiled update is purely shard-local."""
     params = _params(mesh, two_sharded_floats=True)
     for tx in (
         ema_jax.ema(0.9, skip_nonfinite=False),
@@ -103,7 +103,7 @@ def test_update_has_no_collective_without_the_nonfinite_check(mesh):
 
 
 def test_nonfinite_check_is_one_scalar_all_reduce():
-    """Point 8: with ``skip_nonfinite=True`` and params on a 1-D mesh (one leaf sharded, one
+    """With ``skip_nonfinite=True`` and params on a 1-D mesh (one leaf sharded, one
     replicated, one int leaf sharded) the compiled update's only collective on the path that
     always runs is one all-reduce of one scalar (the predicate); any other collective sits
     in a conditional branch and is a scalar all-reduce too. With ``update_every=3`` the
@@ -128,7 +128,7 @@ def test_nonfinite_check_is_one_scalar_all_reduce():
 
 
 def test_nonfinite_check_on_a_2d_mesh_reduces_only_scalars(mesh):
-    """Point 8: on a 4x2 mesh (a leaf sharded over both axes, a bf16 leaf over one) XLA
+    """On a 4x2 mesh (a leaf sharded over both axes, a bf16 leaf over one) XLA
     reduces axis by axis, so there may be more than one all-reduce — but each carries only
     scalars; no parameter-sized data moves."""
     found = _collectives(

@@ -1,5 +1,5 @@
 """``EmaTrainState``: fresh EMA buffers, ``apply_gradients`` = optimizer step then EMA of the
-new params, dtypes, and index checks (point 7's state part, point 10's ``ema_index``)."""
+new params, dtypes, the number of averages and ``ema_index`` checks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from helpers import linear_params, mse_loss, regression_batches, tree_allclose
 
 import ema_jax
+from ema_jax import schedules
 
 BATCH = regression_batches(seed=1, num=1, batch_size=16)[0]
 
@@ -23,7 +24,7 @@ def _state(params=None, *, decay=0.5, **kwargs):
 
 
 def test_create_copies_params_into_fresh_buffers():
-    """Point 7: the EMA starts as a copy of params in its own buffers (no aliasing), so the
+    """The EMA starts as a copy of params in its own buffers (no aliasing), so the
     whole state can be donated."""
     state = _state()
     for p, e in zip(
@@ -39,7 +40,7 @@ def test_create_copies_params_into_fresh_buffers():
 
 
 def test_apply_gradients_is_optimizer_step_then_ema_of_new_params():
-    """Point 7: ``apply_gradients`` = optax update, then ``ema.update`` with the NEW params."""
+    """``apply_gradients`` = optax update, then ``ema.update`` with the NEW params."""
     tx, ema = optax.adam(0.1), ema_jax.ema(0.5)
     params = linear_params(jax.random.key(1))
     state = ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=tx, ema=ema)
@@ -57,7 +58,7 @@ def test_apply_gradients_is_optimizer_step_then_ema_of_new_params():
 
 
 def test_ema_params_have_the_params_tree_and_dtypes():
-    """Point 7: bf16 params keep fp32 accumulators, and ``ema_params`` is bf16 again."""
+    """bf16 params keep fp32 accumulators, and ``ema_params`` is bf16 again."""
     params = linear_params(jax.random.key(2), dtype=jnp.bfloat16)
     state = _state(params)
     assert jax.tree.structure(state.ema_params) == jax.tree.structure(params)
@@ -85,14 +86,14 @@ def test_select_params_and_multi_decay():
     np.testing.assert_allclose(slow["b"], params["b"] - 0.1, rtol=1e-6, atol=1e-6)
     tree_allclose(state.select_params(True), fast, rtol=0, atol=0)  # default: the first
     tree_allclose(state.select_params(True, 1), slow, rtol=0, atol=0)
-    assert _state().num_averages is None
+    assert _state().num_averages == 1
 
 
 @pytest.mark.parametrize(
     ("decay", "index"), [(0.9, 1), (0.9, -1), ((0.9, 0.99), 2), ((0.9, 0.99), -1)]
 )
 def test_ema_index_out_of_range(decay, index):
-    """Point 10: an out-of-range ``ema_index`` raises a ValueError naming it."""
+    """An out-of-range ``ema_index`` raises a ValueError naming it."""
     params = linear_params(jax.random.key(4))
     state = ema_jax.EmaTrainState.create(
         apply_fn=None, params=params, tx=optax.sgd(1.0), ema=ema_jax.ema(decay)
@@ -102,7 +103,7 @@ def test_ema_index_out_of_range(decay, index):
 
 
 def test_average_model_state_needs_a_model_state():
-    """Point 10: ``average_model_state=True`` without a ``model_state`` is rejected."""
+    """``average_model_state=True`` without a ``model_state`` is rejected."""
     with pytest.raises(ValueError, match="average_model_state"):
         _state(average_model_state=True)
 
@@ -115,3 +116,30 @@ def test_create_refuses_an_optax_ema():
         ema_jax.EmaTrainState.create(
             apply_fn=None, params=params, tx=optax.sgd(0.1), ema=optax.ema(0.9)
         )
+
+
+def test_a_rebuilt_state_with_an_equal_schedule_reuses_the_compiled_step():
+    """The transform is a static field of the state: rebuilt from equal schedules it is
+    equal, so the jitted step is traced (and compiled) once, not once per rebuild. A
+    different schedule does retrace (so the count is not vacuous)."""
+    traces = []
+    tx = optax.sgd(0.1)
+
+    @jax.jit
+    def step(state, grads):
+        traces.append(None)
+        return state.apply_gradients(grads=grads)
+
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.ones(3)}
+    for _ in range(3):  # e.g. a restore into a target built afresh
+        ema = ema_jax.ema(
+            (schedules.power_function(sigma_rel=0.1), schedules.constant(0.9)), update_every=2
+        )
+        step(ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=tx, ema=ema), grads)
+    assert len(traces) == 1
+    other = ema_jax.ema(
+        (schedules.power_function(sigma_rel=0.2), schedules.constant(0.9)), update_every=2
+    )
+    step(ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=tx, ema=other), grads)
+    assert len(traces) == 2

@@ -1,5 +1,5 @@
-"""``ema_jax.ema``: plain and debiased averages against float64 references (points 1, 2,
-4, 5, 6 and the transform's part of 10 of issue 2's acceptance list)."""
+"""``ema_jax.ema``: plain and debiased averages against float64 references, dtypes, the
+non-finite guard, ``update_every`` / ``start_step``, and the rule's misuse errors."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ RNG = np.random.default_rng(20241124)
 THETAS = RNG.normal(size=(1001, 64))  # θ_0 .. θ_1000
 
 
-# --------------------------------------------------------------------------- point 1
+# ---------------------------------------------------------------------------------------- accuracy
 
 
 def test_plain_float64_matches_numpy_loop_with_exact_beta():
-    """Point 1: float64 params (x64 on), 1000 updates, equal to the float64 loop with the
+    """Float64 params (x64 on), 1000 updates, equal to the float64 loop with the
     exact β (decay arithmetic runs in the default float dtype, float64 under x64)."""
     with jax.enable_x64(True):
         thetas = jnp.asarray(THETAS, jnp.float64)
@@ -31,7 +31,7 @@ def test_plain_float64_matches_numpy_loop_with_exact_beta():
 
 
 def test_plain_float32_matches_numpy_loop():
-    """Point 1: float32 params, 1000 updates, against the float64 loop (β = float32(0.999)).
+    """Float32 params, 1000 updates, against the float64 loop (β = float32(0.999)).
 
     Tolerance: each update rounds a few times by ≤ 2^-24·|ema|; the errors have random sign
     and are damped by β each step, so they accumulate like a random walk of length
@@ -45,11 +45,11 @@ def test_plain_float32_matches_numpy_loop():
     np.testing.assert_allclose(outs, ref, rtol=0, atol=1e-5 * np.abs(theta64).max())
 
 
-# --------------------------------------------------------------------------- point 2
+# --------------------------------------------------------------------------------- bias correction
 
 
 def test_debias_constant_equals_optax_ema_every_step():
-    """Point 2: ``debias=True`` with constant β equals ``optax.ema(β, debias=True)`` at
+    """``debias=True`` with constant β equals ``optax.ema(β, debias=True)`` at
     every one of 200 steps (float32 on both sides: atol/rtol 1e-5)."""
     beta = 0.99
     thetas = jnp.asarray(THETAS[:201], jnp.float32)
@@ -62,7 +62,7 @@ def test_debias_constant_equals_optax_ema_every_step():
 
 @pytest.mark.parametrize("update_every", [1, 3])
 def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
-    """Point 2: with a schedule, ``update_every`` and NaN-skipped steps, the debiased average
+    """With a schedule, ``update_every`` and NaN-skipped steps, the debiased average
     equals ``Σ_k (1-β_k)·Π_{j>k} β_j·θ_k / (1 - Π_j β_j)`` over the applied steps (float64)."""
     n = 60
     schedule = schedules.inverse_power(inv_gamma=1.0, power=0.75, max_decay=0.99)
@@ -91,11 +91,11 @@ def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
     np.testing.assert_array_equal(np.asarray(outs)[:first], np.broadcast_to(thetas[0], (first, 8)))
 
 
-# --------------------------------------------------------------------------- point 4
+# ------------------------------------------------------------------------------------------ dtypes
 
 
 def test_bf16_params_follow_fp32_prediction_without_stall():
-    """Point 4: bf16 params, β = 0.9999, 10 000 updates toward a fixed target.
+    """bf16 params, β = 0.9999, 10 000 updates toward a fixed target.
 
     The float32 accumulator follows ``target + (init - target)·β^n`` (β = float32(0.9999));
     a bf16-arithmetic EMA of the same sequence stalls at its init (1 - β rounds to nothing
@@ -165,7 +165,7 @@ def test_complex128_accumulators_for_a_float64_request():
         assert state.ema["z"].dtype == jnp.complex128
 
 
-# --------------------------------------------------------------------------- point 5
+# -------------------------------------------------------------------- non-finite params and decays
 
 
 def _mixed_params(w):
@@ -177,7 +177,7 @@ def _mixed_params(w):
 
 
 def test_nonfinite_params_skip_update_and_count_still_advances():
-    """Point 5: a NaN or Inf in any floating leaf skips the update: EMA and weight are
+    """A NaN or Inf in any floating leaf skips the update: EMA and weight are
     unchanged (bitwise), ``num_skipped`` increments, ``count`` advances; int and bool leaves
     are copied on applied updates, never averaged."""
     tx = ema_jax.ema(0.5, debias=True, skip_nonfinite=True)
@@ -227,7 +227,7 @@ def test_nonfinite_params_skip_update_and_count_still_advances():
     ("dtype", "big"), [(jnp.float32, 3e38), (jnp.float16, 6e4), (jnp.bfloat16, 3e38)]
 )
 def test_large_finite_params_are_not_skipped(dtype, big):
-    """Point 5: finite params whose sum overflows (so a sum-based check sees Inf) are still
+    """Finite params whose sum overflows (so a sum-based check sees Inf) are still
     averaged; NaN / ±Inf hidden among them, or split across leaves, are still caught."""
     tx = ema_jax.ema(0.5, skip_nonfinite=True)
     update = jax.jit(tx.update)
@@ -284,7 +284,7 @@ def test_nan_between_due_updates_is_neither_read_nor_counted():
 
 @pytest.mark.parametrize("kwargs", [{}, {"skip_nonfinite": False}], ids=["default", "explicit"])
 def test_nonfinite_propagates_when_not_skipping(kwargs):
-    """Point 5: without the guard (the default) NaN / Inf reach the average."""
+    """Without the guard (the default) NaN / Inf reach the average."""
     tx = ema_jax.ema(0.9, **kwargs)
     assert not tx.skip_nonfinite
     state = tx.init(_mixed_params([1.0, 1.0, 1.0]))
@@ -315,11 +315,11 @@ def test_unguarded_update_equals_guarded_on_finite_params(kwargs):
         np.testing.assert_array_equal(got, want)
 
 
-# --------------------------------------------------------------------------- point 6
+# --------------------------------------------------------------------- update_every and start_step
 
 
 def test_update_every_equals_subsampled_loop_with_beta_to_the_k():
-    """Point 6: ``update_every=k`` equals a float64 loop over every k-th step with β^k;
+    """``update_every=k`` equals a float64 loop over every k-th step with β^k;
     the steps in between leave the shadow unchanged."""
     k, beta, n = 4, 0.9, 40
     thetas = jnp.asarray(THETAS[: n + 1, :8], jnp.float32)
@@ -332,7 +332,7 @@ def test_update_every_equals_subsampled_loop_with_beta_to_the_k():
 
 
 def test_update_every_keeps_the_horizon_in_optimizer_steps():
-    """Point 6: on a ramp θ_t = t the plain EMA lags by its mean age, β/(1-β) = 99 steps for
+    """On a ramp θ_t = t the plain EMA lags by its mean age, β/(1-β) = 99 steps for
     β = 0.99. With ``update_every=4`` (β^4 per update) the lag stays ≈ 4·β⁴/(1-β⁴) = 97.5
     steps — within 3% of 99 — whereas reusing β per update would lag 4·99 = 396 steps."""
     beta, n = 0.99, 3000
@@ -349,7 +349,7 @@ def test_update_every_keeps_the_horizon_in_optimizer_steps():
 
 @pytest.mark.parametrize("debias", [False, True])
 def test_start_step_copies_then_averages(debias):
-    """Point 6: ``start_step=s`` copies θ_t for t ≤ s, then averages from θ_s on (the copy
+    """``start_step=s`` copies θ_t for t ≤ s, then averages from θ_s on (the copy
     has full weight, so plain and debiased agree)."""
     s, beta, n = 5, 0.8, 20
     thetas = jnp.asarray(THETAS[: n + 1, :8], jnp.float32)
@@ -413,7 +413,7 @@ def test_multi_decay_equals_separate_runs():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-# -------------------------------------------------------------------------- point 10
+# ------------------------------------------------------------------------------------------ misuse
 
 
 @pytest.mark.parametrize(
@@ -446,7 +446,7 @@ def test_multi_decay_equals_separate_runs():
     ],
 )
 def test_bad_settings_raise_naming_the_argument(kwargs, error, names):
-    """Point 10: each bad setting raises at construction, naming the argument."""
+    """Each bad setting raises at construction, naming the argument."""
     kwargs = dict(kwargs)
     decay = kwargs.pop("decay")
     with pytest.raises(error) as info:
@@ -467,7 +467,7 @@ def test_numpy_and_jax_scalar_decays_are_accepted(decay):
 
 
 def test_update_with_other_tree_names_the_path():
-    """Point 10: a params tree of another structure or a leaf of another shape is rejected,
+    """A params tree of another structure or a leaf of another shape is rejected,
     and the message names the tree path."""
     tx = ema_jax.ema(0.9)
     state = tx.init({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2))}})
@@ -523,8 +523,18 @@ def test_equal_settings_make_equal_transforms():
     assert ema_jax.ema(0.999, debias=True) == ema_jax.ema(0.999, debias=True)
     assert hash(ema_jax.ema((0.9, 0.99))) == hash(ema_jax.ema((0.9, 0.99)))
     assert ema_jax.ema(0.999) != ema_jax.ema(0.99)
-    assert ema_jax.ema(0.9).num_averages is None
-    assert ema_jax.ema((0.9, 0.99)).num_averages == 2
+
+
+def test_num_averages_counts_one_for_a_single_decay():
+    """``num_averages`` is K, an int: 1 for a single decay, on the rule and on its state;
+    ``shadows`` then gives a 1-tuple holding the one shadow."""
+    single, multi = ema_jax.ema(0.9), ema_jax.ema((0.9, 0.99))
+    assert single.num_averages == 1 and multi.num_averages == 2
+    state = single.init({"w": jnp.arange(2.0)})
+    assert ema_jax.num_averages(state) == 1
+    assert ema_jax.num_averages(multi.init({"w": jnp.arange(2.0)})) == 2
+    (only,) = ema_jax.shadows(state)
+    np.testing.assert_array_equal(only["w"], ema_jax.shadow(state)["w"])
 
 
 def test_import_is_light():

@@ -1,5 +1,5 @@
-"""Window utilities: the seed's table, inverses and EDM2's σ_rel ↔ γ (point 3), and their
-bad arguments (point 10)."""
+"""Window utilities: the seed's table, inverses and EDM2's σ_rel ↔ γ, and their
+bad arguments."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ema_jax import window
     ],
 )
 def test_window_table(decay, steps, half, digits):
-    """Point 3: β 0.9/0.99/0.999/0.9999 → windows 10/100/1000/10000 steps and half-lives
+    """β 0.9/0.99/0.999/0.9999 → windows 10/100/1000/10000 steps and half-lives
     ln .5/ln β = 6.58/68.97/692.8/6931.1 steps; ``decay_for_window`` inverts the window."""
     assert ema_jax.effective_window(decay) == pytest.approx(steps, rel=1e-9)
     assert round(ema_jax.half_life(decay), digits) == half
@@ -43,7 +43,7 @@ def test_window_edges():
 
 @pytest.mark.parametrize(("decay", "kappa"), [(0.999, 2), (0.999, 0.5), (0.9, 8), (0.0, 3)])
 def test_scale_decay(decay, kappa):
-    """Point 3: ``scale_decay(β, κ) = β^κ``; the half-life in steps shrinks by κ, i.e. it is
+    """``scale_decay(β, κ) = β^κ``; the half-life in steps shrinks by κ, i.e. it is
     unchanged in samples."""
     scaled = ema_jax.scale_decay(decay, kappa)
     assert scaled == pytest.approx(decay**kappa, rel=1e-15)
@@ -64,7 +64,7 @@ def _sigma_rel(gamma):
 
 
 def test_edm2_sigma_rel_values():
-    """Point 3: EDM2's σ_rel = 0.05 and 0.10 correspond to γ ≈ 16.97 and 6.94 (checked from
+    """EDM2's σ_rel = 0.05 and 0.10 correspond to γ ≈ 16.97 and 6.94 (checked from
     σ_rel = sqrt(γ+1)/((γ+2)·sqrt(γ+3)): σ_rel(16.97) and σ_rel(6.94) round to them)."""
     g05 = ema_jax.sigma_rel_to_gamma(0.05)
     g10 = ema_jax.sigma_rel_to_gamma(0.10)
@@ -78,7 +78,7 @@ def test_edm2_sigma_rel_values():
 
 @pytest.mark.parametrize("gamma", [-0.38, -0.2, 0.0, 0.5, 1.0, 6.94, 16.97, 100.0, 1e4])
 def test_sigma_rel_gamma_are_inverses(gamma):
-    """Point 3: ``sigma_rel_to_gamma`` inverts ``gamma_to_sigma_rel`` on γ ≥ -0.382 (the
+    """``sigma_rel_to_gamma`` inverts ``gamma_to_sigma_rel`` on γ ≥ -0.382 (the
     decreasing branch), and the forward map is the paper's formula."""
     sigma = ema_jax.gamma_to_sigma_rel(gamma)
     assert sigma == pytest.approx(_sigma_rel(gamma), rel=1e-14)
@@ -126,7 +126,7 @@ def test_sigma_rel_max_is_the_profile_maximum():
     ],
 )
 def test_bad_window_arguments_raise_naming_them(call, error, names):
-    """Point 10: window utilities reject bad arguments, naming them and the allowed range."""
+    """Window utilities reject bad arguments, naming them and the allowed range."""
     with pytest.raises(error) as info:
         call()
     assert names in str(info.value)
