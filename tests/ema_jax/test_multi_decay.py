@@ -146,6 +146,15 @@ def test_shadows_are_k_trees_in_the_params_dtypes():
         ema_jax.shadow(ema_jax.ema(0.9).init(params), 1)
 
 
+def test_a_concrete_integer_array_is_an_index():
+    """``ema_index`` may be a concrete integer array (e.g. ``jnp.int32(1)``), not only a
+    Python int: it picks the same average."""
+    state = ema_jax.ema((0.9, 0.99)).init({"a": jnp.arange(2.0)})
+    np.testing.assert_array_equal(
+        ema_jax.shadow(state, jnp.int32(1))["a"], ema_jax.shadow(state, 1)["a"]
+    )
+
+
 def test_each_average_keeps_the_param_shardings():
     """On 8 host devices every accumulator of every decay has its param's sharding (the
     stacked accumulators: the param's spec plus a replicated trailing axis)."""

@@ -122,44 +122,48 @@ def test_options_equal_the_functional_transform_bitwise(kwargs):
     jax.tree.map(np.testing.assert_array_equal, averager.state.ema, state.ema)
     assert int(averager.state.count) == int(state.count) == 7
     k = ema_jax.num_averages(state)
-    for i in range(k or 1):
-        got = jax.tree.leaves(averager.shadow(i if k else None))
-        want = shadows[-1][i] if k else shadows[-1]
+    stacked = isinstance(decay, tuple)
+    assert averager.transform.num_averages == k == (len(decay) if stacked else 1)
+    for i in range(k):
+        got = jax.tree.leaves(averager.shadow(i))
+        want = shadows[-1][i] if stacked else shadows[-1]
         jax.tree.map(np.testing.assert_array_equal, got, want)
-    if k:
+    first = jax.tree.leaves(averager.shadow())  # ema_index=None: the first average
+    jax.tree.map(np.testing.assert_array_equal, first, shadows[-1][0] if stacked else shadows[-1])
+    if stacked:
         assert isinstance(averager.params, tuple) and len(averager.params) == k
 
 
 def test_bf16_model_follows_the_fp32_prediction():
-    """bf16 params, β = 0.999: the fp32 accumulators follow the exact average
-    of the params seen (no stall), where flax's bf16 nnx.EMA stays put."""
+    """bf16 params, β = 0.999: the fp32 accumulators follow the exact (float64) average
+    of the params seen, with no stall, and the shadow is bf16 again."""
     model = nnx.Linear(2, 2, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
-    ours, theirs = ema_jax.nnx.EMA(model, 0.999), nnx.EMA(model, 0.999, only=nnx.Param)
+    ours = ema_jax.nnx.EMA(model, 0.999)
     assert all(a.dtype == jnp.float32 for a in ours.state.ema)
     start = np.asarray(model.kernel[...], np.float64)
     target = start + 1.0
     model.kernel[...] = jnp.asarray(target, jnp.bfloat16)
-    update = nnx.jit(lambda averagers, m: [a.update(m) for a in averagers])
+    update = nnx.jit(lambda average, m: average.update(m))
     for _ in range(500):
-        update((ours, theirs), model)
+        update(ours, model)
     reached = np.asarray(model.kernel[...], np.float64)  # the target, rounded to bf16
     exact = reached + 0.999**500 * (start - reached)
     got = np.asarray(ours.state.ema[1], np.float64)  # leaves: bias, kernel
     np.testing.assert_allclose(got, exact, atol=2e-3)
     assert ours.shadow()["kernel"][...].dtype == jnp.bfloat16
-    stalled = np.asarray(theirs.params["kernel"][...], np.float64)
-    assert np.abs(stalled - exact).max() > 0.1  # flax's bf16 average barely moved
+    shadow = np.asarray(ours.shadow()["kernel"][...], np.float64)
+    np.testing.assert_allclose(shadow, exact, rtol=2**-8, atol=2e-3)  # bf16 rounding
 
 
 def test_default_filter_skips_rng_state_and_bad_filters_name_the_path():
-    """The default ``only=nnx.Param`` works on a model with Dropout RNG state
-    (flax's default ``...`` fails there); a filter selecting nothing or RNG keys is refused
+    """The default ``only=nnx.Param`` works on a model with Dropout RNG state (the RNG key
+    is neither tracked nor averaged); a filter selecting nothing or RNG keys is refused
     naming the path."""
     model = _net()
     averager = ema_jax.nnx.EMA(model, 0.99)
     assert len(averager.state.ema) == 6
-    with pytest.raises(TypeError, match="key<fry>"):
-        nnx.EMA(model, 0.99).update(model)  # flax's default filter averages the RNG key
+    nnx.jit(lambda average, m: average.update(m))(averager, model)
+    assert int(averager.count[...]) == 1
     with pytest.raises(ValueError, match="selects no Variable"):
         ema_jax.nnx.EMA(model, 0.99, only=nnx.Intermediate)
     with pytest.raises(ValueError, match=r"selects RNG state at 'drop/rngs/(count|key)'"):
@@ -168,6 +172,64 @@ def test_default_filter_skips_rng_state_and_bad_filters_name_the_path():
     assert len(averaged.state.ema) == 8
     with pytest.raises(ValueError, match="decay"):
         ema_jax.nnx.EMA(model, 1.5)
+
+
+def test_the_options_are_ema_s_as_given():
+    """``EMA(model, decay, **options)`` builds the rule with ``ema(decay, **options)``: the
+    same transform, for every option of ``ema``."""
+    options = {
+        "debias": (True, False),
+        "update_every": 2,
+        "start_step": 3,
+        "accumulator_dtype": jnp.float64,
+        "skip_nonfinite": True,
+    }
+    with jax.enable_x64(True):
+        averager = ema_jax.nnx.EMA(_net(), (0.9, 0.99), **options)
+        assert averager.transform == ema_jax.ema((0.9, 0.99), **options)
+    assert averager.decay == (0.9, 0.99)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        ({"decay_rate": 0.9}, TypeError, "decay_rate"),
+        ({"debias": 1}, ValueError, "debias"),
+        ({"update_every": 0}, ValueError, "update_every"),
+        ({"start_step": -1}, ValueError, "start_step"),
+        ({"accumulator_dtype": jnp.int32}, TypeError, "accumulator_dtype"),
+        ({"skip_nonfinite": None}, TypeError, "skip_nonfinite"),
+    ],
+)
+def test_a_bad_option_raises_naming_it(options, error, names):
+    """A bad or unknown option raises at construction, naming it (``ema``'s own check)."""
+    with pytest.raises(error, match=names):
+        ema_jax.nnx.EMA(_net(), 0.9, **options)
+
+
+def test_the_ema_variables_keep_the_saved_layout():
+    """The EMA's Variables sit at the paths NNX checkpoints save: ``count``,
+    ``num_skipped`` and ``weight`` (``EmaState``'s arrays, same names) and one
+    ``accumulators`` entry per tracked Variable, each an :class:`EmaVariable` with the
+    ``EmaState`` value; checkpoints written by earlier versions depend on these paths."""
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    averager = ema_jax.nnx.EMA(model, (0.9, 0.99), debias=(True, False))
+    flat = nnx.to_flat_state(nnx.state(averager))
+    assert [path for path, _ in flat] == [
+        ("accumulators", 0),
+        ("accumulators", 1),
+        ("count",),
+        ("num_skipped",),
+        ("weight",),
+    ]
+    assert all(type(variable) is ema_jax.nnx.EmaVariable for _, variable in flat)
+    state = averager.state
+    values = dict(flat)
+    for i, leaf in enumerate(state.ema):
+        np.testing.assert_array_equal(values[("accumulators", i)].get_value(), leaf)
+    for name in ("count", "num_skipped", "weight"):
+        np.testing.assert_array_equal(values[(name,)].get_value(), getattr(state, name))
+    assert state.param_dtypes == (np.dtype(jnp.float32),) * 2
 
 
 def test_the_ema_state_is_invisible_to_param_filters_and_donatable():

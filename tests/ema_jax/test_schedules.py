@@ -140,6 +140,24 @@ def test_bad_schedule_arguments_raise_naming_them(make, error, names):
     assert names in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: schedules.tf_warmup(0.999999999), r"decay=0.999999999 .*rounds to 1.0 in float32"),
+        (
+            lambda: schedules.inverse_power(max_decay=0.99999999),
+            r"max_decay=0.99999999 .*rounds to 1.0 in float32",
+        ),
+    ],
+    ids=["tf_warmup", "inverse_power"],
+)
+def test_a_decay_argument_rounding_to_one_is_refused(make, match):
+    """Every schedule with a decay argument refuses one that rounds to 1.0 in float32 (as
+    ``constant`` and ``from_half_life`` do), naming it: such an average never moves."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 FACTORIES = {
     "constant": lambda: schedules.constant(0.9),
     "tf_warmup": lambda: schedules.tf_warmup(0.99),

@@ -3,6 +3,8 @@ non-finite guard, ``update_every`` / ``start_step``, and the rule's misuse error
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +17,10 @@ from ema_jax import schedules
 
 RNG = np.random.default_rng(20241124)
 THETAS = RNG.normal(size=(1001, 64))  # θ_0 .. θ_1000
+F32 = jnp.zeros(2, jnp.float32)
 
 
-# ---------------------------------------------------------------------------------------- accuracy
+# ------------------------------------------------------------------------------- accuracy
 
 
 def test_plain_float64_matches_numpy_loop_with_exact_beta():
@@ -45,7 +48,46 @@ def test_plain_float32_matches_numpy_loop():
     np.testing.assert_allclose(outs, ref, rtol=0, atol=1e-5 * np.abs(theta64).max())
 
 
-# --------------------------------------------------------------------------------- bias correction
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ema_jax.ema(0.99999).init(F32), r"decay=0.99999 in float32.*relative error"),
+        (lambda: ema_jax.ema((0.9, 0.9999999)).init(F32), r"decay\[1\]=0.9999999 in float32"),
+        (lambda: schedules.inverse_power(max_decay=0.99999), "max_decay=0.99999 in float32"),
+        (lambda: schedules.tf_warmup(0.99999), "decay=0.99999 in float32"),
+    ],
+    ids=["float decay", "decay in a tuple", "inverse_power", "tf_warmup"],
+)
+def test_a_decay_too_long_for_float32_warns(make, match):
+    """A decay whose float32 rounding error passes 1e-3 (β > 1 - 2^-24/1e-3 ≈ 0.99994;
+    measured table in docs/guarantees.md) warns at ``init`` / schedule construction."""
+    with pytest.warns(UserWarning, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ema_jax.ema(0.9999).init(F32),
+        lambda: schedules.constant(0.9999),
+    ],
+    ids=["float decay", "constant"],
+)
+def test_a_decay_float32_keeps_accurate_does_not_warn(make):
+    """0.9999 stays within 1e-3 in float32: no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make()
+
+
+def test_float64_accumulators_do_not_warn_for_long_decays():
+    """Under x64, float64 accumulators keep 0.99999 accurate: no warning."""
+    with warnings.catch_warnings(), jax.enable_x64(True):
+        warnings.simplefilter("error")
+        ema_jax.ema(0.99999).init(jnp.zeros(2, jnp.float64))
+
+
+# ------------------------------------------------------------------------ bias correction
 
 
 def test_debias_constant_equals_optax_ema_every_step():
@@ -91,7 +133,7 @@ def test_debias_schedule_skips_and_update_every_equal_closed_form(update_every):
     np.testing.assert_array_equal(np.asarray(outs)[:first], np.broadcast_to(thetas[0], (first, 8)))
 
 
-# ------------------------------------------------------------------------------------------ dtypes
+# --------------------------------------------------------------------------------- dtypes
 
 
 def test_bf16_params_follow_fp32_prediction_without_stall():
@@ -165,7 +207,19 @@ def test_complex128_accumulators_for_a_float64_request():
         assert state.ema["z"].dtype == jnp.complex128
 
 
-# -------------------------------------------------------------------- non-finite params and decays
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_an_accumulator_narrower_than_float32_warns(dtype):
+    """An accumulator narrower than float32 is kept as asked but warns (it stalls: bf16,
+    β = 0.999, 5000 steps towards 1.0 from 0 gives 0.25, the exact 0.993)."""
+    with pytest.warns(UserWarning, match=f"accumulator_dtype={jnp.dtype(dtype).name} is narrower"):
+        tx = ema_jax.ema(0.999, accumulator_dtype=dtype)
+    assert tx.init(jnp.zeros(1)).ema.dtype == dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema_jax.ema(0.999, accumulator_dtype=jnp.float32).init(jnp.zeros(1, jnp.bfloat16))
+
+
+# ----------------------------------------------------------- non-finite params and decays
 
 
 def _mixed_params(w):
@@ -315,7 +369,64 @@ def test_unguarded_update_equals_guarded_on_finite_params(kwargs):
         np.testing.assert_array_equal(got, want)
 
 
-# --------------------------------------------------------------------- update_every and start_step
+FAULTS = {2: np.nan, 4: np.inf, 6: 1.5, 7: -0.5}  # step t -> the faulty β_t returned
+THETAS_1_TO_9 = jnp.arange(1.0, 10.0, dtype=jnp.float32)[:, None]
+
+
+def _faulty_schedule(t: jax.Array) -> jax.Array:
+    beta = jnp.float32(0.5)
+    for step, bad in FAULTS.items():
+        beta = jnp.where(t == step, jnp.float32(bad), beta)
+    return beta
+
+
+def _run(tx: ema_jax.EmaTransform, seq: jax.Array, init: jax.Array | None = None):
+    """``tx.init(init or 0)``, then one jitted ``tx.update`` per row of ``seq``: the shadows
+    (as a NumPy array) and the final state."""
+    outs, state = scan_updates(tx, jnp.zeros_like(seq[0]) if init is None else init, seq)
+    return np.asarray(outs), state
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_a_faulty_decay_is_skipped_and_counted(skip_nonfinite):
+    """A schedule returning NaN, Inf, 1.5 or -0.5 at some steps skips those updates (each
+    counted in ``num_skipped``) whatever ``skip_nonfinite`` is; the other steps average as
+    if the faulty ones never happened."""
+    thetas = np.arange(1.0, 10.0)
+    good = [i for i in range(9) if i + 1 not in FAULTS]
+    ref = np_plain_ema(np.zeros(1), thetas[good, None], [0.5] * len(good))[:, 0]
+    tx = ema_jax.ema(_faulty_schedule, skip_nonfinite=skip_nonfinite)
+    outs, state = _run(tx, THETAS_1_TO_9)
+    np.testing.assert_allclose(outs[good, 0], ref, rtol=1e-6)
+    for t in FAULTS:  # unchanged by the faulty step
+        assert outs[t - 1, 0] == outs[t - 2, 0]
+    assert int(state.num_skipped) == len(FAULTS) and int(state.count) == 9
+
+
+def test_a_faulty_decay_keeps_a_debiased_average_in_the_convex_hull():
+    """Debiased, with faulty decays at some steps: the weight stays in (0, 1], the first
+    update copies θ_1 and the shadow stays in the convex hull of the params seen."""
+    outs, state = _run(ema_jax.ema(_faulty_schedule, debias=True), THETAS_1_TO_9)
+    assert 0.0 < float(state.weight) <= 1.0 and outs[0, 0] == 1.0
+    assert np.all((outs >= 1.0) & (outs <= 9.0)) and int(state.num_skipped) == len(FAULTS)
+
+
+def test_count_saturates_and_averaging_goes_on():
+    """From ``count = 2^31 - 3`` five more updates: the count stops at 2^31 - 1 (never
+    wraps), and the shadow keeps averaging (not the raw params)."""
+    tx = ema_jax.ema(0.5, skip_nonfinite=False)
+    state = tx.init(jnp.zeros(1)).replace(count=jnp.int32(2**31 - 3))
+    shadows = []
+    step = jax.jit(tx.update)
+    for theta in jnp.arange(1.0, 6.0, dtype=jnp.float32)[:, None]:
+        out, state = step(theta, state)
+        shadows.append(float(out[0]))
+    assert int(state.count) == 2**31 - 1
+    ref = np_plain_ema(np.zeros(1), np.arange(1.0, 6.0)[:, None], [0.5] * 5)[:, 0]
+    np.testing.assert_allclose(shadows, ref, rtol=1e-6)
+
+
+# ------------------------------------------------------------ update_every and start_step
 
 
 def test_update_every_equals_subsampled_loop_with_beta_to_the_k():
@@ -397,6 +508,26 @@ def test_debiased_schedule_at_one_before_any_weight_keeps_the_copy():
     np.testing.assert_allclose(outs[:, 0], [1.0, 1.0, 5.0, 5.0 + 2.0 / 3.0 * 3.0], rtol=1e-6)
 
 
+def test_a_debiased_first_update_copies_exactly_even_from_inf():
+    """Debias's first update gives the params exactly, even when the average held Inf
+    (0·Inf = NaN)."""
+    seq = jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.float32)
+    init = jnp.asarray([jnp.inf, 0.0], jnp.float32)
+    outs, _ = _run(ema_jax.ema(0.9, debias=True, skip_nonfinite=False), seq, init)
+    np.testing.assert_array_equal(outs[0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"decay": 0.0}, {"decay": 0.9, "start_step": 2}], ids=["decay 0", "start_step"]
+)
+def test_a_copying_update_gives_the_params_exactly_even_from_nan(kwargs):
+    """An update that copies (``decay=0``, the ``start_step`` phase) gives the params
+    exactly, even when the average holds NaN."""
+    with_nan = jnp.asarray([[np.nan, 1.0], [3.0, 4.0]], jnp.float32)
+    outs, _ = _run(ema_jax.ema(**kwargs, skip_nonfinite=False), with_nan)
+    np.testing.assert_array_equal(outs[1], [3.0, 4.0])
+
+
 # ------------------------------------------------------------------- multi-decay, lightly
 
 
@@ -413,7 +544,7 @@ def test_multi_decay_equals_separate_runs():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-# ------------------------------------------------------------------------------------------ misuse
+# --------------------------------------------------------------------------------- misuse
 
 
 @pytest.mark.parametrize(
@@ -509,6 +640,68 @@ def test_used_as_an_optimizer_fails_loudly():
     state = train_state.TrainState.create(apply_fn=None, params=params, tx=ema_jax.ema(0.9))
     with pytest.raises(TypeError, match="averages params, not updates"):
         state.apply_gradients(grads={"w": jnp.full((), 2.0)})
+
+
+@pytest.mark.parametrize(
+    ("init_dtype", "update_dtype"),
+    [(jnp.float32, jnp.int32), (jnp.float32, jnp.complex64), (jnp.int32, jnp.float32)],
+)
+def test_params_of_another_dtype_kind_are_refused(init_dtype, update_dtype):
+    """Params of another dtype kind than at ``init`` (int into a float state, complex into
+    a float state, float into an int state) raise, naming the path."""
+    tx = ema_jax.ema(0.9)
+    state = tx.init({"a": jnp.zeros(3), "b": jnp.zeros(2, init_dtype)})
+    with pytest.raises(ValueError, match=r"params\['b'\] has dtype .* in the params"):
+        tx.update({"a": jnp.zeros(3), "b": jnp.ones(2, update_dtype)}, state)
+
+
+def test_params_of_another_float_width_are_averaged():
+    """A float of another width (bf16 into an fp32 state) is averaged, not refused."""
+    tx = ema_jax.ema(0.9)
+    state = tx.init({"a": jnp.zeros(3)})
+    out, _ = jax.jit(tx.update)({"a": jnp.ones(3, jnp.bfloat16)}, state)
+    np.testing.assert_allclose(out["a"], 0.1, rtol=1e-6)
+
+
+SCALAR_STATE = ema_jax.ema(0.9).init({"a": jnp.float32(0.0)})
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: ema_jax.ema(0.9).update({"a": 1.0}, SCALAR_STATE),
+            TypeError,
+            r"params\['a'\] must be an array.*got float",
+        ),
+        (
+            lambda: ema_jax.ema(0.9).update({"a": jnp.float32(0.0)}, None),
+            TypeError,
+            "state must be the EmaState",
+        ),
+        (
+            lambda: ema_jax.ema((0.9, 0.99)).update({"a": jnp.float32(0.0)}, SCALAR_STATE),
+            ValueError,
+            "holds one average but this transform keeps 2",
+        ),
+        (
+            lambda: ema_jax.ema(0.9, start_step=2**31),
+            ValueError,
+            r"start_step must be in \[0, 2147483646\]",
+        ),
+        (
+            lambda: ema_jax.ema(0.9, update_every=2**31),
+            ValueError,
+            r"update_every must be in \[1, 2147483647\]",
+        ),
+    ],
+    ids=["non-array leaf", "no state", "state with another number of averages", "start_step",
+         "update_every"],
+)  # fmt: skip
+def test_misuse_raises_naming_the_argument(call, error, match):
+    """Each misuse of the rule raises a clear error naming the argument or path."""
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_update_needs_the_state_from_init():
