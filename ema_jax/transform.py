@@ -69,7 +69,9 @@ class EmaTransform:
     an optimizer (the extra arguments optax and ``TrainState`` pass raise a ``TypeError``).
     Call it after the optimizer step with the new params, or let
     :class:`~ema_jax.EmaTrainState` do so. Frozen and hashable, so it can be a static field
-    of a pytree; transforms built from equal constant decays compare equal.
+    of a pytree; transforms built alike (equal constant decays, equal
+    :mod:`~ema_jax.schedules`) compare and hash equal, so a jitted step compiled for one
+    serves the other.
     """
 
     decays: tuple[float | schedules.Schedule, ...]
