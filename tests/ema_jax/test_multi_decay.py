@@ -138,12 +138,26 @@ def test_shadows_are_k_trees_in_the_params_dtypes():
     assert len(ema_jax.shadows(state)) == 3
     _assert_trees_equal(ema_jax.shadow(state), out[0])  # ema_index=None: the first
     _assert_trees_equal(ema_jax.accumulators(state), ema_jax.accumulators(state, 0))
-    with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got 3"):
-        ema_jax.shadow(state, 3)
-    with pytest.raises(ValueError, match=r"ema_index must be in \[0, 3\), got -1"):
-        ema_jax.accumulators(state, -1)
-    with pytest.raises(ValueError, match="ema_index must be None or 0 for a single decay"):
-        ema_jax.shadow(ema_jax.ema(0.9).init(params), 1)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda state, single: ema_jax.shadow(state, 3), r"must be in \[0, 3\), got 3"),
+        (lambda state, single: ema_jax.accumulators(state, -1), r"must be in \[0, 3\), got -1"),
+        (lambda state, single: ema_jax.shadow(state, True), r"must be in \[0, 3\), got True"),
+        (lambda state, single: ema_jax.shadow(single, 1), "must be None or 0 for a single decay"),
+    ],
+    ids=["shadow past the end", "accumulators negative", "a bool", "single decay"],
+)
+def test_an_ema_index_outside_the_averages_is_refused(call, match):
+    """``ema_index`` must name one of the K averages (a static int in ``[0, K)``, or
+    ``None``); otherwise a ``ValueError`` names it and the range."""
+    params = jax.tree.map(lambda x: x[0], _sequence())
+    state = ema_jax.ema((0.9, 0.99, 0.999)).init(params)
+    single = ema_jax.ema(0.9).init(params)
+    with pytest.raises(ValueError, match="ema_index " + match):
+        call(state, single)
 
 
 def test_a_concrete_integer_array_is_an_index():
@@ -207,9 +221,14 @@ def test_train_state_exposes_each_average_by_index(trained):
     # The averages differ from each other and from the raw params: the index matters.
     w = [np.asarray(a["w"]) for a in averages]
     assert not np.allclose(w[0], w[2]) and not np.allclose(w[1], w[2])
-    for bad in (3, -1):
-        with pytest.raises(ValueError, match="ema_index"):
-            state.select_params(use_ema=True, ema_index=bad)
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_train_state_refuses_an_ema_index_outside_the_averages(trained, bad):
+    """``select_params`` with an ``ema_index`` outside ``[0, K)`` raises naming it."""
+    state, _ = trained
+    with pytest.raises(ValueError, match="ema_index"):
+        state.select_params(use_ema=True, ema_index=bad)
 
 
 def test_train_state_averages_equal_standalone_runs_of_the_same_params(trained):

@@ -155,23 +155,32 @@ def test_bf16_model_follows_the_fp32_prediction():
     np.testing.assert_allclose(shadow, exact, rtol=2**-8, atol=2e-3)  # bf16 rounding
 
 
-def test_default_filter_skips_rng_state_and_bad_filters_name_the_path():
+def test_the_default_filter_skips_rng_state():
     """The default ``only=nnx.Param`` works on a model with Dropout RNG state (the RNG key
-    is neither tracked nor averaged); a filter selecting nothing or RNG keys is refused
-    naming the path."""
+    is neither tracked nor averaged); a filter may add BatchNorm's statistics."""
     model = _net()
     averager = ema_jax.nnx.EMA(model, 0.99)
     assert len(averager.state.ema) == 6
     nnx.jit(lambda average, m: average.update(m))(averager, model)
     assert int(averager.count[...]) == 1
-    with pytest.raises(ValueError, match="selects no Variable"):
-        ema_jax.nnx.EMA(model, 0.99, only=nnx.Intermediate)
-    with pytest.raises(ValueError, match=r"selects RNG state at 'drop/rngs/(count|key)'"):
-        ema_jax.nnx.EMA(model, 0.99, only=...)
     averaged = ema_jax.nnx.EMA(model, 0.99, only=(nnx.Param, nnx.BatchStat))
     assert len(averaged.state.ema) == 8
-    with pytest.raises(ValueError, match="decay"):
-        ema_jax.nnx.EMA(model, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"decay": 0.99, "only": nnx.Intermediate}, "selects no Variable"),
+        ({"decay": 0.99, "only": ...}, r"selects RNG state at 'drop/rngs/(count|key)'"),
+        ({"decay": 1.5}, "decay"),
+    ],
+    ids=["filter selecting nothing", "filter selecting RNG state", "decay out of range"],
+)
+def test_a_bad_filter_or_decay_is_refused_naming_it(arguments, match):
+    """A filter selecting nothing or RNG keys is refused naming the path; a bad decay is
+    refused naming it."""
+    with pytest.raises(ValueError, match=match):
+        ema_jax.nnx.EMA(_net(), **arguments)
 
 
 def test_the_options_are_ema_s_as_given():

@@ -597,25 +597,35 @@ def test_numpy_and_jax_scalar_decays_are_accepted(decay):
         np.testing.assert_allclose(first, 1 - f32(0.9), rtol=1e-6)
 
 
-def test_update_with_other_tree_names_the_path():
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (
+            {"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 3))}},
+            r"\['b'\]\['c'\].*\(2, 3\).*\(2, 2\)",
+        ),
+        ({"a": jnp.zeros(3), "b": {"d": jnp.zeros((2, 2))}}, r"\['b'\]\['d'\]"),
+        (
+            {"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2))}, "e": jnp.zeros(1)},
+            r"params\['e'\] is in the params but not in the EMA state",
+        ),
+        ({"a": jnp.zeros(3)}, r"params\['b'\]\['c'\] is in the EMA state but not in the params"),
+    ],
+    ids=["other shape", "other key", "extra leaf", "missing leaf"],
+)
+def test_update_with_other_tree_names_the_path(params, match):
     """A params tree of another structure or a leaf of another shape is rejected,
     and the message names the tree path."""
     tx = ema_jax.ema(0.9)
     state = tx.init({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2))}})
-    with pytest.raises(ValueError, match=r"\['b'\]\['c'\].*\(2, 3\).*\(2, 2\)"):
-        tx.update({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 3))}}, state)
-    with pytest.raises(ValueError, match=r"\['b'\]\['d'\]"):
-        tx.update({"a": jnp.zeros(3), "b": {"d": jnp.zeros((2, 2))}}, state)
-    with pytest.raises(
-        ValueError, match=r"params\['e'\] is in the params but not in the EMA state"
-    ):
-        tx.update({"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2))}, "e": jnp.zeros(1)}, state)
-    with pytest.raises(
-        ValueError, match=r"params\['b'\]\['c'\] is in the EMA state but not in the params"
-    ):
-        tx.update({"a": jnp.zeros(3)}, state)
+    with pytest.raises(ValueError, match=match):
+        tx.update(params, state)
+
+
+def test_init_with_a_non_array_leaf_names_the_path():
+    """``init`` refuses a leaf that is not an array (a Python float), naming its path."""
     with pytest.raises(TypeError, match=r"params\['x'\] must be an array"):
-        tx.init({"x": 1.0})
+        ema_jax.ema(0.9).init({"x": 1.0})
 
 
 def test_chained_as_an_optax_transform_fails_loudly():
