@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ema_jax
-from ema_jax import monitors
+from ema_jax.monitors import Average, BestAverage, Raw
 
 NAN = float("nan")
 
@@ -232,18 +232,22 @@ def assert_bitwise(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), strict=True)
 
 
-@pytest.fixture(scope="module")
-def separated():
-    stopper = ema_jax.EarlyStopping(patience=2)
-    out = ema_jax.train_with_ema(
-        fresh(0.8),
+def stopping_run(decay, **kwargs):
+    """At most 30 epochs of the built case, with ``EarlyStopping(patience=2)``."""
+    return ema_jax.train_with_ema(
+        fresh(decay),
         mse_loss,
         train_data,
         VAL,
         epochs=30,
-        early_stopping=stopper,
-        monitor=("val_loss", "val_loss_ema"),
+        early_stopping=ema_jax.EarlyStopping(patience=2),
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def separated():
+    out = stopping_run(0.8, monitor=("val_loss", "val_loss_ema"))
     return out, snapshots_by_epoch(0.8, 30)
 
 
@@ -252,7 +256,7 @@ def test_raw_and_ema_monitors_pick_different_weights(separated):
     chosen set equals that epoch's weights of a run that did not stop, bitwise."""
     result, (full, kept) = separated
     history, stopping = result.history, result.stopping
-    raw, ema = stopping[monitors.Raw()], stopping[monitors.Average()]
+    raw, ema = stopping[Raw()], stopping[Average()]
     assert raw.best_epoch == int(np.argmin(full["val_loss"][:5])) == 2
     assert ema.best_epoch > raw.best_epoch
     assert raw.stop and ema.stop
@@ -269,17 +273,10 @@ def test_one_monitor_stops_the_run_at_its_stopped_epoch(separated):
     """One monitor has one state; training ends at its stop, and its
     best EMA weights equal those of a run of ``best_epoch + 1`` epochs."""
     _, (_, kept) = separated
-    result = ema_jax.train_with_ema(
-        fresh(0.8),
-        mse_loss,
-        train_data,
-        VAL,
-        epochs=30,
-        early_stopping=ema_jax.EarlyStopping(patience=2),
-    )
+    result = stopping_run(0.8)
     history, state = result
-    assert list(result.stopping) == [monitors.Average()]  # the default, "val_loss_ema"
-    es = result.stopping[monitors.Average()]
+    assert list(result.stopping) == [Average()]  # the default, "val_loss_ema"
+    es = result.stopping[Average()]
     assert isinstance(es, ema_jax.EarlyStoppingState) and es.stop
     assert len(history["train_loss"]) == es.stopped_epoch + 1
     _, short = ema_jax.train_with_ema(
@@ -292,21 +289,12 @@ def test_one_monitor_stops_the_run_at_its_stopped_epoch(separated):
 def test_best_ema_of_several_averages():
     """``best_ema`` picks, each epoch, the average with the lowest val_loss_ema; the weights
     kept are that average's; ``<key>[i]`` names one of them."""
-    stopper = ema_jax.EarlyStopping(patience=2)
-    result = ema_jax.train_with_ema(
-        fresh((0.3, 0.9)),
-        mse_loss,
-        train_data,
-        VAL,
-        epochs=30,
-        early_stopping=stopper,
-        monitor=["best_ema", "val_loss_ema[1]"],
-    )
+    result = stopping_run((0.3, 0.9), monitor=["best_ema", "val_loss_ema[1]"])
     history, stopping = result.history, result.stopping
     per_average = np.asarray(history["val_loss_ema"])
     np.testing.assert_array_equal(history["best_ema_index"], per_average.argmin(axis=1))
     np.testing.assert_array_equal(history["best_ema"], per_average.min(axis=1))
-    best, second = stopping[monitors.BestAverage()], stopping[monitors.Average(1)]
+    best, second = stopping[BestAverage()], stopping[Average(1)]
     _, kept = snapshots_by_epoch((0.3, 0.9), max(best.best_epoch, second.best_epoch) + 1)
     index = history["best_ema_index"][best.best_epoch]
     assert_bitwise(best.best_weights, kept[best.best_epoch][1][index])
@@ -329,40 +317,46 @@ BAD_MONITORS = {
     "index out of range": ("val_loss_ema[2]", (0.3, 0.9), "does not name one value"),
     "index on a number": ("val_loss[0]", 0.8, "does not name one value"),
     "typed: unknown metric": (
-        monitors.Raw("val_acc"),
+        Raw("val_acc"),
         0.8,
         r"reads history key 'val_acc', which this run does not record; it records train_loss",
     ),
     "typed: average out of range": (
-        monitors.Average(2),
+        Average(2),
         (0.3, 0.9),
         r"names average 2, but the state keeps 2 averages \(indices 0..1\)",
     ),
-    "typed: average of one decay": (monitors.Average(1), 0.8, "keeps 1 average "),
+    "typed: average of one decay": (Average(1), 0.8, "keeps 1 average "),
     "typed: raw of an average's key": (
-        monitors.Raw("val_loss_ema"),
+        Raw("val_loss_ema"),
         0.8,
         r"val_loss_ema is the averages' value: use Average\(metric='val_loss'\)",
     ),
     "typed: best of an unknown metric": (
-        monitors.BestAverage("val_acc"),
+        BestAverage("val_acc"),
         (0.3, 0.9),
         "reads history key 'val_acc_ema'",
     ),
     "the same monitor twice": (
-        ("val_loss_ema", monitors.Average()),
+        ("val_loss_ema", Average()),
         0.8,
         r"monitor lists Average\(index=0, metric='val_loss'\) twice",
     ),
 }
+NOT_MONITORS = {"an int": 42, "None": None, "an empty tuple": (), "an int among": [Raw(), 3]}
+CASES = {
+    **{name: (*case[:2], ValueError, case[2]) for name, case in BAD_MONITORS.items()},
+    **{name: (m, 0.8, TypeError, "monitor must be") for name, m in NOT_MONITORS.items()},
+}
 
 
-@pytest.mark.parametrize(("monitor", "decay", "match"), BAD_MONITORS.values(), ids=BAD_MONITORS)
-def test_bad_monitors_name_the_choices_before_training(monitor, decay, match):
-    """Checked against the history the run will record before its first step: the state
-    passed in is not donated."""
+@pytest.mark.parametrize(("monitor", "decay", "error", "match"), CASES.values(), ids=CASES)
+def test_bad_monitors_name_the_choices_before_training(monitor, decay, error, match):
+    """Checked against the history the run will record before its first step (a
+    ``ValueError``; a ``TypeError`` for what is no monitor): the state passed in is not
+    donated."""
     state = fresh(decay)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         ema_jax.train_with_ema(
             state,
             mse_loss,
@@ -375,34 +369,12 @@ def test_bad_monitors_name_the_choices_before_training(monitor, decay, match):
     assert not any(x.is_deleted() for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("monitor", [42, None, (), [monitors.Raw(), 3]], ids=repr)
-def test_a_monitor_of_another_kind_is_a_type_error(monitor):
-    with pytest.raises(TypeError, match="monitor must be"):
-        ema_jax.train_with_ema(
-            fresh(0.8),
-            mse_loss,
-            train_data,
-            VAL,
-            epochs=2,
-            early_stopping=ema_jax.EarlyStopping(),
-            monitor=monitor,
-        )
-
-
 def test_typed_monitors_stop_exactly_as_their_strings(separated):
     """``(Raw(), Average())`` is ``("val_loss", "val_loss_ema")``: the same stoppers, epochs
     and best weights, bitwise, keyed by the same typed monitors."""
     by_string = separated[0].stopping
-    by_type = ema_jax.train_with_ema(
-        fresh(0.8),
-        mse_loss,
-        train_data,
-        VAL,
-        epochs=30,
-        early_stopping=ema_jax.EarlyStopping(patience=2),
-        monitor=(monitors.Raw(), monitors.Average()),
-    ).stopping
-    assert list(by_type) == list(by_string) == [monitors.Raw(), monitors.Average()]
+    by_type = stopping_run(0.8, monitor=(Raw(), Average())).stopping
+    assert list(by_type) == list(by_string) == [Raw(), Average()]
     for monitor, es in by_type.items():
         want = by_string[monitor]
         assert (es.best_epoch, es.stopped_epoch, es.best_metric) == (
@@ -431,15 +403,15 @@ def test_best_average_of_another_metric():
         epochs=8,
         metric_fn=metrics,
         early_stopping=ema_jax.EarlyStopping(patience=100),
-        monitor=(monitors.BestAverage("val_mae"), monitors.Raw("train_loss")),
+        monitor=(BestAverage("val_mae"), Raw("train_loss")),
     )
     history = result.history
     per_average = np.asarray(history["val_mae_ema"])
     np.testing.assert_array_equal(history["best_val_mae_ema_index"], per_average.argmin(axis=1))
     np.testing.assert_array_equal(history["best_val_mae_ema"], per_average.min(axis=1))
-    best = result.stopping[monitors.BestAverage("val_mae")]
+    best = result.stopping[BestAverage("val_mae")]
     assert best.best_metric == per_average.min()
-    train = result.stopping[monitors.Raw("train_loss")]
+    train = result.stopping[Raw("train_loss")]
     assert train.best_metric == min(history["train_loss"])
 
 
