@@ -108,7 +108,7 @@ def make_train_step(
     return _DonationAware(jax.jit(train_step, donate_argnums=(0,) if donate else ()))
 
 
-DONATED_FIX = (
+_DONATED_FIX = (
     "it was donated to an earlier train step (make_train_step donates its input state, and "
     "with it the params given to EmaTrainState.create): use the state that step returned "
     "(state, metrics = train_step(state, batch)), or make_train_step(..., donate=False) to "
@@ -121,7 +121,7 @@ def check_not_donated(state: Any, name: str = "state") -> None:
     the fix; nothing when every array is alive. Host-side, no device work."""
     path = _checks.deleted_leaf(state)
     if path is not None:
-        raise ValueError(f"{name}{path} was deleted: {DONATED_FIX}")
+        raise ValueError(f"{name}{path} was deleted: {_DONATED_FIX}")
 
 
 class _DonationAware:
