@@ -12,14 +12,14 @@ use, so ``import ema_jax`` stays light.
 import importlib
 from typing import Any
 
-from ema_jax import schedules
+from ema_jax import monitors, schedules
 from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
+from ema_jax.loop import TrainResult, train_with_ema
 from ema_jax.steps import (
     evaluate_dataset,
     make_eval_step,
     make_paired_eval_step,
     make_train_step,
-    train_with_ema,
 )
 from ema_jax.train_state import EmaTrainState
 from ema_jax.transform import (
@@ -50,6 +50,7 @@ __all__ = [
     "EmaState",
     "EmaTrainState",
     "EmaTransform",
+    "TrainResult",
     "accumulators",
     "checkpoint",
     "decay_for_window",
@@ -61,6 +62,7 @@ __all__ = [
     "make_eval_step",
     "make_paired_eval_step",
     "make_train_step",
+    "monitors",
     "nnx",
     "num_averages",
     "posthoc",

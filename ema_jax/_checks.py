@@ -184,3 +184,14 @@ def first_difference(
 def _dtype_of(leaf: Any) -> np.dtype | None:
     dtype = getattr(leaf, "dtype", None)
     return None if dtype is None else np.dtype(dtype)
+
+
+def deleted_leaf(tree: Any) -> str | None:
+    """The path (``keystr``) of the first ``jax.Array`` leaf of ``tree`` whose buffer was
+    deleted, e.g. donated to a jitted step; ``None`` when every buffer is alive. A Python
+    loop over the leaves, no device work: call it before donating, or after a failure."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        if concrete and leaf.is_deleted():
+            return jax.tree_util.keystr(path)
+    return None

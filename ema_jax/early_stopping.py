@@ -102,7 +102,11 @@ class EarlyStopping:
     def update(self, state: EarlyStoppingState, metric: Any, weights: Any) -> EarlyStoppingState:
         """The state after epoch ``state.epoch``, whose monitored value is ``metric`` (a real
         number or a 0-d array) for ``weights`` (a pytree of arrays, copied if they become the
-        best). After a stop the state is returned unchanged."""
+        best). After a stop the state is returned unchanged.
+
+        Pass weights read from the state after its last train step: a donating step
+        (``make_train_step``'s default) deletes the arrays of the state it was given, and
+        copying deleted weights raises a ``ValueError`` that says so."""
         if not isinstance(state, EarlyStoppingState):
             raise TypeError(
                 f"state must be the EarlyStoppingState of init(), got {type(state).__name__}"
@@ -116,6 +120,7 @@ class EarlyStopping:
         value = _metric_value(metric)
         wait = state.wait + 1
         if self.improves(value, state.best_metric):
+            _check_alive(weights)
             beats_baseline = self.baseline is None or self.improves(value, self.baseline)
             return state._replace(
                 wait=0 if beats_baseline else wait,
@@ -126,6 +131,17 @@ class EarlyStopping:
         if wait >= self.patience and epoch > 0:
             return state._replace(wait=wait, stop=True, stopped_epoch=epoch)
         return state._replace(wait=wait)
+
+
+def _check_alive(weights: Any) -> None:
+    path = _checks.deleted_leaf(weights)
+    if path is not None:
+        raise ValueError(
+            f"weights{path} was deleted: it was donated to a train step after it was read "
+            "(make_train_step donates its input state): pass the weights of the state the "
+            "last step returned, or copy them before the next step (jax.tree.map(jnp.copy, "
+            "...))"
+        )
 
 
 def _metric_value(metric: Any) -> float:

@@ -1,4 +1,4 @@
-"""Jitted train / eval steps for :class:`EmaTrainState`, and the seed's loop, functional.
+"""Jitted train / eval steps for :class:`EmaTrainState`, and :func:`evaluate_dataset`.
 
 Function conventions (the same function can serve as loss and metric):
 
@@ -12,20 +12,23 @@ Function conventions (the same function can serve as loss and metric):
 
 Eval steps choose raw or EMA weights *inside* the jitted function (``use_ema`` is
 static): the state is never modified, so there is nothing to swap in or restore.
+
+The train step donates its input state (see :func:`make_train_step`); a step or
+:func:`evaluate_dataset` given a state that was donated raises a ``ValueError`` that says so
+and names the fix. The epoch loop, ``train_with_ema``, is in :mod:`ema_jax.loop`.
 """
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, overload
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
+from ema_jax import _checks
 from ema_jax.train_state import EmaTrainState
 
 Batch = Any
@@ -64,6 +67,18 @@ def make_train_step(
     ``state.apply_gradients``. ``rng`` (optional) is folded with ``state.step`` so one base
     key can be passed to every step. ``metrics`` is ``{"loss": loss}`` plus ``aux`` (merged
     when it is a dict).
+
+    Donation (``donate=True``, the default): the step writes the new state into the input
+    state's buffers, so after ``new, metrics = train_step(state, batch)`` every array of
+    ``state`` is deleted. That includes the ``params`` passed to
+    ``EmaTrainState.create`` (the state holds those arrays, not a copy) and any
+    ``state.params`` / ``state.ema_params`` read before the step; using them raises JAX's
+    "Array has been deleted" / "Buffer has been deleted or donated". Carry on with the state
+    the step returned; copy what you want to keep across steps (``jax.tree.map(jnp.copy,
+    tree)``, or ``jax.device_get`` to the host); or pass ``donate=False``, which keeps the
+    input usable at the cost of a second copy of the state in device memory during the
+    step. Calling the step (or an eval step, or :func:`evaluate_dataset`) with a donated
+    state raises a ``ValueError`` saying so.
     """
 
     def train_step(
@@ -90,7 +105,48 @@ def make_train_step(
         kwargs = {"model_state": model_state} if with_model_state else {}
         return state.apply_gradients(grads=grads, **kwargs), _metrics_dict(loss, aux)
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return _DonationAware(jax.jit(train_step, donate_argnums=(0,) if donate else ()))
+
+
+_DONATED_FIX = (
+    "it was donated to an earlier train step (make_train_step donates its input state, and "
+    "with it the params given to EmaTrainState.create): use the state that step returned "
+    "(state, metrics = train_step(state, batch)), or make_train_step(..., donate=False) to "
+    "keep the input usable"
+)
+
+
+def check_not_donated(state: Any, name: str = "state") -> None:
+    """A ``ValueError`` naming the first array of ``state`` that was deleted (donated) and
+    the fix; nothing when every array is alive. Host-side, no device work."""
+    path = _checks.deleted_leaf(state)
+    if path is not None:
+        raise ValueError(f"{name}{path} was deleted: {_DONATED_FIX}")
+
+
+class _DonationAware:
+    """A jitted step (``jax.jit``'s object: ``lower``, ``eval_shape``, ... are forwarded) whose
+    failure on a donated ``state`` says so and names the fix, instead of JAX's "Array has
+    been deleted". Nothing is checked while the step succeeds."""
+
+    def __init__(self, jitted: Any) -> None:
+        self._jitted = jitted
+        self.__wrapped__ = jitted
+        self.__doc__ = jitted.__doc__
+        self.__name__ = getattr(jitted, "__name__", type(self).__name__)
+
+    def __call__(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._jitted(state, *args, **kwargs)
+        except (RuntimeError, ValueError) as error:
+            try:
+                check_not_donated(state)
+            except ValueError as donated:
+                raise donated from error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
 
 
 def _evaluate(
@@ -121,7 +177,7 @@ def make_eval_step(
     ) -> Metrics:
         return _evaluate(metric_fn, state, batch, use_ema, ema_index, with_model_state)
 
-    return jax.jit(eval_step, static_argnames=("use_ema", "ema_index"))
+    return _DonationAware(jax.jit(eval_step, static_argnames=("use_ema", "ema_index")))
 
 
 def make_paired_eval_step(
@@ -143,7 +199,7 @@ def make_paired_eval_step(
             )
         return {"raw": raw, "ema": averaged}
 
-    return jax.jit(paired_eval_step)
+    return _DonationAware(jax.jit(paired_eval_step))
 
 
 def _batch_size(batch: Batch) -> int:
@@ -161,6 +217,14 @@ def _named(metrics: Metrics) -> dict[str, Any]:
     return dict(metrics) if isinstance(metrics, Mapping) else {"loss": metrics}
 
 
+def _flat(out: dict[str, Metrics]) -> dict[str, Any]:
+    """A paired eval step's output with named metrics: ``{"raw": {name: m}, "ema": {name: m}
+    or a list of them, one per average}``."""
+    ema_out = out["ema"]
+    averaged = [_named(m) for m in ema_out] if isinstance(ema_out, tuple) else _named(ema_out)
+    return {"raw": _named(out["raw"]), "ema": averaged}
+
+
 def _check_scalars(totals: dict[str, Any]) -> None:
     """A ``ValueError`` naming the first metric that is not a scalar."""
     for path, value in jax.tree_util.tree_flatten_with_path(totals)[0]:
@@ -170,6 +234,17 @@ def _check_scalars(totals: dict[str, Any]) -> None:
                 f"{jax.tree_util.keystr(path[1:])} of the {path[0].key} params has shape "
                 f"{np.shape(value)}: reduce it in metric_fn (e.g. jnp.mean)"
             )
+
+
+def _by_key(flat: dict[str, Any]) -> dict[str, Any]:
+    """:func:`evaluate_dataset`'s keys: ``val_<name>`` -> the raw params' value,
+    ``val_<name>_ema`` -> the average's (a list over K averages for K decays)."""
+    result: dict[str, Any] = {}
+    for name, value in flat["raw"].items():
+        result[f"val_{name}"] = value
+        ema = flat["ema"]
+        result[f"val_{name}_ema"] = [m[name] for m in ema] if isinstance(ema, list) else ema[name]
+    return result
 
 
 def evaluate_dataset(
@@ -182,249 +257,53 @@ def evaluate_dataset(
     A batch's size is the leading dimension its non-scalar arrays share (scalars, such as
     a step number, are ignored). Keys: ``val_<name>`` (raw) and ``val_<name>_ema`` (a list
     over decays when there are several). One host transfer at the end, not one per batch.
+
+    Raises:
+      ValueError: ``state`` was donated to a train step (use the state it returned);
+        ``batches`` holds no batch of size > 0; a metric is not a scalar; a batch's arrays
+        disagree on their leading dimension.
     """
+    check_not_donated(state)
     totals: dict[str, Any] | None = None
     count = 0
     for batch in batches:
         n = _batch_size(batch)
         if n == 0:  # an empty batch has no mean (NaN) and weighs nothing
             continue
-        out = paired_eval_step(state, batch)
-        flat: dict[str, Any] = {"raw": _named(out["raw"])}
-        ema_out = out["ema"]
-        flat["ema"] = (
-            [_named(m) for m in ema_out] if isinstance(ema_out, tuple) else _named(ema_out)
-        )
-        scaled = jax.tree.map(lambda x, n=n: x * n, flat)
+        scaled = jax.tree.map(lambda x, n=n: x * n, _flat(paired_eval_step(state, batch)))
         totals = scaled if totals is None else jax.tree.map(jnp.add, totals, scaled)
         count += n
     if totals is None:
         raise ValueError("val_data yielded no batches (or only batches of size 0)")
     _check_scalars(totals)
-    means = jax.device_get(jax.tree.map(lambda x: x / count, totals))
-    result: dict[str, float | list[float]] = {}
-    for name, value in means["raw"].items():
-        result[f"val_{name}"] = float(value)
-        ema_means = means["ema"]
-        if isinstance(ema_means, list):
-            result[f"val_{name}_ema"] = [float(m[name]) for m in ema_means]
-        else:
-            result[f"val_{name}_ema"] = float(ema_means[name])
-    return result
+    means = _by_key(jax.device_get(jax.tree.map(lambda x: x / count, totals)))
+    return {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in means.items()}
 
 
-def _check_reiterable(name: str, data: Any, epochs: int) -> None:
-    """Refuses a one-shot iterator (a generator) for several epochs before any state is
-    donated: its second pass would be empty and the first epoch's state lost."""
-    if epochs > 1 and not callable(data) and iter(data) is data:
-        raise TypeError(
-            f"{name} is a one-shot iterator ({type(data).__name__}), so epochs 2..{epochs} "
-            "would see no batches: pass a re-iterable (a list, a tf.data / grain dataset) or "
-            "a function epoch -> iterable"
+def evaluate_dataset_layout(
+    paired_eval_step: Callable[..., dict[str, Metrics]], state: EmaTrainState, batch: Batch
+) -> dict[str, int | None]:
+    """The keys :func:`evaluate_dataset` returns for ``state``, each with the length of its
+    list (K, one value per average) or ``None`` for a number, found from one ``batch`` by
+    ``jax.eval_shape``: nothing is computed and nothing donated, so a loop can check what it
+    will read before training. Raises :func:`evaluate_dataset`'s errors for a donated state
+    or a non-scalar metric."""
+    check_not_donated(state)
+    flat = _flat(jax.eval_shape(paired_eval_step, state, batch))
+    _check_scalars(flat)
+    return {k: len(v) if isinstance(v, list) else None for k, v in _by_key(flat).items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``ema_jax.steps.train_with_ema``, deprecated: the loop moved to :mod:`ema_jax.loop`."""
+    if name == "train_with_ema":
+        warnings.warn(
+            "ema_jax.steps.train_with_ema moved to ema_jax.loop: use ema_jax.train_with_ema "
+            "(or ema_jax.loop.train_with_ema)",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        from ema_jax.loop import train_with_ema
 
-
-_INDEXED = re.compile(r"(?P<key>.+)\[(?P<index>\d+)\]")
-
-
-def _monitored(
-    record: Mapping[str, Any], monitor: str, mode: str
-) -> tuple[float, bool, int | None]:
-    """``(value, use_ema, ema_index)`` of ``monitor`` in one epoch's ``record``.
-
-    ``monitor`` is a history key holding a number (``"val_loss"`` monitors the raw weights,
-    ``"val_loss_ema"`` the average's), ``"<key>[i]"`` for average ``i`` of several, or
-    ``"best_ema"``: the best (by ``mode``) of ``val_loss_ema``'s averages this epoch.
-    """
-    if monitor == "best_ema":
-        values = record["val_loss_ema"]
-        if not isinstance(values, list):
-            return float(values), True, None
-        finite = [i for i, v in enumerate(values) if not np.isnan(v)] or [0]
-        pick = min if mode == "min" else max
-        best = pick(finite, key=lambda i: values[i])
-        return float(values[best]), True, best
-    match = _INDEXED.fullmatch(monitor)
-    key, index = (match["key"], int(match["index"])) if match else (monitor, None)
-    choices = ", ".join(_monitor_names(record))
-    value = record.get(key)
-    if key == "seconds" or value is None:
-        raise ValueError(f"monitor={monitor!r} is not a monitored value; choose from {choices}")
-    is_list = isinstance(value, list)
-    if is_list != (index is not None) or (is_list and (index or 0) >= len(value)):
-        raise ValueError(
-            f"monitor={monitor!r} does not name one value of this history ({key} is "
-            f"{'a list of ' + str(len(value)) if is_list else 'a number'}); "
-            f"choose from {choices}"
-        )
-    return float(value[index] if index is not None else value), key.endswith("_ema"), index
-
-
-def _monitor_names(record: Mapping[str, Any]) -> list[str]:
-    names = ["best_ema"]
-    for key, value in record.items():
-        if key == "seconds":
-            continue
-        names += [f"{key}[{i}]" for i in range(len(value))] if isinstance(value, list) else [key]
-    return names
-
-
-def _stopping_monitors(
-    early_stopping: EarlyStopping | None, monitor: str | Sequence[str]
-) -> tuple[str, ...]:
-    if early_stopping is None:
-        return ()
-    if not isinstance(early_stopping, EarlyStopping):
-        raise TypeError(
-            f"early_stopping must be an ema_jax.EarlyStopping, got {type(early_stopping).__name__}"
-        )
-    monitors = (monitor,) if isinstance(monitor, str) else tuple(monitor)
-    if not monitors or not all(isinstance(m, str) for m in monitors):
-        raise TypeError(f"monitor must be a history key or a sequence of them, got {monitor!r}")
-    return monitors
-
-
-@overload
-def train_with_ema(
-    state: EmaTrainState,
-    loss_fn: Callable[..., Any],
-    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
-    val_data: Iterable[Batch],
-    *,
-    epochs: int,
-    metric_fn: Callable[..., Any] | None = None,
-    rng: jax.Array | None = None,
-    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
-    with_model_state: bool = False,
-    early_stopping: None = None,
-    monitor: str | Sequence[str] = "val_loss_ema",
-) -> tuple[dict[str, list[Any]], EmaTrainState]: ...
-
-
-@overload
-def train_with_ema(
-    state: EmaTrainState,
-    loss_fn: Callable[..., Any],
-    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
-    val_data: Iterable[Batch],
-    *,
-    epochs: int,
-    metric_fn: Callable[..., Any] | None = None,
-    rng: jax.Array | None = None,
-    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
-    with_model_state: bool = False,
-    early_stopping: EarlyStopping,
-    monitor: str | Sequence[str] = "val_loss_ema",
-) -> tuple[dict[str, list[Any]], EmaTrainState, Any]: ...
-
-
-def train_with_ema(
-    state: EmaTrainState,
-    loss_fn: Callable[..., Any],
-    train_data: Iterable[Batch] | Callable[[int], Iterable[Batch]],
-    val_data: Iterable[Batch],
-    *,
-    epochs: int,
-    metric_fn: Callable[..., Any] | None = None,
-    rng: jax.Array | None = None,
-    callback: Callable[[int, dict[str, Any], EmaTrainState], None] | None = None,
-    with_model_state: bool = False,
-    early_stopping: EarlyStopping | None = None,
-    monitor: str | Sequence[str] = "val_loss_ema",
-) -> Any:
-    """The seed's ``train_with_ema`` loop, functional: train, then evaluate raw and EMA.
-
-    Args:
-      state: an :class:`EmaTrainState` (optimizer and EMA already configured).
-      loss_fn: ``loss_fn(params, batch[, rng])`` -> scalar; used for training, and for
-        validation (called without ``rng``) unless ``metric_fn`` is given.
-      train_data: an iterable of batches re-iterated every epoch, or ``epoch -> iterable``
-        (e.g. to reshuffle per epoch).
-      val_data: a re-iterable of batches.
-      epochs: number of epochs (>= 1).
-      metric_fn: ``metric_fn(params, batch)`` -> scalar (the loss) or dict of scalars.
-      rng: base key for stochastic layers (dropout); folded with the step.
-      callback: ``callback(epoch, record, state)`` after each epoch (print, progress bar).
-      with_model_state: BatchNorm & co., see the module docstring for the signatures.
-      early_stopping: an :class:`~ema_jax.EarlyStopping`, updated after each epoch with the
-        ``monitor`` value and the weights it measures; training ends once it stops (at
-        most ``epochs`` epochs).
-      monitor: what ``early_stopping`` watches: a history key holding a number
-        (``"val_loss"``: the raw weights; ``"val_loss_ema"``: the average's), ``"<key>[i]"``
-        for average ``i`` of K, or ``"best_ema"``: each epoch the best of the K averages'
-        ``val_loss_ema`` (kept in the history as ``best_ema`` and ``best_ema_index``), and
-        that average's weights. A sequence of monitors runs one stopper state per monitor
-        on the same training run (training uses only the raw params, so they cannot
-        interact) and ends when all have stopped.
-
-    The train step donates ``state``: the arrays of the state passed in (and so the
-    ``params`` it was created from) are consumed; use the returned state.
-
-    Returns:
-      ``(history, state)``: ``history`` has ``train_loss``, ``val_loss``, ``val_loss_ema``
-      (one entry per epoch; plus ``val_<name>[_ema]`` for every metric) and ``seconds``
-      (each epoch's wall time, training and evaluation; the first includes compilation),
-      and ``state``'s
-      ``ema_params`` are the weights to deploy. With ``early_stopping``:
-      ``(history, state, stopping)``, ``stopping`` the final
-      :class:`~ema_jax.EarlyStoppingState` (``best_weights``, ``best_epoch``,
-      ``stopped_epoch``; epochs from 0; with ``with_model_state`` the weights are
-      ``(params, model_state)``), or ``{monitor: state}`` for a sequence of monitors.
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    _check_reiterable("train_data", train_data, epochs)
-    _check_reiterable("val_data", val_data, epochs)
-    train_step = make_train_step(loss_fn, with_model_state=with_model_state)
-    paired_eval = make_paired_eval_step(
-        metric_fn if metric_fn is not None else loss_fn, with_model_state=with_model_state
-    )
-    monitors = _stopping_monitors(early_stopping, monitor)
-    stoppers = {m: early_stopping.init() for m in monitors} if early_stopping else {}
-    history: dict[str, list[Any]] = {"train_loss": []}
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        batches = train_data(epoch) if callable(train_data) else train_data
-        losses = []
-        for batch in batches:
-            state, metrics = train_step(state, batch, rng)
-            losses.append(metrics["loss"])
-        if not losses:
-            raise ValueError("train_data yielded no batches")
-        record: dict[str, Any] = {"train_loss": float(jnp.mean(jnp.stack(losses)))}
-        record.update(evaluate_dataset(paired_eval, state, val_data))
-        if "best_ema" in monitors:
-            mode = early_stopping.mode if early_stopping else "min"
-            record["best_ema"], _, record["best_ema_index"] = _monitored(record, "best_ema", mode)
-        record["seconds"] = time.perf_counter() - start
-        for name, es in stoppers.items():
-            stoppers[name] = _update_stopper(
-                early_stopping, es, record, name, state, with_model_state
-            )
-        for key, value in record.items():
-            history.setdefault(key, []).append(value)
-        if callback is not None:
-            callback(epoch, record, state)
-        if stoppers and all(es.stop for es in stoppers.values()):
-            break
-    if early_stopping is None:
-        return history, state
-    return history, state, stoppers if not isinstance(monitor, str) else stoppers[monitor]
-
-
-def _update_stopper(
-    stopper: Any,
-    es: EarlyStoppingState,
-    record: Mapping[str, Any],
-    monitor: str,
-    state: EmaTrainState,
-    with_model_state: bool,
-) -> EarlyStoppingState:
-    """``stopper.update`` with ``monitor``'s value and the weights it measured."""
-    if es.stop:
-        return es
-    value, use_ema, index = _monitored(record, monitor, stopper.mode)
-    weights = state.select_params(use_ema, index)
-    if with_model_state:
-        weights = (weights, state.select_model_state(use_ema, index))
-    return stopper.update(es, value, weights)
+        return train_with_ema
+    raise AttributeError(f"module 'ema_jax.steps' has no attribute {name!r}")

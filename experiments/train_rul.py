@@ -301,7 +301,8 @@ def train(
 
     Returns the loop's ``history`` and final state, the ``best`` rule's choices
     (:class:`KeepBest`; none with ``refit_all``: nothing is selected without validation),
-    and ``{monitor: EarlyStoppingState}`` (empty without ``cfg.early_stopping``).
+    and ``{monitor: (its ema_jax.monitors type, EarlyStoppingState)}``, keyed by the
+    ``--monitor`` strings (empty without ``cfg.early_stopping``).
     """
     rng = np.random.default_rng(cfg.seed)
     keep_best = KeepBest(cfg.variants)
@@ -310,11 +311,11 @@ def train(
     with tqdm(total=cfg.epochs, desc=desc, disable=not cfg.progress) as bar:
         if cfg.progress:
             callbacks.append(show_progress(bar, cfg.variants))
-        stopping: dict[str, Any] = {}
         stopper = None
         if cfg.early_stopping is not None:
             stopper = ema_jax.EarlyStopping(patience=cfg.early_stopping)
-        out: Any = ema_jax.train_with_ema(
+        watched = {name: ema_jax.monitors.parse(name) for name in cfg.monitors}
+        result = ema_jax.train_with_ema(
             state,
             scoring.train_loss,
             lambda epoch: batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
@@ -324,38 +325,40 @@ def train(
             rng=key,
             callback=_each(callbacks),
             early_stopping=stopper,
-            monitor=cfg.monitors,
+            monitor=tuple(watched.values()),
         )
-        history, state = out[:2]
-        if stopper is not None:
-            stopping = out[2]
-    return history, state, keep_best.best, stopping
+    stopping = {
+        name: (monitor, result.stopping[monitor])
+        for name, monitor in watched.items()
+        if monitor in result.stopping
+    }
+    return result.history, result.state, keep_best.best, stopping
 
 
 def early_choices(
     cfg: Config,
     history: Mapping[str, list[Any]],
     rows: Sequence[Mapping[str, Any]],
-    stopping: Mapping[str, Any],
+    stopping: Mapping[str, tuple[ema_jax.monitors.Monitor, ema_jax.EarlyStoppingState]],
 ) -> tuple[dict[str, Choice], dict[str, dict[str, Any]]]:
     """The ``early`` rule: per monitor, its stopper's best weights as a :class:`Choice`, and
     what ``history.json`` records of it: ``variant`` (whose weights), ``best_epoch`` and
     ``stopped_epoch`` (from 1, like the rows; ``None``: never stopped), ``epochs_trained``
     (the run's, shared by all monitors), ``best_metric``, ``patience``."""
     choices, record = {}, {}
-    for monitor, es in stopping.items():
+    for name, (monitor, es) in stopping.items():
         best = es.best_epoch
         if best is None:  # every monitored value was NaN: nothing to choose
             continue
-        if monitor == "best_ema":
-            variant = cfg.variants[1 + int(history["best_ema_index"][best])]
-        elif monitor.endswith("]"):
-            variant = cfg.variants[1 + int(monitor.rsplit("[", 1)[1][:-1])]
+        if isinstance(monitor, ema_jax.monitors.BestAverage):
+            variant = cfg.variants[1 + int(history[f"{monitor.key}_index"][best])]
+        elif isinstance(monitor, ema_jax.monitors.Average):
+            variant = cfg.variants[1 + monitor.index]
         else:
             variant = "raw"
         val_rmse = rows[best][f"val_rmse_{variant}"]
-        choices[monitor] = Choice(es.best_weights, best + 1, val_rmse)
-        record[monitor] = {
+        choices[name] = Choice(es.best_weights, best + 1, val_rmse)
+        record[name] = {
             "variant": variant,
             "best_epoch": best + 1,
             "stopped_epoch": None if es.stopped_epoch is None else es.stopped_epoch + 1,

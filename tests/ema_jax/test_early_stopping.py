@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ema_jax
+from ema_jax.monitors import Average, BestAverage, Raw
 
 NAN = float("nan")
 
@@ -86,7 +87,7 @@ HAND_WORKED = [
 
 @pytest.mark.parametrize(("kwargs", "metrics", "stopped", "best"), HAND_WORKED)
 def test_hand_worked_sequences_match_keras(kwargs, metrics, stopped, best):
-    """Acceptance 1: patience, min_delta, mode="max", baseline, start_from_epoch, NaN."""
+    """Worked by hand: patience, min_delta, mode="max", baseline, start_from_epoch, NaN."""
     reference = {"min_delta": 0.0, "mode": "min", "baseline": None, "start": 0}
     reference.update({("start" if k == "start_from_epoch" else k): v for k, v in kwargs.items()})
     assert keras_rule(metrics, **reference) == (stopped, best)  # the reference agrees
@@ -111,7 +112,7 @@ def test_hand_worked_sequences_match_keras(kwargs, metrics, stopped, best):
     start=st.integers(0, 3),
 )
 def test_random_sequences_match_the_keras_rule(metrics, patience, min_delta, mode, baseline, start):
-    """Acceptance 1 on random sequences (ties and NaNs included)."""
+    """The rule equals Keras's on random sequences (ties and NaNs included)."""
     stopper = ema_jax.EarlyStopping(patience, min_delta, mode, baseline, start)
     es = run_stopper(stopper, metrics)
     stopped, best = keras_rule(metrics, patience, min_delta, mode, baseline, start)
@@ -156,7 +157,7 @@ STEP = ema_jax.make_train_step(mse_loss)
 
 
 def test_best_weights_survive_donation_bitwise():
-    """Acceptance 2: the weights passed at the best epoch, bitwise, after later steps that
+    """The weights passed at the best epoch, bitwise, after later steps that
     donate (delete) the arrays that were passed."""
     rng = np.random.default_rng(0)
     xs = [jnp.asarray(rng.normal(size=(8, 3)), jnp.float32) for _ in range(6)]
@@ -175,6 +176,21 @@ def test_best_weights_survive_donation_bitwise():
     state, _ = STEP(state, batches[0])  # donates the last arrays passed too
     assert all(x.is_deleted() for x in jax.tree.leaves(passed[2]))  # donation happened
     assert_bitwise(es.best_weights, snapshots[2])
+
+
+def test_weights_donated_before_update_are_refused_naming_the_fix():
+    """Weights read from a state that a later step donated cannot be copied: the error says
+    so and names the fix, and the stopper state is unchanged (a pure function)."""
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params=linear_params(jax.random.key(0)), tx=TX, ema=ema_jax.ema(0.5)
+    )
+    stale = state.params  # the state's own buffers
+    state, _ = STEP(state, (jnp.ones((4, 3)), jnp.ones((4, 2))))
+    stopper = ema_jax.EarlyStopping()
+    es = stopper.init()
+    with pytest.raises(ValueError, match=r"weights\['b'\] was deleted: .*the last step returned"):
+        stopper.update(es, 1.0, stale)
+    assert stopper.update(es, 1.0, state.params).best_epoch == 0
 
 
 # A case built to separate the raw and the EMA monitors: training pulls the params toward
@@ -216,26 +232,31 @@ def assert_bitwise(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), strict=True)
 
 
-@pytest.fixture(scope="module")
-def separated():
-    stopper = ema_jax.EarlyStopping(patience=2)
-    out = ema_jax.train_with_ema(
-        fresh(0.8),
+def stopping_run(decay, **kwargs):
+    """At most 30 epochs of the built case, with ``EarlyStopping(patience=2)``."""
+    return ema_jax.train_with_ema(
+        fresh(decay),
         mse_loss,
         train_data,
         VAL,
         epochs=30,
-        early_stopping=stopper,
-        monitor=("val_loss", "val_loss_ema"),
+        early_stopping=ema_jax.EarlyStopping(patience=2),
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def separated():
+    out = stopping_run(0.8, monitor=("val_loss", "val_loss_ema"))
     return out, snapshots_by_epoch(0.8, 30)
 
 
 def test_raw_and_ema_monitors_pick_different_weights(separated):
-    """Acceptance 3: on the built case the two monitors choose different epochs, and each
+    """On the built case the two monitors choose different epochs, and each
     chosen set equals that epoch's weights of a run that did not stop, bitwise."""
-    (history, _, stopping), (full, kept) = separated
-    raw, ema = stopping["val_loss"], stopping["val_loss_ema"]
+    result, (full, kept) = separated
+    history, stopping = result.history, result.stopping
+    raw, ema = stopping[Raw()], stopping[Average()]
     assert raw.best_epoch == int(np.argmin(full["val_loss"][:5])) == 2
     assert ema.best_epoch > raw.best_epoch
     assert raw.stop and ema.stop
@@ -249,17 +270,13 @@ def test_raw_and_ema_monitors_pick_different_weights(separated):
 
 
 def test_one_monitor_stops_the_run_at_its_stopped_epoch(separated):
-    """Acceptance 3: one monitor returns one state; training ends at its stop, and its
+    """One monitor has one state; training ends at its stop, and its
     best EMA weights equal those of a run of ``best_epoch + 1`` epochs."""
     _, (_, kept) = separated
-    history, state, es = ema_jax.train_with_ema(
-        fresh(0.8),
-        mse_loss,
-        train_data,
-        VAL,
-        epochs=30,
-        early_stopping=ema_jax.EarlyStopping(patience=2),
-    )
+    result = stopping_run(0.8)
+    history, state = result
+    assert list(result.stopping) == [Average()]  # the default, "val_loss_ema"
+    es = result.stopping[Average()]
     assert isinstance(es, ema_jax.EarlyStoppingState) and es.stop
     assert len(history["train_loss"]) == es.stopped_epoch + 1
     _, short = ema_jax.train_with_ema(
@@ -272,20 +289,12 @@ def test_one_monitor_stops_the_run_at_its_stopped_epoch(separated):
 def test_best_ema_of_several_averages():
     """``best_ema`` picks, each epoch, the average with the lowest val_loss_ema; the weights
     kept are that average's; ``<key>[i]`` names one of them."""
-    stopper = ema_jax.EarlyStopping(patience=2)
-    history, _, stopping = ema_jax.train_with_ema(
-        fresh((0.3, 0.9)),
-        mse_loss,
-        train_data,
-        VAL,
-        epochs=30,
-        early_stopping=stopper,
-        monitor=["best_ema", "val_loss_ema[1]"],
-    )
+    result = stopping_run((0.3, 0.9), monitor=["best_ema", "val_loss_ema[1]"])
+    history, stopping = result.history, result.stopping
     per_average = np.asarray(history["val_loss_ema"])
     np.testing.assert_array_equal(history["best_ema_index"], per_average.argmin(axis=1))
     np.testing.assert_array_equal(history["best_ema"], per_average.min(axis=1))
-    best, second = stopping["best_ema"], stopping["val_loss_ema[1]"]
+    best, second = stopping[BestAverage()], stopping[Average(1)]
     _, kept = snapshots_by_epoch((0.3, 0.9), max(best.best_epoch, second.best_epoch) + 1)
     index = history["best_ema_index"][best.best_epoch]
     assert_bitwise(best.best_weights, kept[best.best_epoch][1][index])
@@ -293,20 +302,63 @@ def test_best_ema_of_several_averages():
     assert second.best_epoch == int(np.argmin(per_average[: second.stopped_epoch + 1, 1]))
 
 
-@pytest.mark.parametrize(
-    ("monitor", "decay", "match"),
-    [
-        ("val_acc", 0.8, "monitor='val_acc' is not a monitored value; choose from best_ema"),
-        ("seconds", 0.8, "monitor='seconds' is not a monitored value"),
-        ("val_loss_ema", (0.3, 0.9), r"val_loss_ema is a list of 2.*val_loss_ema\[1\]"),
-        ("val_loss_ema[2]", (0.3, 0.9), "does not name one value"),
-        ("val_loss[0]", 0.8, "does not name one value"),
-    ],
-)
-def test_bad_monitors_name_the_choices(monitor, decay, match):
-    with pytest.raises(ValueError, match=match):
+BAD_MONITORS = {
+    "unknown key": (
+        "val_acc",
+        0.8,
+        "monitor='val_acc' is not a monitored value; choose from best_ema",
+    ),
+    "seconds": ("seconds", 0.8, "monitor='seconds' is not a monitored value"),
+    "unindexed average of K": (
+        "val_loss_ema",
+        (0.3, 0.9),
+        r"val_loss_ema is a list of 2.*val_loss_ema\[1\]",
+    ),
+    "index out of range": ("val_loss_ema[2]", (0.3, 0.9), "does not name one value"),
+    "index on a number": ("val_loss[0]", 0.8, "does not name one value"),
+    "typed: unknown metric": (
+        Raw("val_acc"),
+        0.8,
+        r"reads history key 'val_acc', which this run does not record; it records train_loss",
+    ),
+    "typed: average out of range": (
+        Average(2),
+        (0.3, 0.9),
+        r"names average 2, but the state keeps 2 averages \(indices 0..1\)",
+    ),
+    "typed: average of one decay": (Average(1), 0.8, "keeps 1 average "),
+    "typed: raw of an average's key": (
+        Raw("val_loss_ema"),
+        0.8,
+        r"val_loss_ema is the averages' value: use Average\(metric='val_loss'\)",
+    ),
+    "typed: best of an unknown metric": (
+        BestAverage("val_acc"),
+        (0.3, 0.9),
+        "reads history key 'val_acc_ema'",
+    ),
+    "the same monitor twice": (
+        ("val_loss_ema", Average()),
+        0.8,
+        r"monitor lists Average\(index=0, metric='val_loss'\) twice",
+    ),
+}
+NOT_MONITORS = {"an int": 42, "None": None, "an empty tuple": (), "an int among": [Raw(), 3]}
+CASES = {
+    **{name: (*case[:2], ValueError, case[2]) for name, case in BAD_MONITORS.items()},
+    **{name: (m, 0.8, TypeError, "monitor must be") for name, m in NOT_MONITORS.items()},
+}
+
+
+@pytest.mark.parametrize(("monitor", "decay", "error", "match"), CASES.values(), ids=CASES)
+def test_bad_monitors_name_the_choices_before_training(monitor, decay, error, match):
+    """Checked against the history the run will record before its first step (a
+    ``ValueError``; a ``TypeError`` for what is no monitor): the state passed in is not
+    donated."""
+    state = fresh(decay)
+    with pytest.raises(error, match=match):
         ema_jax.train_with_ema(
-            fresh(decay),
+            state,
             mse_loss,
             train_data,
             VAL,
@@ -314,6 +366,53 @@ def test_bad_monitors_name_the_choices(monitor, decay, match):
             early_stopping=ema_jax.EarlyStopping(),
             monitor=monitor,
         )
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+
+
+def test_typed_monitors_stop_exactly_as_their_strings(separated):
+    """``(Raw(), Average())`` is ``("val_loss", "val_loss_ema")``: the same stoppers, epochs
+    and best weights, bitwise, keyed by the same typed monitors."""
+    by_string = separated[0].stopping
+    by_type = stopping_run(0.8, monitor=(Raw(), Average())).stopping
+    assert list(by_type) == list(by_string) == [Raw(), Average()]
+    for monitor, es in by_type.items():
+        want = by_string[monitor]
+        assert (es.best_epoch, es.stopped_epoch, es.best_metric) == (
+            want.best_epoch,
+            want.stopped_epoch,
+            want.best_metric,
+        )
+        assert_bitwise(es.best_weights, want.best_weights)
+
+
+def test_best_average_of_another_metric():
+    """``BestAverage("val_mae")`` picks each epoch the average with the lowest
+    ``val_mae_ema`` (history ``best_val_mae_ema`` and its ``_index``); ``Raw("train_loss")``
+    watches the training loss."""
+
+    def metrics(params, batch):
+        x, y = batch
+        err = x @ params["w"] + params["b"] - y
+        return {"loss": jnp.mean(err**2), "mae": jnp.mean(jnp.abs(err))}
+
+    result = ema_jax.train_with_ema(
+        fresh((0.3, 0.9)),
+        mse_loss,
+        train_data,
+        VAL,
+        epochs=8,
+        metric_fn=metrics,
+        early_stopping=ema_jax.EarlyStopping(patience=100),
+        monitor=(BestAverage("val_mae"), Raw("train_loss")),
+    )
+    history = result.history
+    per_average = np.asarray(history["val_mae_ema"])
+    np.testing.assert_array_equal(history["best_val_mae_ema_index"], per_average.argmin(axis=1))
+    np.testing.assert_array_equal(history["best_val_mae_ema"], per_average.min(axis=1))
+    best = result.stopping[BestAverage("val_mae")]
+    assert best.best_metric == per_average.min()
+    train = result.stopping[Raw("train_loss")]
+    assert train.best_metric == min(history["train_loss"])
 
 
 def _states(n):
@@ -328,7 +427,7 @@ def _states(n):
 
 @pytest.mark.parametrize(("mode", "survivors", "best"), [("min", [1, 3], 3), ("max", [0, 2], 2)])
 def test_orbax_keeps_the_best_n_steps(tmp_path, mode, survivors, best):
-    """Acceptance 4: real Orbax writes; with ``max_to_keep=2`` the two best-metric steps
+    """Real Orbax writes; with ``max_to_keep=2`` the two best-metric steps
     survive (a NaN ranks worst), and ``step="best"`` loads the best one's EMA params."""
     from ema_jax import checkpoint
 

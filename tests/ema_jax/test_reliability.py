@@ -29,40 +29,6 @@ def test_item_9_obscure_errors_name_the_argument(tmp_path):
         ckpt.restore(str(tmp_path), None)  # type: ignore[arg-type]
 
 
-def test_item_10_one_shot_generator_is_refused_before_training():
-    """Item 10: a generator for several epochs is refused before the state is donated (the
-    state passed in is still usable), for train_data and val_data."""
-    state = ema_jax.EmaTrainState.create(
-        apply_fn=None, params={"w": jnp.ones(2)}, tx=OPT, ema=ema_jax.ema(0.9)
-    )
-
-    def loss(p, b):
-        return jnp.mean((p["w"] - b) ** 2)
-
-    batches = [jnp.zeros((4, 2))]
-    with pytest.raises(TypeError, match="train_data is a one-shot iterator"):
-        ema_jax.train_with_ema(state, loss, (b for b in batches), batches, epochs=2)
-    with pytest.raises(TypeError, match="val_data is a one-shot iterator"):
-        ema_jax.train_with_ema(state, loss, batches, iter(batches), epochs=2)
-    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
-    history, _ = ema_jax.train_with_ema(state, loss, (b for b in batches), batches, epochs=1)
-    assert len(history["val_loss"]) == 1
-
-
-def test_item_11_zero_size_batches_are_skipped_or_refused():
-    """Item 11: batches of size 0 weigh nothing (no NaN in the mean); only size-0 batches
-    raise instead of returning NaN."""
-    state = ema_jax.EmaTrainState.create(
-        apply_fn=None, params={"w": jnp.ones(2)}, tx=OPT, ema=ema_jax.ema(0.9)
-    )
-    paired = ema_jax.make_paired_eval_step(lambda p, b: jnp.mean((p["w"] - b) ** 2))
-    full, empty = jnp.zeros((4, 2)), jnp.zeros((0, 2))
-    result = ema_jax.evaluate_dataset(paired, state, [full, empty])
-    assert result["val_loss"] == 1.0 and result["val_loss_ema"] == 1.0
-    with pytest.raises(ValueError, match="only batches of size 0"):
-        ema_jax.evaluate_dataset(paired, state, [empty, empty])
-
-
 # ---------------------------------------------------------------------- checkpoints (12-17)
 
 

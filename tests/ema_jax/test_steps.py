@@ -1,4 +1,5 @@
-"""Jitted train / eval steps, BatchNorm state, and ``train_with_ema`` (point 7)."""
+"""ema_jax.steps: the jitted train / eval steps (BatchNorm state, donation) and
+``evaluate_dataset``."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _trained_state(steps=3):
 
 
 def test_train_step_donates_and_equals_manual_step():
-    """Point 7: the jitted train step donates its input state (every input array is deleted
+    """The jitted train step donates its input state (every input array is deleted
     afterwards) and equals grad at ``params`` → optax update → EMA of the new params."""
     state = _fresh_state()
     params = host_copy(state.params)
@@ -51,7 +52,7 @@ def test_train_step_donates_and_equals_manual_step():
 
 
 def test_train_loss_is_taken_at_params_and_ema_gets_no_gradient():
-    """Point 7: the loss (and so the gradient) depends on ``params`` only: its gradient with
+    """The loss (and so the gradient) depends on ``params`` only: its gradient with
     respect to the EMA accumulators is exactly zero, and so is that of the new params."""
     state = _trained_state()
     step = ema_jax.make_train_step(mse_loss, donate=False)
@@ -79,7 +80,7 @@ def test_train_loss_is_taken_at_params_and_ema_gets_no_gradient():
 
 
 def test_eval_steps_select_inside_jit_and_leave_state_unchanged():
-    """Point 7: ``make_eval_step`` gives the metric of ``ema_params`` (use_ema=True) or of
+    """``make_eval_step`` gives the metric of ``ema_params`` (use_ema=True) or of
     ``params`` (False), computed directly; it does not touch the state; the paired step
     returns both."""
     state = _trained_state()
@@ -98,7 +99,7 @@ def test_eval_steps_select_inside_jit_and_leave_state_unchanged():
 
 def test_eval_step_ema_index_with_several_decays():
     """With K decays ``ema_index`` picks a decay; the paired step returns all K; an index out
-    of range raises a ValueError naming ``ema_index`` (point 10)."""
+    of range raises a ValueError naming ``ema_index``."""
     params = linear_params(jax.random.key(5))
     state = ema_jax.EmaTrainState.create(
         apply_fn=None, params=params, tx=optax.sgd(0.5), ema=ema_jax.ema((0.5, 0.95))
@@ -194,7 +195,7 @@ def _np_ema(sequence, decay):
 
 
 def test_batchnorm_stats_averaged_with_average_model_state():
-    """Point 7: with ``average_model_state=True`` the EMA of ``batch_stats`` equals a NumPy EMA
+    """With ``average_model_state=True`` the EMA of ``batch_stats`` equals a NumPy EMA
     of the batch_stats sequence, and EMA evaluation uses those averaged statistics."""
     decay = 0.6
     state = _bn_state(True, decay)
@@ -226,7 +227,7 @@ def test_batchnorm_stats_averaged_with_average_model_state():
 
 
 def test_batchnorm_stats_shared_without_average_model_state():
-    """Point 7: with ``average_model_state=False`` the EMA holds params only; batch_stats are
+    """With ``average_model_state=False`` the EMA holds params only; batch_stats are
     carried (updated by training, never averaged) and shared by raw and EMA evaluation."""
     state = _bn_state(False)
     for batch in BATCHES[:3]:
@@ -242,66 +243,7 @@ def test_batchnorm_stats_shared_without_average_model_state():
     )
 
 
-# --------------------------------------------------------------------------- train_with_ema
-
-
-def test_train_with_ema_matches_a_hand_rolled_loop():
-    """Point 7: ``train_with_ema`` returns per-epoch ``train_loss``, ``val_loss``,
-    ``val_loss_ema``, calls the callback once per epoch, and its final EMA equals a
-    hand-rolled optax + ``ema`` loop; validation means are weighted by batch size."""
-    epochs = 3
-    train = BATCHES[:4]
-    val = [regression_batches(seed=3, num=1, batch_size=n)[0] for n in (5, 11)]
-
-    def train_data(epoch):
-        return train[epoch % 4 :] + train[: epoch % 4]  # a different order every epoch
-
-    params0 = linear_params(jax.random.key(9))
-    calls = []
-    state = ema_jax.EmaTrainState.create(
-        apply_fn=None, params=jax.tree.map(jnp.copy, params0), tx=TX, ema=EMA
-    )
-    history, final = ema_jax.train_with_ema(
-        state,
-        mse_loss,
-        train_data,
-        val,
-        epochs=epochs,
-        callback=lambda epoch, record, state: calls.append((epoch, dict(record))),
-    )
-
-    @jax.jit
-    def hand_step(params, opt_state, ema_state, batch):
-        loss, grads = jax.value_and_grad(mse_loss)(params, batch)
-        updates, opt_state = TX.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        _, ema_state = EMA.update(params, ema_state)
-        return params, opt_state, ema_state, loss
-
-    params, opt_state, ema_state = params0, TX.init(params0), EMA.init(params0)
-    train_losses = []
-    for epoch in range(epochs):
-        losses = []
-        for batch in train_data(epoch):
-            params, opt_state, ema_state, loss = hand_step(params, opt_state, ema_state, batch)
-            losses.append(float(loss))
-        train_losses.append(np.mean(losses))
-
-    tree_allclose(final.params, params, rtol=1e-5, atol=1e-6)
-    tree_allclose(final.ema_params, ema_jax.shadow(ema_state), rtol=1e-5, atol=1e-6)
-    assert {"train_loss", "val_loss", "val_loss_ema"} <= set(history)
-    assert all(len(history[k]) == epochs for k in history)
-    np.testing.assert_allclose(history["train_loss"], train_losses, rtol=1e-5)
-
-    def weighted(p):
-        return sum(len(b[0]) * float(mse_loss(p, b)) for b in val) / sum(len(b[0]) for b in val)
-
-    assert history["val_loss"][-1] == pytest.approx(weighted(params), rel=1e-5)
-    assert history["val_loss_ema"][-1] == pytest.approx(
-        weighted(ema_jax.shadow(ema_state)), rel=1e-5
-    )
-    assert [epoch for epoch, _ in calls] == list(range(epochs))
-    assert calls[-1][1]["val_loss_ema"] == history["val_loss_ema"][-1]
+# ------------------------------------------------------------------------ evaluate_dataset
 
 
 def test_evaluate_dataset_dict_metrics_and_several_decays():
@@ -355,14 +297,64 @@ def test_evaluate_dataset_sizes_a_batch_by_its_arrays_not_its_scalars():
         ema_jax.evaluate_dataset(step, state, ragged)
 
 
-def test_train_with_ema_rejects_bad_epochs_and_empty_data():
-    """Point 10: ``epochs`` must be an int >= 1; empty train / val data is an error."""
-    for epochs in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="epochs"):
-            ema_jax.train_with_ema(
-                _fresh_state(), mse_loss, BATCHES[:1], BATCHES[1:2], epochs=epochs
-            )
-    with pytest.raises(ValueError, match="train_data"):
-        ema_jax.train_with_ema(_fresh_state(), mse_loss, [], BATCHES[1:2], epochs=1)
-    with pytest.raises(ValueError, match="val_data"):
-        ema_jax.train_with_ema(_fresh_state(), mse_loss, BATCHES[:1], [], epochs=1)
+def test_evaluate_dataset_skips_empty_batches_and_refuses_only_empty_ones():
+    """Batches of size 0 weigh nothing (no NaN in the mean); only size-0 batches raise
+    instead of returning NaN."""
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1), ema=ema_jax.ema(0.9)
+    )
+    paired = ema_jax.make_paired_eval_step(lambda p, b: jnp.mean((p["w"] - b) ** 2))
+    full, empty = jnp.zeros((4, 2)), jnp.zeros((0, 2))
+    result = ema_jax.evaluate_dataset(paired, state, [full, empty])
+    assert result["val_loss"] == 1.0 and result["val_loss_ema"] == 1.0
+    with pytest.raises(ValueError, match="only batches of size 0"):
+        ema_jax.evaluate_dataset(paired, state, [empty, empty])
+
+
+# ------------------------------------------------------------------------------- donation
+
+DONATED = r"state\.\w+.* was deleted: it was donated to an earlier train step .*donate=False"
+
+USES_OF_A_DONATED_STATE = {
+    "train step": lambda state: TRAIN_STEP(state, BATCHES[0]),
+    "eval step": lambda state: EVAL_STEP(state, BATCHES[0]),
+    "eval step, raw": lambda state: EVAL_STEP(state, BATCHES[0], use_ema=False),
+    "paired eval step": lambda state: PAIRED_EVAL(state, BATCHES[0]),
+    "evaluate_dataset": lambda state: ema_jax.evaluate_dataset(PAIRED_EVAL, state, BATCHES[:1]),
+}
+
+
+@pytest.mark.parametrize("use", USES_OF_A_DONATED_STATE.values(), ids=USES_OF_A_DONATED_STATE)
+def test_a_donated_state_is_refused_naming_the_fix(use):
+    """Reusing the state a donating train step consumed raises a ValueError that says it
+    was donated and names the fixes (the returned state, ``donate=False``), chained to
+    JAX's own error when JAX raised one; the returned state still works."""
+    state = _fresh_state()
+    new, _ = TRAIN_STEP(state, BATCHES[0])
+    with pytest.raises(ValueError, match=DONATED):
+        use(state)
+    use(new)
+
+
+def test_the_params_given_to_create_are_donated_with_the_state():
+    """``create`` keeps the params it is given (no copy), so the first donating step deletes
+    them: the documented surprise. ``donate=False`` keeps both usable."""
+    params = linear_params(jax.random.key(1))
+    state = ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=TX, ema=EMA)
+    TRAIN_STEP(state, BATCHES[0])
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))
+
+    params = linear_params(jax.random.key(1))
+    state = ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=TX, ema=EMA)
+    ema_jax.make_train_step(mse_loss, donate=False)(state, BATCHES[0])
+    assert not any(x.is_deleted() for x in jax.tree.leaves((params, state)))
+    EVAL_STEP(state, BATCHES[0])
+
+
+def test_step_errors_other_than_donation_pass_through():
+    """A step's own failure (here a batch of the wrong shape) is JAX's error, unchanged,
+    and the wrapped step still exposes ``jax.jit``'s methods (``lower``)."""
+    state = _fresh_state()
+    with pytest.raises(TypeError, match="dot_general"):
+        EVAL_STEP(state, (jnp.ones((4, 5)), jnp.ones((4, 2))))
+    assert "HloModule" in EVAL_STEP.lower(state, BATCHES[0]).compile().as_text()
