@@ -358,3 +358,35 @@ def test_step_errors_other_than_donation_pass_through():
     with pytest.raises(TypeError, match="dot_general"):
         EVAL_STEP(state, (jnp.ones((4, 5)), jnp.ones((4, 2))))
     assert "HloModule" in EVAL_STEP.lower(state, BATCHES[0]).compile().as_text()
+
+
+# ------------------------------------------------------------------ misuse of the factories
+def _misuse_state() -> ema_jax.EmaTrainState:
+    return ema_jax.EmaTrainState.create(
+        apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1), ema=ema_jax.ema(0.9)
+    )
+
+
+def _call_loss_not_a_pair() -> None:
+    scalar_loss = ema_jax.make_train_step(lambda p, b: jnp.sum(p["w"] * b), has_aux=True)
+    scalar_loss(_misuse_state(), jnp.ones(2))
+
+
+def _call_vector_metric() -> None:
+    vector_metric = ema_jax.make_paired_eval_step(lambda p, b: p["w"] * b)
+    ema_jax.evaluate_dataset(vector_metric, _misuse_state(), [jnp.ones((2,))])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (_call_loss_not_a_pair, TypeError, r"has_aux=True, loss_fn must return a pair"),
+        (_call_vector_metric, ValueError, r"metric \['loss'\] of the \w+ params has shape \(2,\)"),
+    ],
+    ids=["has_aux without a pair", "non-scalar metric"],
+)
+def test_misuse_raises_naming_it(call, error, match):
+    """``has_aux=True`` with a loss that is not a pair, and a non-scalar metric in
+    ``evaluate_dataset``, each raise naming it."""
+    with pytest.raises(error, match=match):
+        call()
