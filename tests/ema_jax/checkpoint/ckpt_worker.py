@@ -1,7 +1,8 @@
-"""Subprocess side of tests/ema_jax/test_checkpoint.py, and the model both sides share.
+"""Subprocess side of the checkpoint tests (tests/ema_jax/checkpoint/), and the model both
+sides share.
 
 Not collected by pytest (no ``test_`` prefix).
-Run as ``python tests/ema_jax/ckpt_worker.py MODE ...``:
+Run as ``python tests/ema_jax/checkpoint/ckpt_worker.py MODE ...``:
 
 * ``resume DIR OUT STEPS``: restore the latest checkpoint in DIR into an abstract target,
   train STEPS more steps, pickle the state's leaves to OUT.
