@@ -84,9 +84,7 @@ def test_mismatched_target_is_loud(saved_dir: Path, case: str) -> None:
 
 PARAMS_MISMATCHES: dict[str, tuple[Callable[[Path, Any], Any], str]] = {
     "ema_params of another shape": (
-        lambda d, trained: ckpt.load_ema_params(
-            d, target=(other_params("shape"), w.make_params())
-        ),
+        lambda d, trained: ckpt.load_ema_params(d, target=(other_params("shape"), w.make_params())),
         r"ema_params\.0\.hidden\.b has shape \(16,\)",
     ),
     "ema_params of another dtype": (

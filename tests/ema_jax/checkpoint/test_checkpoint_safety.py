@@ -1,5 +1,6 @@
 """ema_jax.checkpoint: nothing lost, nothing silently wrong: a killed save, two writers, a
-run that went back, a failed save, flipped bits, damaged metadata, donated buffers."""
+run that went back, a failed save, flipped bits, damaged metadata, donated buffers; the
+post-hoc snapshot manager keeps the same guarantees."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ckpt_support import (
 )
 
 from ema_jax import checkpoint as ckpt
+from ema_jax import posthoc
 
 # Crash safety -------------------------------------------------------------------------
 
@@ -192,6 +194,37 @@ def test_failed_save_keeps_the_previous_step(
         monkeypatch.undo()
         assert mngr.all_steps() == [1]
         np.testing.assert_array_equal(ckpt.restore(mngr, small_state()).params["b"], np.ones(3))
+
+
+def test_failed_snapshot_save_keeps_the_intact_snapshots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Post-hoc snapshots are written by the same manager: a snapshot save that fails in
+    the background (ENOSPC) leaves the snapshots written before listed, and they
+    synthesize as before."""
+    trees = [small_state(1.0).params, small_state(2.0).params]
+    with posthoc.snapshot_manager(tmp_path) as mngr:
+        posthoc.save_snapshot(mngr, 10, trees)
+        mngr.wait_until_finished()
+        fail_writes(monkeypatch)
+        with pytest.raises(OSError, match="No space left"):
+            posthoc.save_snapshot(mngr, 20, trees)
+            mngr.wait_until_finished()
+        monkeypatch.undo()
+        assert mngr.all_steps() == [10]
+    want = posthoc.synthesize([(10, 0.05, trees[0]), (10, 0.10, trees[1])], 0.1)
+    np.testing.assert_array_equal(posthoc.synthesize_from(tmp_path, 0.1)["b"], want["b"])
+
+
+def test_a_second_snapshot_writer_is_refused(tmp_path: Path) -> None:
+    """One writing run per snapshot directory, as for training checkpoints; reading needs
+    no lock."""
+    with posthoc.snapshot_manager(tmp_path, async_save=False) as mngr:
+        posthoc.save_snapshot(mngr, 10, [small_state().params] * 2)
+        with pytest.raises(RuntimeError, match=rf"already open for writing .*pid {os.getpid()}"):
+            posthoc.snapshot_manager(tmp_path)
+        assert posthoc.synthesize_from(tmp_path, 0.1)["w"].shape == (1024,)
+    posthoc.snapshot_manager(tmp_path).close()  # released by close()
 
 
 def test_corruption_is_detected(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ back by test_checkpoint_layout.py so that later versions keep loading them.
 Run once, with that version's code, from the repository root::
 
     git worktree add /tmp/v010 9c6bd21
-    PYTHONPATH=/tmp/v010:tests/ema_jax/checkpoint:tests/ema_jax python tests/ema_jax/checkpoint/write_saved_layout.py
+    export PYTHONPATH=/tmp/v010:tests/ema_jax/checkpoint:tests/ema_jax
+    python tests/ema_jax/checkpoint/write_saved_layout.py
 
 It writes a Linen training checkpoint (two averages, a best metric, the state's checksum),
 an NNX one, an export and post-hoc snapshots, with the arrays they hold in ``expected.npz``.
@@ -19,15 +20,15 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import ckpt_worker as w  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import nnx_worker  # noqa: E402
-import numpy as np  # noqa: E402
+import ckpt_worker as w
+import jax
+import jax.numpy as jnp
+import nnx_worker
+import numpy as np
 
-import ema_jax  # noqa: E402
-from ema_jax import checkpoint as ckpt  # noqa: E402
-from ema_jax import posthoc  # noqa: E402
+import ema_jax
+from ema_jax import checkpoint as ckpt
+from ema_jax import posthoc
 
 OUT = Path(__file__).with_name("saved_layout")
 
@@ -58,7 +59,9 @@ def main() -> None:
         ckpt.save(mngr, 2, nnx_state)
     expected |= leaves("nnx", nnx_worker.leaves(nnx_state))
 
-    tx = ema_jax.ema(tuple(ema_jax.schedules.power_function(sigma_rel=s) for s in posthoc.SIGMA_RELS))
+    tx = ema_jax.ema(
+        tuple(ema_jax.schedules.power_function(sigma_rel=s) for s in posthoc.SIGMA_RELS)
+    )
     params = {"w": jnp.linspace(0.0, 1.0, 6, dtype=jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
     ema_state = tx.init(params)
     with posthoc.snapshot_manager(OUT / "posthoc", async_save=False) as mngr:
