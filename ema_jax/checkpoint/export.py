@@ -67,10 +67,5 @@ def load_exported(path: str | os.PathLike[str], target: Params | None = None) ->
     first differing path. A training checkpoint or a post-hoc snapshot directory raises
     ``ValueError`` naming what it is and what reads it.
     """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-    wrong = layout.wrong_kind(path, layout.EXPORT)
-    if wrong is not None:
-        raise wrong
+    path = layout.expect(path, layout.EXPORT, "no Orbax checkpoint at")
     return items.read_params(path, target)

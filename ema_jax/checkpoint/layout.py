@@ -2,7 +2,7 @@
 
 A training step is one Orbax composite ``<directory>/<step>`` with the items
 :data:`STATE` and :data:`EMA_PARAMS`; a post-hoc snapshot is ``<directory>/<step>`` with the
-item :data:`SNAPSHOT`; an export is one standalone item. :func:`wrong_kind` names which of them
+item :data:`SNAPSHOT`; an export is one standalone item. :func:`expect` names which of them
 a directory is and what reads it, for the errors of a reader given another kind.
 """
 
@@ -61,13 +61,21 @@ def kind(directory: str) -> str | None:
     return None
 
 
-def wrong_kind(directory: str, expected: str) -> ValueError | None:
-    """The error for a reader of ``expected`` given a directory of another kind: what it
-    is and what reads it (``None`` when it is ``expected`` or nothing ema_jax wrote)."""
+def expect(directory: str | os.PathLike[str], expected: str, missing: str) -> str:
+    """``directory`` as an absolute path, when it is a directory holding the ``expected``
+    kind (or nothing ema_jax knows: the reader then says what it misses).
+
+    Raises:
+      FileNotFoundError: ``directory`` is no directory (``f"{missing} {directory}"``).
+      ValueError: it holds another kind: what it is, and what reads it.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{missing} {directory}")
     found = kind(directory)
-    if found is None or found == expected:
-        return None
-    return ValueError(
-        f"{directory} is {READERS[found].format(d=repr(directory))}; it is not "
-        f"{READERS[expected].split(':')[0]}"
-    )
+    if found is not None and found != expected:
+        raise ValueError(
+            f"{directory} is {READERS[found].format(d=repr(directory))}; it is not "
+            f"{READERS[expected].split(':')[0]}"
+        )
+    return directory

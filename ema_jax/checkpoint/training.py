@@ -212,12 +212,7 @@ def load_ema_params(
             stacklevel=2,
         )
         target, step = step, target
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    wrong = layout.wrong_kind(directory, STATE)
-    if wrong is not None:
-        raise wrong
+    directory = layout.expect(directory, STATE, "no checkpoint in")
     saved = dict(layout.steps(directory))
     if step is None or step == "best":
         if not saved:

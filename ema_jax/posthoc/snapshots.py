@@ -125,12 +125,7 @@ def find(directory: str | os.PathLike[str]) -> list[Snapshot]:
       ValueError: ``directory`` is another kind (a training checkpoint, an export: named,
         with what reads it), or a step there is not a snapshot or is damaged.
     """
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no snapshot directory at {directory}")
-    wrong = layout.wrong_kind(directory, layout.SNAPSHOT)
-    if wrong is not None:
-        raise wrong
+    directory = layout.expect(directory, layout.SNAPSHOT, "no snapshot directory at")
     found = []
     for step, step_path in layout.steps(directory):
         path = os.path.join(step_path, ITEM)
