@@ -116,14 +116,18 @@ class Manager:
         metrics: dict[str, float] | None = None,
     ) -> bool:
         """Orbax's save of ``items`` as step ``step``: whether a save was started."""
-        if self.read_only:
-            raise ValueError(f"the manager of {self.directory} is read-only (read_only=True)")
+        self.check_writable()
         args = ocp.args.Composite(**items)
         try:
             return bool(self.orbax.save(step, args=args, force=force, metrics=metrics))
         except BaseException:
             self.orbax.reload()  # Orbax may have dropped intact steps from its list
             raise
+
+    def check_writable(self) -> None:
+        """A ``ValueError`` when this manager was opened with ``read_only=True``."""
+        if self.read_only:
+            raise ValueError(f"the manager of {self.directory} is read-only (read_only=True)")
 
     def wait_until_finished(self) -> None:
         """Waits for the save in progress; when it failed, re-reads the steps on disk."""

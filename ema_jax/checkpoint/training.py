@@ -6,6 +6,8 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
+
 from ema_jax import _checks
 from ema_jax.checkpoint import adapters, integrity, items, layout
 from ema_jax.checkpoint.layout import EMA_PARAMS, STATE
@@ -109,8 +111,7 @@ def save(
     integrity.check_alive(adapter.arrays, "state")
     _checks.flag("overwrite", overwrite)
     _checks.flag("checksum_state", checksum_state)
-    if mngr.read_only:
-        raise ValueError(f"the manager of {mngr.directory} is read-only (read_only=True)")
+    mngr.check_writable()
     if mngr.best is not None:
         checked = mngr.best.checked(metrics)
     else:
@@ -238,4 +239,4 @@ def load_ema_params(
 
 def _is_step(value: Any) -> bool:
     """Whether ``value`` can only be a step (an int or ``"best"``), never a target."""
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer, str)) and not isinstance(value, bool)
