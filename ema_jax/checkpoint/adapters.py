@@ -1,0 +1,138 @@
+"""One adapter per kind of training state, resolved once per call: what a checkpoint saves
+of it, what it deploys, and how a restored tree of arrays becomes a state again.
+
+* :class:`LinenState`: an :class:`~ema_jax.EmaTrainState` (a pytree of its own).
+* :class:`NnxState`: an NNX object holding the model, the optimizer and exactly one
+  :class:`ema_jax.nnx.EMA` (e.g. ``nnx.Dict(model=..., optimizer=..., ema=...)``): its
+  ``nnx.state`` is saved, the EMA's shadows as pure dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from ema_jax import _checks, _dtypes, transform
+from ema_jax.train_state import EmaTrainState
+from ema_jax.transform import EmaState, EmaTransform, Params
+
+
+class Adapter(Protocol):
+    """What the checkpoint functions need of a training state."""
+
+    #: The tree of arrays the ``state`` item holds.
+    arrays: Any
+    #: The rule, for the number and layout of the averages.
+    transform: EmaTransform
+    #: The EMA state, for the params' dtypes and the accumulators.
+    ema_state: EmaState
+
+    def shadow(self, ema_index: int | None) -> Params:
+        """One average in the params' dtypes (``None``: the first)."""
+        ...
+
+    def accumulators(self, ema_index: int | None) -> Params:
+        """One average in the accumulators' dtypes, params-shaped (``None``: the first)."""
+        ...
+
+    def rebuild(self, restored: Any) -> Any:
+        """The state holding ``restored`` (a tree like :attr:`arrays`)."""
+        ...
+
+
+class LinenState:
+    """An :class:`~ema_jax.EmaTrainState`: saved as itself."""
+
+    def __init__(self, state: EmaTrainState) -> None:
+        self.arrays = state
+        self.transform = state.ema
+        self.ema_state = state.ema_state
+        self._state = state
+
+    def shadow(self, ema_index: int | None) -> Params:
+        return self._state.select_params(True, ema_index)
+
+    def accumulators(self, ema_index: int | None) -> Params:
+        return self._state.accumulators(ema_index)
+
+    def rebuild(self, restored: Any) -> Any:
+        return restored
+
+
+class NnxState:
+    """An NNX training object holding one ``ema_jax.nnx.EMA``: saved as its ``nnx.state``,
+    restored as a new object (``nnx.merge``); the object given is not changed."""
+
+    def __init__(self, state: Any, ema: Any) -> None:
+        from flax import nnx
+
+        self._graphdef, self.arrays = nnx.split(state)  # one walk of the graph
+        self.transform = ema.transform
+        self.ema_state = ema.state
+        self._variables = ema.variables  # the tracked Variables' tree structure
+
+    def shadow(self, ema_index: int | None) -> Params:
+        averaged = transform.accumulators(self.ema_state, ema_index)
+        return self._pure(_dtypes.cast_back(averaged, self.ema_state.param_dtypes))
+
+    def accumulators(self, ema_index: int | None) -> Params:
+        return self._pure(transform.accumulators(self.ema_state, ema_index))
+
+    def _pure(self, leaves: list[Any]) -> Params:
+        """The tracked Variables' values as a pure dict (``nnx.to_pure_dict``)."""
+        from flax import nnx
+
+        return nnx.to_pure_dict(jax.tree.unflatten(self._variables, leaves))
+
+    def rebuild(self, restored: Any) -> Any:
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, restored)
+
+
+def adapt(state: Any) -> Adapter:
+    """The adapter of ``state``; a ``TypeError`` naming what is expected for anything else."""
+    if isinstance(state, EmaTrainState):
+        return LinenState(state)
+    from flax import nnx
+
+    from ema_jax.nnx import EMA
+
+    if not isinstance(state, (nnx.Module, nnx.Pytree)):
+        raise TypeError(
+            "state must be an EmaTrainState or an NNX object holding one ema_jax.nnx.EMA "
+            f"(e.g. nnx.Dict(model=..., optimizer=..., ema=...)), got {type(state).__name__}"
+        )
+    found = [node for _, node in nnx.iter_graph(state) if isinstance(node, EMA)]
+    if len(found) != 1:
+        raise TypeError(
+            f"an NNX training state must hold exactly one ema_jax.nnx.EMA, found {len(found)} "
+            f"in {type(state).__name__}"
+        )
+    return NnxState(state, found[0])
+
+
+def ema_params(state: Adapter) -> Params:
+    """What the ``ema_params`` item holds: the shadow, or a K-tuple of them for K decays."""
+    if state.transform.stacked:
+        return tuple(state.shadow(i) for i in range(len(state.transform.decays)))
+    return state.shadow(None)
+
+
+def deploy(state: Adapter, dtype: Any, ema_index: int | None) -> Params:
+    """One average: in the params' dtypes (``dtype=None``), else the accumulators with their
+    real floating leaves cast to ``dtype``."""
+    if dtype is None:
+        return state.shadow(ema_index)
+    averages = state.accumulators(ema_index)
+    return _dtypes.cast_real(averages, _checks.floating_dtype("dtype", dtype))
+
+
+def static_metadata(state: Adapter) -> dict[str, Any]:
+    """What the arrays alone do not say: the params' dtypes the shadow casts back to (an
+    fp32 accumulator may average bf16 or fp32 params). Everything else static (``tx``,
+    ``ema``, ``average_model_state``, whose averaged tree differs anyway) comes from the
+    target, like a learning rate comes from the code."""
+    return {"param_dtypes": [np.dtype(d).name for d in state.ema_state.param_dtypes]}

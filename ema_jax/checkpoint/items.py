@@ -1,0 +1,135 @@
+"""One Orbax item, written and read the one way ema_jax does it.
+
+:func:`save_args` is what every item is written with (a training step's two items, a
+post-hoc snapshot, an export): the arrays with ema_jax's metadata and their checksums.
+:func:`read` is the one read: the item's metadata, the check against the target (before any
+array is read), the restore onto the target's placement, the checksums verified after. It
+serves :func:`~ema_jax.checkpoint.restore`, :func:`~ema_jax.checkpoint.load_ema_params`,
+:func:`~ema_jax.checkpoint.load_exported` and post-hoc synthesis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ema_jax.checkpoint import integrity
+
+
+def save_args(
+    tree: Any, custom_metadata: Mapping[str, Any] | None = None, *, checksum: bool = True
+) -> ocp.args.StandardSave:
+    """Orbax's save arguments of ``tree`` as one item, with ``custom_metadata`` and (with
+    ``checksum``) the checksum of every array in ema_jax's entry of it."""
+    custom = dict(custom_metadata or {})
+    if checksum:
+        entry = {
+            **custom.get(integrity.META_KEY, {}),
+            integrity.CHECKSUMS: integrity.checksums(tree),
+        }
+        custom[integrity.META_KEY] = entry
+    return ocp.args.StandardSave(tree, custom_metadata=custom)
+
+
+def write(path: str, tree: Any, *, force: bool = False) -> None:
+    """Writes ``tree`` as the standalone item at ``path`` (blocking), with its checksums;
+    ``force`` replaces an existing one."""
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=save_args(tree), force=force)
+
+
+def metadata(
+    path: str, where: str | None = None, item: str | None = None, earlier: list[int] | None = None
+) -> Any:
+    """Orbax's metadata of the item at ``path`` (its saved tree and custom metadata), or a
+    ``ValueError`` naming the damaged file (see :func:`integrity.read_metadata`)."""
+    handler = ocp.StandardCheckpointHandler()
+    return integrity.read_metadata(
+        lambda: handler.metadata(epath.Path(path)), path if where is None else where, item, earlier
+    )
+
+
+def custom(saved: Any, key: str = integrity.META_KEY) -> Any:
+    """The entry ``key`` of an item's custom metadata (``None`` when it has none)."""
+    return (saved.custom_metadata or {}).get(key)
+
+
+def fallback() -> jax.sharding.Sharding:
+    """Where leaves without a sharding go when the devices they were saved from are gone."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def local_target(saved_tree: Any) -> Any:
+    """Abstract arrays for every saved leaf, on this process's first device."""
+    sharding = fallback()
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved_tree
+    )
+
+
+def read(
+    path: str,
+    target: Any,
+    item: str | None = None,
+    *,
+    where: str | None = None,
+    earlier: list[int] | None = None,
+    static: Mapping[str, Any] | None = None,
+    saved: Any = None,
+) -> Any:
+    """The item at ``path``, checked against ``target`` first, its checksums verified after.
+
+    Args:
+      path: the item's directory.
+      target: arrays or ``jax.ShapeDtypeStruct`` leaves giving the tree, the dtypes and
+        where each leaf lands; ``None``: the saved tree on this process's first device.
+      item: the item's name in a step (``None``: a standalone artefact), for the errors.
+      where: the step, for the errors (``"step 3 in DIR"``; default ``path``).
+      earlier: the steps before it, for the error of a damaged one.
+      static: ema_jax's static metadata the item must hold (e.g. the params' dtypes).
+      saved: the item's metadata when the caller read it already (:func:`metadata`).
+
+    Raises:
+      ValueError: the item is damaged, differs from ``target`` (first differing path
+        named) or is corrupt (the leaf whose checksum differs named).
+    """
+    if saved is None:
+        saved = metadata(path, where, item, earlier)
+    if target is None:
+        target = local_target(saved.tree)
+    else:
+        integrity.check_matches("params" if item is None else item, saved.tree, target)
+    entry = custom(saved)
+    if static is not None:
+        integrity.check_static(entry, dict(static))
+    args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=fallback())
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path, args=args)
+    whole = path if where is None else where if item is None else f"the {item} item of {where}"
+    integrity.verify(restored, (entry or {}).get(integrity.CHECKSUMS), whole)
+    return restored
+
+
+def read_params(
+    path: str,
+    target: Any,
+    item: str | None = None,
+    *,
+    where: str | None = None,
+    earlier: list[int] | None = None,
+) -> Any:
+    """:func:`read` of an item holding a params tree (pure dicts: an export, the
+    ``ema_params`` item); an ``nnx.State`` target comes back as that State holding the saved
+    values (new Variables: the target is not changed)."""
+    from flax import nnx
+
+    if not isinstance(target, nnx.State):
+        return read(path, target, item, where=where, earlier=earlier)
+    values = read(path, nnx.to_pure_dict(target), item, where=where, earlier=earlier)
+    filled = jax.tree.map(lambda x: x, target)
+    nnx.replace_by_pure_dict(filled, values)
+    return filled

@@ -1,0 +1,144 @@
+"""Post-hoc snapshots on disk: written by a checkpoint :class:`~ema_jax.checkpoint.Manager`
+(the same writer lock, the step list re-read after a failed save, checksums), read with the
+checkpoint's one item read (checked against a target, checksums verified).
+
+A snapshot is the step directory ``<directory>/<step>/snapshot``: a list of K params trees
+(the K recorded averages), described in the item's metadata (the step, their σ_rel, the
+params' dtypes to synthesize back into).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ema_jax import _checks, _dtypes, window
+from ema_jax.checkpoint import integrity, items, layout
+from ema_jax.checkpoint.managers import Manager, as_manager, open_manager
+from ema_jax.posthoc.solver import SIGMA_RELS
+from ema_jax.transform import EmaState, Params, accumulators, num_averages
+
+#: The Orbax item holding one snapshot's averages.
+ITEM = layout.SNAPSHOT
+#: The key of a snapshot's description in the item's custom metadata.
+META_KEY = "ema_jax.posthoc"
+
+
+def snapshot_manager(directory: str | os.PathLike[str], *, async_save: bool = True) -> Manager:
+    """A checkpoint manager for :func:`save_snapshot`: ``directory/<step>``, every snapshot
+    kept (no ``max_to_keep``), with the guarantees of
+    :func:`ema_jax.checkpoint.manager` (one writing run per directory, a failed save keeps
+    the intact snapshots listed).
+
+    Give it its own directory, next to the training checkpoint (e.g. ``run/checkpoints``
+    and ``run/posthoc``): the training manager prunes old steps, this one must not. With
+    ``async_save`` writes continue in the background; call ``mngr.wait_until_finished()``
+    (or ``mngr.close()``) before reading.
+    """
+    return open_manager(directory, (ITEM,), max_to_keep=None, async_save=async_save)
+
+
+def save_snapshot(
+    mngr: Manager,
+    step: int,
+    averages: EmaState | Sequence[Params],
+    sigma_rels: Sequence[float] = SIGMA_RELS,
+    *,
+    dtype: Any = jnp.float32,
+) -> bool:
+    """Writes the power-function EMAs at ``step`` as one snapshot (all kept).
+
+    Args:
+      mngr: from :func:`snapshot_manager`.
+      step: the optimizer step the averages are at: with ``update_every = k``, a multiple
+        of k (the step of the last update), so the snapshot is that step's profile.
+      averages: an :class:`~ema_jax.EmaState` of ``ema((power_function(sigma_rel=s), ...))``
+        (Linen: ``state.ema_state``; its full-precision accumulators are written), or a
+        sequence of params trees, one per σ_rel (e.g. ``state.accumulators(i)`` for chosen
+        ``i`` when other averages share the state; NNX: the averages' ``nnx.State``).
+      sigma_rels: the σ_rel of each average, in order.
+      dtype: the real floating leaves are written in this dtype (float32 by default);
+        complex leaves keep theirs (a real dtype would drop the imaginary part), integer
+        and bool leaves too. The params' own dtypes are recorded: synthesis returns them.
+
+    Returns:
+      Whether a save was started (Orbax's answer).
+    """
+    mngr = as_manager(mngr)
+    step = _checks.integer("step", step, 1)  # type: ignore[assignment]
+    dtype = _checks.floating_dtype("dtype", dtype)
+    sigmas = [
+        _checks.real(f"sigma_rels[{i}]", s, low=0.0, high=window.SIGMA_REL_MAX, low_open=True)
+        for i, s in enumerate(sigma_rels)
+    ]
+    if isinstance(averages, EmaState):
+        trees = [accumulators(averages, i) for i in range(num_averages(averages))]
+        param_dtypes = [np.dtype(d) for d in averages.param_dtypes]
+    else:
+        trees = list(averages)
+        leaves = integrity.flat(trees[0]).values() if trees else []
+        param_dtypes = [np.dtype(jnp.result_type(x)) for x in leaves]
+    if len(trees) != len(sigmas):
+        raise ValueError(
+            f"averages holds {len(trees)} averages but sigma_rels gives {len(sigmas)} σ_rel"
+        )
+    description = {
+        "step": step,
+        "sigma_rels": sigmas,
+        "param_dtypes": dict(
+            zip(integrity.flat(trees[0]), [d.name for d in param_dtypes], strict=True)
+        ),
+    }
+    stored = [_dtypes.cast_real(t, dtype) for t in trees]
+    saves = {ITEM: items.save_args(stored, {META_KEY: description})}
+    return mngr.save_items(step, saves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One snapshot on disk, as far as its metadata tells (no array is read)."""
+
+    step: int
+    path: str
+    sigma_rels: list[float]
+    param_dtypes: dict[str, str]  # Orbax's flat key of each leaf -> the params' dtype
+    saved: Any  # the item's Orbax metadata; ``saved.tree``: the K trees' shapes and dtypes
+    where: str  # "the snapshot of step S in DIRECTORY", for the errors
+
+    def read(self, target: list[Params]) -> list[Params]:
+        """The K averages, onto ``target`` (checked first, checksums verified after)."""
+        return items.read(  # type: ignore[no-any-return]
+            self.path, target, ITEM, where=self.where, saved=self.saved
+        )
+
+
+def find(directory: str | os.PathLike[str]) -> list[Snapshot]:
+    """Every finished snapshot of ``directory``, by step, from their metadata alone.
+
+    Raises:
+      FileNotFoundError: no such directory, or no snapshot in it.
+      ValueError: ``directory`` is another kind (a training checkpoint, an export: named,
+        with what reads it), or a step there is not a snapshot or is damaged.
+    """
+    directory = layout.expect(directory, layout.SNAPSHOT, "no snapshot directory at")
+    found = []
+    for step, step_path in layout.steps(directory):
+        path = os.path.join(step_path, ITEM)
+        where = f"the snapshot of step {step} in {directory}"
+        saved = items.metadata(path, where, ITEM)
+        description = items.custom(saved, META_KEY)
+        if description is None:
+            raise ValueError(f"{path} is not a snapshot written by ema_jax.posthoc.save_snapshot")
+        found.append(
+            Snapshot(
+                step, path, description["sigma_rels"], description["param_dtypes"], saved, where
+            )
+        )
+    if not found:
+        raise FileNotFoundError(f"no snapshots in {directory}")
+    return found
