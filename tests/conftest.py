@@ -30,7 +30,8 @@ FLOOR_TESTS = frozenset(
         "test_resume_in_a_new_process_is_bit_exact_and_the_export_serves_inference",
         # post-hoc EMA: synthesis against a tracked EMA, and from a snapshot directory
         "test_synthesized_matches_directly_tracked_ema",
-        "test_directory_round_trip_and_cli",
+        "test_directory_round_trip",
+        "test_cli_writes_an_export_that_load_exported_reads",
     }
 )
 
