@@ -46,6 +46,7 @@ from typing import Any
 
 from experiments import extras, reporting
 from experiments.cli import ConfigFlags
+from experiments.training import load_data, run
 
 PROG = "python -m experiments.train_rul"
 FLAGS = ConfigFlags()
@@ -69,8 +70,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, report, write ``--out``; returns the run's result (:func:`training.run`)."""
     extras.require(PROG)
-    from experiments.training import load_data, run  # JAX: after the one-line checks
-
     args, cfg = FLAGS.parse(parser(), argv)
     ds = load_data(cfg)
     print(
@@ -78,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"val {len(ds.x_val)}  test {len(ds.x_test)} windows, {len(ds.features)} features"
     )
     steps = cfg.epochs * (len(ds.x_train) // cfg.batch_size)
-    for note in reporting.initial_weight_notes(cfg, steps):
+    notes = reporting.initial_weight_notes(cfg, steps) + reporting.short_window_notes(cfg, steps)
+    for note in notes:
         print(note)
     result, state = run(cfg, ds)
     out = Path(args.out)
@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reporting.export_ema(state, cfg.variants, out / "ema_params")
     print("\n" + reporting.results_table(result["test"]))
     print("\n" + reporting.verdict(result["test"]))
+    hint = reporting.where_the_gain_shows(result["test"])
+    if hint:
+        print(hint)
     print(f"wrote {out}/history.json, history.csv, curves.png, ema_params/")
     return result
 
