@@ -10,6 +10,7 @@ import pytest
 
 from experiments import sweep
 from experiments.config import Config
+from experiments.runs import REFIT_SUFFIX, summarise
 
 
 def _fake(seed, val, test):
@@ -25,7 +26,7 @@ def _fake(seed, val, test):
 def test_sweep_table_pairs_by_seed_and_selects_on_validation_only():
     # ema0.9 is better on validation but worse on test: the table must still pick it
     runs = {"m": [_fake(s, [14.0 + s, 13.0 + s], [12.0 + s, 12.5 + s]) for s in range(3)]}
-    rows = {r["variant"]: r for r in runs.summarise(runs["m"], "last")}
+    rows = {r["variant"]: r for r in summarise(runs["m"], "last")}
     np.testing.assert_allclose(rows["ema0.9"]["d_rmse"], [0.5, 0.5, 0.5])
     np.testing.assert_allclose(rows["ema0.9"]["d_rmse_pct"], [50 / (12 + s) for s in range(3)])
     text = sweep.markdown(runs, "cmd")
@@ -88,7 +89,7 @@ def test_sweep_never_selects_a_refit_run():
     refit = [_fake(s, [1.0, 1.0], [11.0, 11.0]) for s in range(2)]
     for r in refit:
         r["config"].update(refit_all=True, lr_drop_epoch=2, lr_drop_factor=0.1)
-    runs["m" + runs.REFIT_SUFFIX] = refit
+    runs["m" + REFIT_SUFFIX] = refit
     text = sweep.markdown(runs, "cmd")
     assert "`m`, weights `ema0.9`" in text.split("## Best configuration")[1]
     assert "--models m --seeds 2 --epochs 3 --batch-size 8 --lr-drop-epoch 2 --refit-all" in text
