@@ -42,7 +42,7 @@ def history_rows(history: Mapping[str, list[Any]], variants: Sequence[str]) -> l
 
 def summary(row: Mapping[str, Any], variants: Sequence[str]) -> str:
     """``train 0.0123  val RMSE raw 14.21  ema0.99 13.90  ...``: every variant, not only
-    the first average (issue #19)."""
+    the first average."""
     rmses = "  ".join(f"{name} {row[f'val_rmse_{name}']:.2f}" for name in variants)
     return f"train {row['train_loss']:.4f}  val RMSE {rmses}"
 
