@@ -3,7 +3,7 @@
     python -m experiments.claims --runs runs/sweep --data-dir ../shared/data/cmapss
 
 1. "EMA reduces RMSE by 2–5%": paired by seed, ``100·(RMSE_ema − RMSE_raw)/RMSE_raw`` on the
-   test split, for every β (selection rules as in :mod:`experiments.train_rul`).
+   test split, for every β (selection rules as in :mod:`experiments.selection`).
 2. "EMA smooths mini-batch noise": over the last ``k`` epochs, the std of the validation
    loss and the roughness ``Σ_e (L_e − L_{e−1})²``, raw vs EMA, as paired ratios EMA/raw.
 3. "EMA lands in flatter minima": the mean validation-loss increase under Gaussian weight
@@ -28,20 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from experiments import cmapss, early_stopping
+from experiments import cmapss, early_stopping, extras
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, MODEL
-from experiments.sweep import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, fmt, load_runs, summarise
+from experiments.runs import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, load_runs, summarise
+from experiments.stats import differences, fmt, percent_differences, ratios
+
+PROG = "python -m experiments.claims"
 
 STOPPED_MODEL = early_stopping.chosen(None, patience=1, epochs=1).model
 """The one model :mod:`experiments.early_stopping` trains."""
 
 FLAGS = ConfigFlags(("data_dir", "subset", "batch_size", "window", "cycle_feature"))
 """The :class:`~experiments.config.Config` flags of the timing claim's data and batches."""
-
-
-def _ratio(ema: Sequence[float], raw: Sequence[float]) -> list[float]:
-    return [e / r for e, r in zip(ema, raw, strict=True)]
 
 
 def noise(result: dict[str, Any], variant: str, k: int) -> tuple[float, float]:
@@ -88,7 +87,7 @@ def claim_noise(runs: dict[str, list[dict[str, Any]]], k: int) -> list[str]:
                 for d in DECAYS:
                     raw = [noise(r, "raw", k)[idx] for r in results]
                     ema = [noise(r, f"ema{d:g}{suffix}", k)[idx] for r in results]
-                    cells.append(fmt(_ratio(ema, raw), 2))
+                    cells.append(fmt(ratios(ema, raw), 2))
                 kind = "debiased" if suffix else "plain"
                 lines.append(f"| {model} | {measure} ({kind}) | " + " | ".join(cells) + " |")
     lines.append("")
@@ -112,7 +111,7 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             raw = [r["perturb"]["raw"][size] for r in results]
             for suffix in ("", "-debiased"):
                 cells = [
-                    fmt(_ratio([r["perturb"][f"ema{d:g}{suffix}"][size] for r in results], raw), 2)
+                    fmt(ratios([r["perturb"][f"ema{d:g}{suffix}"][size] for r in results], raw), 2)
                     for d in DECAYS
                 ]
                 kind = "debiased" if suffix else "plain"
@@ -126,8 +125,8 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _paired_row(name: str, test: Sequence[float], raw: Sequence[float]) -> str:
-    diff = [t - r for t, r in zip(test, raw, strict=True)]
-    pct = [100 * d / r for d, r in zip(diff, raw, strict=True)]
+    diff = differences(test, raw)
+    pct = percent_differences(test, raw)
     lower = sum(d < 0 for d in diff)
     return (
         f"| {name} | {len(test)} | {fmt(test)} | {fmt(diff)} | {fmt(pct, 1)} % | "
@@ -196,7 +195,7 @@ def time_epochs(ds: Any, model_name: str, rounds: int, batch_size: int) -> dict[
 
     import ema_jax
     from experiments.models import make_model
-    from experiments.train_rul import Scoring, batches
+    from experiments.training import Scoring, batches
 
     model = make_model(model_name)
     params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
@@ -256,7 +255,7 @@ def claim_cost(times: dict[str, list[float]], model_name: str, batch_size: int) 
         "|---|---|---|",
     ]
     for name, t in times.items():
-        ratio = "—" if name == "no EMA" else fmt(_ratio(t, base), 3)
+        ratio = "—" if name == "no EMA" else fmt(ratios(t, base), 3)
         lines.append(f"| {name} | {fmt(t, 3)} | {ratio} |")
     lines.append("")
     return lines
@@ -265,7 +264,7 @@ def claim_cost(times: dict[str, list[float]], model_name: str, batch_size: int) 
 def parser() -> argparse.ArgumentParser:
     """The claims' command line: their own flags and :data:`FLAGS`."""
     p = argparse.ArgumentParser(
-        prog="python -m experiments.claims",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -304,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    extras.require(PROG)
     args, cfg = FLAGS.parse(parser(), argv)
 
     every = load_runs(Path(args.runs))

@@ -140,7 +140,7 @@ class ConfigFlags:
         except ValueError as error:
             parser.error(str(error))
         if cfg.data_dir is not None:  # a missing or malformed file: one line, not a traceback
-            from experiments.cmapss import DataFileError, read_subset
+            from experiments.cmapss_files import DataFileError, read_subset
 
             try:
                 read_subset(cfg.data_dir, cfg.subset)

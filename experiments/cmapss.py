@@ -3,7 +3,9 @@
 C-MAPSS (Saxena et al., PHM08) ships four subsets FD001–FD004, each as three whitespace-separated
 text files: ``train_FD00x.txt`` (engines run to failure), ``test_FD00x.txt`` (engines stopped some
 time before failure) and ``RUL_FD00x.txt`` (the true remaining useful life after each test engine's
-last cycle). Every row is one operational cycle with 26 columns (:data:`COLUMNS`).
+last cycle). Every row is one operational cycle with 26 columns (:data:`COLUMNS`). The files
+and their reader are :mod:`experiments.cmapss_files` (re-exported here); without a data folder,
+:func:`load` uses the synthetic fleet of :mod:`experiments.synthetic`.
 
 :func:`prepare` applies the preprocessing that is standard in the deep-learning RUL literature
 (Babu et al. 2016; Li et al. 2018), every choice documented where it is made:
@@ -44,34 +46,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from os import PathLike
-from pathlib import Path
 
 import numpy as np
 
+from experiments.cmapss_files import (
+    COLUMNS,
+    CYCLE,
+    SENSOR_OFFSET,
+    SENSORS,
+    SETTING_COLUMNS,
+    SETTINGS,
+    UNIT,
+    DataFileError,
+    RawSubset,
+    check_subset,
+    read_subset,
+)
 from experiments.config import COUNT, FRACTION, INDEX, POSITIVE, SUBSETS
-
-SENSORS: tuple[str, ...] = tuple(f"s_{i}" for i in range(1, 22))
-SETTINGS: tuple[str, ...] = ("setting_1", "setting_2", "setting_3")
-COLUMNS: tuple[str, ...] = ("unit", "cycle", *SETTINGS, *SENSORS)
-"""The 26 columns of every C-MAPSS file, in file order."""
+from experiments.synthetic import generate
 
 CONDITION_DECIMALS: tuple[int, int, int] = (0, 2, 0)
 """Rounding of (setting_1, setting_2, setting_3) that names an operating condition: the six
 FD002/FD004 flight conditions sit at altitudes 0/10/20/25/35/42 kft, Mach 0/0.25/0.62/0.70/0.84
 and TRA 60/100, while the recorded settings jitter by less than 0.01 around them."""
-
-_UNIT, _CYCLE = 0, 1
-_SETTING_COLS = slice(2, 5)
-_SENSOR_OFFSET = 5
-
-
-@dataclass(frozen=True)
-class RawSubset:
-    """One C-MAPSS subset exactly as NASA's three files hold it."""
-
-    train: np.ndarray  # [rows, 26] float64: train_FD00x.txt
-    test: np.ndarray  # [rows, 26] float64: test_FD00x.txt
-    rul: np.ndarray  # [test units] float64: RUL_FD00x.txt, true RUL after each last test cycle
 
 
 @dataclass(frozen=True)
@@ -91,11 +88,6 @@ class Dataset:
     unit_test: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [test units]
 
 
-def _check_subset(subset: str) -> None:
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-
-
 def _check_table(name: str, table: np.ndarray) -> None:
     if table.ndim != 2 or table.shape[1] != len(COLUMNS):
         raise ValueError(
@@ -104,68 +96,6 @@ def _check_table(name: str, table: np.ndarray) -> None:
         )
     if table.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
-
-
-class DataFileError(ValueError):
-    """A C-MAPSS file that is not what NASA's files are; the message names the file and,
-    where one is to blame, the line."""
-
-
-def _read_numbers(path: Path, columns: int) -> np.ndarray:
-    """The whitespace-separated numbers of ``path``, ``columns`` per line (blank lines
-    skipped), as ``[rows, columns]`` float64; a :class:`DataFileError` naming the first line
-    that has another count of fields or a field that is no number."""
-    try:
-        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except UnicodeDecodeError as error:  # a ValueError too: before the handler below
-        raise DataFileError(f"{path}: not a text file ({error.reason})") from None
-    except ValueError as error:  # find the line: numpy counts data rows, not lines
-        with path.open() as lines:
-            for number, line in enumerate(lines, 1):
-                words = line.split()
-                if words and len(words) != columns:
-                    raise DataFileError(
-                        f"{path}, line {number}: {len(words)} fields, expected {columns}"
-                    ) from None
-                for column, word in enumerate(words, 1):
-                    try:
-                        float(word)
-                    except ValueError:
-                        raise DataFileError(
-                            f"{path}, line {number}, field {column}: {word!r} is not a number"
-                        ) from None
-        raise DataFileError(f"{path}: {error}") from None
-    if table.size == 0:
-        raise DataFileError(f"{path} has no rows")
-    if table.shape[1] != columns:
-        raise DataFileError(f"{path}, line 1: {table.shape[1]} fields, expected {columns}")
-    return table
-
-
-def read_subset(data_dir: str | PathLike[str], subset: str = "FD001") -> RawSubset:
-    """Read NASA's ``train_``, ``test_`` and ``RUL_<subset>.txt`` from ``data_dir``.
-
-    Raises FileNotFoundError naming the first missing file, :class:`DataFileError` (a
-    ValueError) naming a malformed one and its first bad line.
-    """
-    _check_subset(subset)
-    directory = Path(data_dir)
-    paths = {part: directory / f"{part}_{subset}.txt" for part in ("train", "test", "RUL")}
-    for path in paths.values():
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"C-MAPSS file {path} not found: data_dir must hold NASA's train_{subset}.txt, "
-                f"test_{subset}.txt and RUL_{subset}.txt"
-            )
-    train = _read_numbers(paths["train"], len(COLUMNS))
-    test = _read_numbers(paths["test"], len(COLUMNS))
-    rul = _read_numbers(paths["RUL"], 1)[:, 0]
-    n_test_units = len(np.unique(test[:, _UNIT]))
-    if rul.shape != (n_test_units,):
-        raise DataFileError(
-            f"{paths['RUL']} must hold one value per test unit ({n_test_units}), got {rul.shape}"
-        )
-    return RawSubset(train=train, test=test, rul=rul)
 
 
 def rmse(pred: np.ndarray, true: np.ndarray) -> float:
@@ -265,8 +195,8 @@ def _units(table: np.ndarray) -> list[np.ndarray]:
     """Row indices of each unit, units ascending, rows in cycle order."""
     if not len(table):
         return []
-    order = np.lexsort((table[:, _CYCLE], table[:, _UNIT]))  # by unit, then cycle
-    _, starts = np.unique(table[order, _UNIT], return_index=True)
+    order = np.lexsort((table[:, CYCLE], table[:, UNIT]))  # by unit, then cycle
+    _, starts = np.unique(table[order, UNIT], return_index=True)
     return np.split(order, starts[1:])
 
 
@@ -301,12 +231,12 @@ def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -
     pieces: list[np.ndarray] = []
     rul: list[int] = []
     for unit in np.unique(units):
-        rows = raw.train[raw.train[:, _UNIT] == unit]
+        rows = raw.train[raw.train[:, UNIT] == unit]
         if not len(rows):
             raise ValueError(f"units: engine {unit:g} is not in raw.train")
         for c in range(min_cycles, len(rows) + 1):
             piece = rows[:c].copy()
-            piece[:, _UNIT] = len(rul) + 1
+            piece[:, UNIT] = len(rul) + 1
             pieces.append(piece)
             rul.append(len(rows) - c)
     if not pieces:
@@ -349,18 +279,18 @@ def prepare(
     check_preprocessing(window=window, max_rul=max_rul, smooth=smooth, min_prefix=min_prefix)
     _check_table("raw.train", raw.train)
     _check_table("raw.test", raw.test)
-    train_units, val_units = split_units(raw.train[:, _UNIT], val_fraction, seed)
+    train_units, val_units = split_units(raw.train[:, UNIT], val_fraction, seed)
 
-    fit_rows = raw.train[np.isin(raw.train[:, _UNIT], train_units)]
-    known = np.unique(operating_conditions(fit_rows[:, _SETTING_COLS]), axis=0)
-    fit_cond = _condition_index(operating_conditions(fit_rows[:, _SETTING_COLS]), known, "train")
-    sensors = slice(_SENSOR_OFFSET, _SENSOR_OFFSET + len(SENSORS))
+    fit_rows = raw.train[np.isin(raw.train[:, UNIT], train_units)]
+    known = np.unique(operating_conditions(fit_rows[:, SETTING_COLUMNS]), axis=0)
+    fit_cond = _condition_index(operating_conditions(fit_rows[:, SETTING_COLUMNS]), known, "train")
+    sensors = slice(SENSOR_OFFSET, SENSOR_OFFSET + len(SENSORS))
     keep = informative_sensors(fit_rows[:, sensors], fit_cond)
-    columns = np.arange(_SENSOR_OFFSET, _SENSOR_OFFSET + len(SENSORS))[keep]
+    columns = np.arange(SENSOR_OFFSET, SENSOR_OFFSET + len(SENSORS))[keep]
     if not columns.size:
         raise ValueError("no sensor varies on the training engines: nothing to learn from")
     if cycle_feature:
-        columns = np.concatenate([[_CYCLE], columns])
+        columns = np.concatenate([[CYCLE], columns])
 
     lo = np.full((len(known), len(columns)), np.inf)
     hi = np.full((len(known), len(columns)), -np.inf)
@@ -369,17 +299,17 @@ def prepare(
     span = np.where(hi > lo, hi - lo, 1.0)
 
     def scale(table: np.ndarray, name: str) -> np.ndarray:
-        cond = _condition_index(operating_conditions(table[:, _SETTING_COLS]), known, name)
+        cond = _condition_index(operating_conditions(table[:, SETTING_COLUMNS]), known, name)
         return 2.0 * (table[:, columns] - lo[cond]) / span[cond] - 1.0
 
     def windows(
         units: np.ndarray, name: str, prefixes: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        table = raw.train[np.isin(raw.train[:, _UNIT], units)]
+        table = raw.train[np.isin(raw.train[:, UNIT], units)]
         x = scale(table, name)
         xs, ys, us = [], [], []
         for rows in _units(table):
-            cycles = table[rows, _CYCLE]
+            cycles = table[rows, CYCLE]
             target = np.minimum(max_rul, cycles.max() - cycles)
             series = exponential_smoothing(x[rows], smooth)
             last_prefix = min(window, len(rows)) if prefixes and min_prefix else 0
@@ -387,7 +317,7 @@ def prepare(
             full = _windows(series, window)
             xs.append(np.concatenate([*(_windows(series[:c], window) for c in ends), full]))
             ys.append(np.concatenate([target[ends - 1], target[-len(full) :]]))
-            us.append(np.full(len(xs[-1]), table[rows[0], _UNIT], np.int32))
+            us.append(np.full(len(xs[-1]), table[rows[0], UNIT], np.int32))
         if not xs:
             return np.zeros((0, window, len(columns))), np.zeros(0), np.zeros(0, np.int32)
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(us)
@@ -404,7 +334,7 @@ def prepare(
     x_test = np.stack(
         [_windows(exponential_smoothing(x[rows], smooth), window)[-1] for rows in test_rows]
     )
-    unit_test = np.array([raw.test[rows[0], _UNIT] for rows in test_rows], np.int32)
+    unit_test = np.array([raw.test[rows[0], UNIT] for rows in test_rows], np.int32)
 
     f32 = np.float32
     return Dataset(
@@ -434,14 +364,12 @@ def load(
     The synthetic default is one fixed FD001-like fleet (:func:`experiments.synthetic.generate`
     with seed 0), like a real data set: ``seed`` only picks the validation engines.
     """
-    _check_subset(subset)
+    check_subset(subset)
     if data_dir is None:
         if subset != "FD001":
             raise ValueError(
                 f"the synthetic default models FD001 only; pass data_dir for subset={subset!r}"
             )
-        from experiments.synthetic import generate
-
         raw = generate(seed=0)
     else:
         raw = read_subset(data_dir, subset)
@@ -453,6 +381,7 @@ __all__ = [
     "SENSORS",
     "SETTINGS",
     "SUBSETS",
+    "DataFileError",
     "Dataset",
     "RawSubset",
     "exponential_smoothing",

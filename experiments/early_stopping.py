@@ -23,14 +23,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from experiments import extras
 from experiments.config import Config
-from experiments.sweep import check_same_config, fmt, mean_ci
+from experiments.runs import check_same_config, load_seeds
+from experiments.stats import differences, fmt, mean_ci, percent_differences
 
 MONITORS = ("val_loss", "val_loss_ema[0]")
 LABELS = {"val_loss": "raw + early stopping", "val_loss_ema[0]": "EMA + early stopping"}
 RESULTS = Path(__file__).parent / "results"
+PROG = "python -m experiments.early_stopping"
 
 
 def chosen(data_dir: str | None, patience: int, epochs: int) -> Config:
@@ -58,7 +59,7 @@ def chosen(data_dir: str | None, patience: int, epochs: int) -> Config:
 
 def train_missing(base: Config, seeds: int, runs: Path) -> None:
     """Train and store each seed ``0..seeds-1`` that ``runs`` does not hold yet."""
-    from experiments.train_rul import load_data, run
+    from experiments.training import load_data, run
 
     for seed in range(seeds):
         cfg = replace(base, seed=seed)
@@ -107,9 +108,9 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str, requeste
     def col(m: str, key: str) -> list[float]:
         return [float(r[m][key]) for r in rows]
 
-    diff = list(np.subtract(col(ema, "test_rmse"), col(raw, "test_rmse")))
-    rel = list(100 * np.asarray(diff) / np.asarray(col(raw, "test_rmse")))
-    d_epochs = list(np.subtract(col(ema, "epochs_trained"), col(raw, "epochs_trained")))
+    diff = differences(col(ema, "test_rmse"), col(raw, "test_rmse"))
+    rel = percent_differences(col(ema, "test_rmse"), col(raw, "test_rmse"))
+    d_epochs = differences(col(ema, "epochs_trained"), col(raw, "epochs_trained"))
     lines = [
         "# Early stopping: raw weights vs the EMA (FD001, the chosen configuration)",
         "",
@@ -167,7 +168,7 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str, requeste
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.early_stopping", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--data-dir", default=None, help="C-MAPSS folder (default: synthetic)")
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..SEEDS-1 (default: 10)")
     p.add_argument("--patience", type=int, default=10, help="EarlyStopping patience (default: 10)")
@@ -179,16 +180,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    extras.require(PROG)
     args = parser().parse_args(argv)
     cfg = chosen(args.data_dir, args.patience, args.epochs)
     runs = Path(args.runs)
     if not args.report_only:
         train_missing(cfg, args.seeds, runs)
-    results = [
-        json.loads((runs / f"seed{s}.json").read_text())
-        for s in range(args.seeds)
-        if (runs / f"seed{s}.json").exists()
-    ]
+    results = load_seeds(runs, range(args.seeds))
     if not results:
         raise SystemExit(f"no runs in {runs}")
     rows = per_seed(results)

@@ -14,7 +14,7 @@ the recording cost), unless ``<runs>/timing.json`` exists.
 
 A script of its own, not a ``train_rul`` flag: the recorded averages and the snapshot
 callback change the run's variants and outputs, which every ``train_rul`` report reads.
-It reuses ``train_rul``'s data, model, optimizer and scoring as they are.
+It reuses :mod:`experiments.training`'s data, model, optimizer and scoring as they are.
 
 Writes ``<runs>/seed<s>.json`` (resumable: finished seeds are skipped) and, from them,
 ``<out>/<name>.md``, ``.json`` and ``.png`` (validation RMSE against σ_rel).
@@ -35,20 +35,23 @@ import numpy as np
 
 import ema_jax
 from ema_jax import posthoc, schedules
-from experiments import cmapss, train_rul
+from experiments import cmapss, extras, training
 from experiments.cli import ConfigFlags
 from experiments.config import Config
-from experiments.sweep import fmt
+from experiments.history import epoch_row, history_rows, summary, variant_weights
+from experiments.runs import load_seeds
+from experiments.stats import differences, fmt
 
 FLAGS = ConfigFlags().without("seed", "refit_all", "members")
 GRID = tuple(round(0.02 + 0.01 * i, 2) for i in range(24))  # 0.02 … 0.25
 RECORDED = tuple(f"pf{s:g}" for s in posthoc.SIGMA_RELS)
+PROG = "python -m experiments.posthoc_study"
 
 
 def recording_state(cfg: Config, ds: Any, key: jax.Array, record: bool) -> tuple[Any, Any]:
-    """``train_rul.build``'s scoring and state; with ``record`` the EMA also tracks the
+    """``training.build``'s scoring and state; with ``record`` the EMA also tracks the
     power-function averages of ``posthoc.SIGMA_RELS`` (last in the state, one pass)."""
-    scoring, state = train_rul.build(cfg, ds, key)
+    scoring, state = training.build(cfg, ds, key)
     if not record:
         return scoring, state
     pfs = tuple(schedules.power_function(sigma_rel=s) for s in posthoc.SIGMA_RELS)
@@ -62,27 +65,27 @@ def recorded_averages(state: Any, cfg: Config) -> list[Any]:
     return [state.accumulators(first + i) for i in range(len(posthoc.SIGMA_RELS))]
 
 
-def rmse_of(scoring: train_rul.Scoring, params: Any, x: np.ndarray, y: np.ndarray) -> float:
+def rmse_of(scoring: training.Scoring, params: Any, x: np.ndarray, y: np.ndarray) -> float:
     return cmapss.rmse(np.asarray(_predict(scoring)(params, x)), np.asarray(y))
 
 
 _PREDICT: dict[int, Any] = {}
 
 
-def _predict(scoring: train_rul.Scoring) -> Any:
+def _predict(scoring: training.Scoring) -> Any:
     return _PREDICT.setdefault(id(scoring), jax.jit(scoring.predict))
 
 
 def time_recording(cfg: Config, ds: Any, every: int, rounds: int, directory: Path) -> dict:
     """Seconds of ``every`` training epochs without and with recording (its two extra
     averages and one snapshot), alternating ``rounds`` times; no evaluation."""
-    keys = train_rul.run_keys(cfg.seed)
+    keys = training.run_keys(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     runs: dict[bool, list[Any]] = {}
     for record in (False, True):
         scoring, state = recording_state(cfg, ds, keys.init, record)
         step = ema_jax.make_train_step(scoring.train_loss)
-        x, y = next(train_rul.batches(ds.x_train, ds.y_train, cfg.batch_size, rng))
+        x, y = next(training.batches(ds.x_train, ds.y_train, cfg.batch_size, rng))
         state, _ = step(state, (x, y), keys.dropout)  # compile
         runs[record] = [state, step]
     seconds: dict[str, list[float]] = {"without": [], "with": []}
@@ -92,7 +95,7 @@ def time_recording(cfg: Config, ds: Any, every: int, rounds: int, directory: Pat
                 state, step = runs[record]
                 start = time.perf_counter()
                 for _ in range(every):
-                    for batch in train_rul.batches(ds.x_train, ds.y_train, cfg.batch_size, rng):
+                    for batch in training.batches(ds.x_train, ds.y_train, cfg.batch_size, rng):
                         state, metrics = step(state, batch, keys.dropout)
                     jax.block_until_ready(metrics)
                 if record:
@@ -106,7 +109,7 @@ def time_recording(cfg: Config, ds: Any, every: int, rounds: int, directory: Pat
 
 def run_seed(cfg: Config, ds: Any, out: Path, every: int, grid: Sequence[float]) -> dict:
     """One recording run, the σ_rel grid synthesized and the validation-chosen one tested."""
-    keys = train_rul.run_keys(cfg.seed)
+    keys = training.run_keys(cfg.seed)
     scoring, state = recording_state(cfg, ds, keys.init, record=True)
     snapdir = out / "posthoc"
     rng = np.random.default_rng(cfg.seed)
@@ -120,22 +123,22 @@ def run_seed(cfg: Config, ds: Any, out: Path, every: int, grid: Sequence[float])
                 posthoc.save_snapshot(mngr, int(state.step), recorded_averages(state, cfg))
                 save_seconds.append(time.perf_counter() - start)
             if cfg.progress:
-                row = train_rul.epoch_row(epoch, record, variants)
-                print(f"seed {cfg.seed} epoch {epoch + 1}  {train_rul.summary(row, variants)}")
+                row = epoch_row(epoch, record, variants)
+                print(f"seed {cfg.seed} epoch {epoch + 1}  {summary(row, variants)}")
 
         history, state = ema_jax.train_with_ema(
             state,
             scoring.train_loss,
-            lambda epoch: train_rul.batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
-            list(train_rul.batches(ds.x_val, ds.y_val, 4096, None)),
+            lambda epoch: training.batches(ds.x_train, ds.y_train, cfg.batch_size, rng),
+            list(training.batches(ds.x_val, ds.y_val, 4096, None)),
             epochs=cfg.epochs,
             metric_fn=scoring.metrics,
             rng=keys.dropout,
             callback=snapshot,
         )
         mngr.wait_until_finished()
-    rows = train_rul.history_rows(history, variants)
-    final = dict(zip(variants, train_rul.variant_weights(state), strict=True))
+    rows = history_rows(history, variants)
+    final = dict(zip(variants, variant_weights(state), strict=True))
     synth, synth_seconds = {}, []
     for sigma in grid:
         start = time.perf_counter()
@@ -189,7 +192,7 @@ def report(runs: list[dict], timing: dict | None, out: Path, name: str, command:
     raw = [r["test_rmse"]["raw"] for r in runs]
     for v in names:
         test = [r["test_rmse"][v] for r in runs]
-        delta = "—" if v == "raw" else fmt([a - b for a, b in zip(test, raw, strict=True)])
+        delta = "—" if v == "raw" else fmt(differences(test, raw))
         label = "**post-hoc, chosen σ_rel**" if v == "posthoc" else v
         lines.append(
             f"| {label} | {fmt([r['val_rmse'][v] for r in runs])} | {fmt(test)} | {delta} |"
@@ -201,7 +204,7 @@ def report(runs: list[dict], timing: dict | None, out: Path, name: str, command:
         "",
         f"Chosen σ_rel per seed: {', '.join(f'{c:g}' for c in chosen)}. Best directly tracked "
         f"EMA on validation per seed: {', '.join(r['best_direct'] for r in runs)}; post-hoc − "
-        f"that EMA on test, paired: {fmt([a - b for a, b in zip(ph, best, strict=True)])}.",
+        f"that EMA on test, paired: {fmt(differences(ph, best))}.",
         "",
         f"Per seed test RMSE, post-hoc: {', '.join(f'{x:.2f}' for x in ph)}; raw: "
         f"{', '.join(f'{x:.2f}' for x in raw)}.",
@@ -267,7 +270,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.posthoc_study", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     FLAGS.add_to(p)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
     p.add_argument("--snapshot-every", type=int, default=5, help="epochs between snapshots")
@@ -281,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+    extras.require(PROG)
     args, base = FLAGS.parse(parser(), argv, seed=0)
     runs_dir = Path(args.runs)
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         if args.report_only or path.exists():
             continue
         cfg = replace(base, seed=seed)
-        ds = train_rul.load_data(cfg)
+        ds = training.load_data(cfg)
         result = run_seed(cfg, ds, runs_dir / f"seed{seed}", args.snapshot_every, args.sigma_grid)
         path.write_text(json.dumps(result, indent=1))
         print(f"seed {seed}: chosen σ_rel {result['chosen_sigma_rel']}, test {result['test_rmse']}")
@@ -298,17 +302,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         cfg = replace(base, seed=0)
         measured = time_recording(
             cfg,
-            train_rul.load_data(cfg),
+            training.load_data(cfg),
             args.snapshot_every,
             args.timing_rounds,
             runs_dir / "timing_snapshots",
         )
         timing_path.write_text(json.dumps(measured, indent=1))
-    runs = [
-        json.loads((runs_dir / f"seed{s}.json").read_text())
-        for s in range(args.seeds)
-        if (runs_dir / f"seed{s}.json").exists()
-    ]
+    runs = load_seeds(runs_dir, range(args.seeds))
     if not runs:
         raise SystemExit(f"no finished seeds in {runs_dir}")
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else None

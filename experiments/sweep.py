@@ -8,7 +8,7 @@ raw weights of the same run. Each finished run is saved as ``<runs>/<model>/seed
 (the sweep resumes from those files); the test split is read once per run, after training.
 
 Selection uses validation only: within a run by the rule (``last`` / ``best``, see
-:mod:`experiments.train_rul`), across configurations by the mean validation RMSE over
+:mod:`experiments.selection`), across configurations by the mean validation RMSE over
 seeds. Intervals are 95% t-intervals over seeds: ``mean ± t_{0.975, n-1}·s/√n``; the
 EMA−raw differences are paired by seed.
 """
@@ -21,21 +21,30 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
+from experiments import extras
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, MODEL, Config
+from experiments.runs import (
+    DECAYS,
+    REFIT_SUFFIX,
+    RULES,
+    SWEEP_DEBIAS,
+    SWEEP_DECAYS,
+    check_same_config,
+    load_runs,
+    run_path,
+    stored_config,
+    summarise,
+)
+from experiments.stats import fmt, mean_ci
 
-DECAYS = (0.9, 0.99, 0.999, 0.9999)
-SWEEP_DECAYS = DECAYS * 2
-SWEEP_DEBIAS = (False,) * len(DECAYS) + (True,) * len(DECAYS)
-RULES = ("last", "best")
-REFIT_SUFFIX = "-refit"  # runs directory of a model retrained on all training engines
+PROG = "python -m experiments.sweep"
 FLAGS = ConfigFlags(defaults={"perturb": (0.01, 0.02, 0.05)}).without(
     "model", "ema_decays", "ema_debias", "seed", "progress"
 )
@@ -43,68 +52,12 @@ FLAGS = ConfigFlags(defaults={"perturb": (0.01, 0.02, 0.05)}).without(
 seed from ``--models`` and ``--seeds``; it probes flatness unless told ``--perturb``."""
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """``(mean, half-width)`` of the ``level`` t-interval for the mean; half-width is
-    ``nan`` for fewer than two values."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        raise ValueError("mean_ci needs at least one value")
-    if v.size < 2:
-        return float(v.mean()), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
-    return float(v.mean()), float(half)
-
-
-def fmt(values: Sequence[float], digits: int = 2) -> str:
-    m, h = mean_ci(values)
-    return f"{m:.{digits}f} ± {h:.{digits}f}"
-
-
-def load_runs(runs_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """``{model: [result, ...]}`` from ``<runs_dir>/<model>/seed*.json``, seeds in order."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for model_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        files = sorted(model_dir.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
-        if files:
-            out[model_dir.name] = [json.loads(f.read_text()) for f in files]
-    return out
-
-
-def summarise(results: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
-    """Per variant: lists over seeds of val/test RMSE, score, and paired EMA−raw diffs."""
-    variants = list(results[0]["test"][rule])
-    rows = []
-    for name in variants:
-        per = [r["test"][rule][name] for r in results]
-        raw = [r["test"][rule]["raw"] for r in results]
-        rows.append(
-            {
-                "variant": name,
-                "val_rmse": [m["val_rmse"] for m in per],
-                "rmse": [m["rmse"] for m in per],
-                "score": [m["score"] for m in per],
-                "d_rmse": [m["rmse"] - b["rmse"] for m, b in zip(per, raw, strict=True)],
-                "d_rmse_pct": [
-                    100 * (m["rmse"] - b["rmse"]) / b["rmse"] for m, b in zip(per, raw, strict=True)
-                ],
-                "d_score": [m["score"] - b["score"] for m, b in zip(per, raw, strict=True)],
-                "epoch": [m["epoch"] for m in per],
-            }
-        )
-    return rows
-
-
-def stored_config(results: list[dict[str, Any]]) -> Config:
-    """The :class:`Config` of the first of a model's stored runs (they differ in seed)."""
-    return Config.from_json(results[0]["config"])
-
-
 def run_command(model: str, results: list[dict[str, Any]]) -> str:
     """The sweep command that reproduces ``model``'s runs: their stored config's flags
     (:meth:`ConfigFlags.argv`), the model and the number of seeds."""
     name = model.removesuffix(REFIT_SUFFIX)
     words = ["--models", name, "--seeds", str(len(results)), *FLAGS.argv(stored_config(results))]
-    return "python -m experiments.sweep " + shlex.join(words)
+    return f"{PROG} " + shlex.join(words)
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
@@ -292,35 +245,14 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, rule: str = "last") 
     plt.close(fig)
 
 
-def run_path(runs_dir: Path, cfg: Config) -> Path:
-    """``<runs>/<model>[-refit]/seed<k>.json``: where the run of ``cfg`` is stored."""
-    return runs_dir / (cfg.model + (REFIT_SUFFIX if cfg.refit_all else "")) / f"seed{cfg.seed}.json"
-
-
-def check_same_config(path: Path, cfg: Config) -> None:
-    """Exit naming the settings in which the stored run at ``path`` differs from ``cfg``:
-    a resumed sweep must not mix runs of different configurations in one table."""
-    stored = Config.from_json(json.loads(path.read_text())["config"])
-    differ = [
-        f"{f.name}={getattr(stored, f.name)!r} there, {getattr(cfg, f.name)!r} now"
-        for f in fields(Config)
-        if f.name != "progress" and getattr(stored, f.name) != getattr(cfg, f.name)
-    ]
-    if differ:
-        raise SystemExit(
-            f"{path} was run with other settings ({', '.join(differ)}); "
-            "use another --runs directory or delete it"
-        )
-
-
 def train_missing(base: Config, models: Sequence[str], seeds: int, runs_dir: Path) -> None:
     """Train and store every run of ``base`` for ``models`` × seeds ``0..seeds-1`` that
     ``runs_dir`` does not hold yet; a stored run is reused only if made with ``base``.
 
-    The one place the sweep needs JAX: ``train_rul`` is imported here, so that a report
-    (``--report-only``) renders without it.
+    The one place the sweep needs JAX: :mod:`experiments.training` is imported here, so
+    that a report (``--report-only``) renders without it.
     """
-    from experiments.train_rul import load_data, run
+    from experiments.training import load_data, run
 
     for seed in range(seeds):
         ds = None  # one dataset per seed (its validation split), shared by the models
@@ -349,7 +281,7 @@ def train_missing(base: Config, models: Sequence[str], seeds: int, runs_dir: Pat
 def parser() -> argparse.ArgumentParser:
     """The sweep's command line: its own flags and :data:`FLAGS`."""
     p = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -376,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    extras.require(PROG)
     args, base = FLAGS.parse(
         parser(), argv, ema_decays=SWEEP_DECAYS, ema_debias=SWEEP_DEBIAS, progress=False
     )
@@ -389,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     typed = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["python -m experiments.sweep", *typed])
+    command = " ".join([PROG, *typed])
     (out / f"{args.name}.md").write_text(markdown(runs, command))
     split = {m: r for m, r in runs.items() if not r[0]["config"].get("refit_all")}
     plot(split or runs, out / f"{args.name}.png")  # refit runs have no validation curves

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cmapss import COLUMNS, SUBSETS, RawSubset
+from experiments.cmapss_files import COLUMNS, RawSubset, check_subset
 
 # Per sensor s_1..s_21, measured on FD001: early-life mean (first 20 cycles), shift from early life
 # to failure, cycle-to-cycle noise std (std of first differences / √2), decimals in NASA's files.
@@ -136,12 +136,12 @@ def write(directory: str | PathLike[str], raw: RawSubset, subset: str = "FD001")
 
     Same format as NASA's: space-separated, integer unit, cycle and RUL, each other column with
     the fixed decimals NASA's files use, rows ending in two spaces (RUL rows in one). Values are
-    rounded to those decimals, so the round trip through :func:`experiments.cmapss.read_subset`
-    is exact for data on NASA's grid (:func:`generate`'s output; NASA's FD001 files are even
-    reproduced byte for byte). Creates the directory.
+    rounded to those decimals, so the round trip through
+    :func:`experiments.cmapss_files.read_subset` is exact for data on NASA's grid
+    (:func:`generate`'s output; NASA's FD001 files are even reproduced byte for byte). Creates
+    the directory.
     """
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    check_subset(subset)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     formats = ["%d", "%d", *(f"%.{d}f" for d in _SETTING_DECIMALS)]

@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from experiments import cmapss
+from experiments import cmapss, extras
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, INDEX, Config
 from experiments.synthetic import generate
-from experiments.train_rul import run
+from experiments.training import run
+
+PROG = "python -m experiments.window_check"
 
 FLAGS = ConfigFlags().without("window", "seed", "members", "progress")
 """Every ``train_rul`` flag but those this check sets itself (``--windows``, ``--seeds``),
@@ -55,9 +57,8 @@ def check(base: Config, windows: Sequence[int], seeds: Sequence[int]) -> list[di
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.window_check", description=__doc__.split("\n")[0]
-    )
+    extras.require(PROG)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument(
         "--windows",
         type=COUNT.parse,

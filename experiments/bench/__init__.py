@@ -1,4 +1,4 @@
-"""Benchmark: the EMA update against what users would otherwise write (issue 18), measured
+"""Benchmark: the EMA update against what users would otherwise write, measured
 side by side.
 
 An EMA update is pure memory traffic: read the average, read the params, write the

@@ -7,12 +7,13 @@ import re
 
 from experiments import claims
 from experiments.config import Config
+from experiments.runs import DECAYS
 
 
 def _run(seed: int, raw: float, ema: float, *, refit: bool = False) -> dict:
     metrics = {
         "raw": raw,
-        **{f"ema{d:g}{s}": ema for d in claims.DECAYS for s in ("", "-debiased")},
+        **{f"ema{d:g}{s}": ema for d in DECAYS for s in ("", "-debiased")},
     }
     test = {n: {"rmse": v, "val_rmse": v, "score": v, "epoch": 1} for n, v in metrics.items()}
     cfg = dataclasses.asdict(Config(model="cnn_gru", seed=seed, refit_all=refit))

@@ -1,4 +1,5 @@
-"""C-MAPSS reader, preprocessing and metrics.
+"""experiments.cmapss: preprocessing (the metrics: ``test_cmapss_metrics.py``; the file reader:
+``test_cmapss_files.py``).
 
 Preprocessing is checked against a loop-based float64 reference written here from the documented
 rules (rounded-settings conditions, per-condition min-max to [−1, 1] on training engines, stride-1
@@ -8,11 +9,8 @@ Tests on NASA's real FD001 read it from ``$CMAPSS_DIR`` and skip when it is unse
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,81 +85,6 @@ def reference(raw: RawSubset, train_units, features, window: int, max_rul: float
     test_units = sorted(set(raw.test[:, 0]))
     x_test = np.array([unit_windows(raw.test, u)[-1][0] for u in test_units])
     return split, x_test
-
-
-# --- metrics -------------------------------------------------------------------------------------
-
-
-def test_phm08_score_hand_computed():
-    # d = pred − true = −13, +10, 0, +2  →  (e − 1) + (e − 1) + 0 + (e^0.2 − 1)
-    pred, true = [7.0, 30.0, 20.0, 22.0], [20.0, 20.0, 20.0, 20.0]
-    assert cmapss.phm08_score(pred, true) == pytest.approx(
-        2 * 1.718281828459045 + 0.221402758160170
-    )
-    assert cmapss.phm08_score([10.0], [20.0]) == pytest.approx(1.1581055339484458)  # e^(10/13) − 1
-    assert cmapss.phm08_score([5.0], [5.0]) == 0.0
-    # late predictions cost more than early ones of the same size
-    assert cmapss.phm08_score([30.0], [20.0]) > cmapss.phm08_score([10.0], [20.0])
-
-
-def test_rmse_hand_computed():
-    assert cmapss.rmse(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0])) == pytest.approx(
-        math.sqrt(5 / 3)
-    )
-    assert isinstance(cmapss.rmse(np.float32([1.0]), np.float32([1.0])), float)
-
-
-@pytest.mark.parametrize("metric", [cmapss.rmse, cmapss.phm08_score])
-def test_metrics_reject_bad_shapes(metric):
-    with pytest.raises(ValueError, match="same shape"):
-        metric(np.zeros(3), np.zeros(4))
-    with pytest.raises(ValueError, match="empty"):
-        metric(np.zeros(0), np.zeros(0))
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-
-def test_read_subset_names_the_missing_file(tmp_path: Path):
-    synthetic.write(tmp_path, small_raw())
-    (tmp_path / "RUL_FD001.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"RUL_FD001\.txt"):
-        cmapss.read_subset(tmp_path, "FD001")
-    with pytest.raises(FileNotFoundError, match=r"train_FD002\.txt"):
-        cmapss.read_subset(tmp_path, "FD002")
-    with pytest.raises(ValueError, match="subset must be one of"):
-        cmapss.read_subset(tmp_path, "FD005")
-
-
-def test_read_subset_rejects_malformed_files(tmp_path: Path):
-    raw = small_raw()
-    synthetic.write(tmp_path, RawSubset(raw.train, raw.test, raw.rul[:-1]))
-    with pytest.raises(ValueError, match="one value per test unit"):
-        cmapss.read_subset(tmp_path)
-    np.savetxt(tmp_path / "train_FD001.txt", raw.train[:, :20])
-    with pytest.raises(ValueError, match=r"train_FD001\.txt, line 1: 20 fields, expected 26"):
-        cmapss.read_subset(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ("hello world", r"line 4: 2 fields, expected 26"),
-        (" ".join(["1"] * 25 + ["nan?"]), r"line 4, field 26: 'nan\?' is not a number"),
-    ],
-)
-def test_a_malformed_line_is_named_by_file_and_line(tmp_path: Path, line: str, message: str):
-    """Issue #19: numpy's "could not convert string 'hello' to float64 at row 0, column 1"
-    named neither the file nor its line (numpy counts data rows, skipping blank lines)."""
-    synthetic.write(tmp_path, small_raw())
-    path = tmp_path / "test_FD001.txt"
-    rows = path.read_text().splitlines()
-    path.write_text("\n".join([rows[0], "", rows[1], line, *rows[2:]]) + "\n")
-    with pytest.raises(cmapss.DataFileError, match=re.escape(str(path)) + ", " + message):
-        cmapss.read_subset(tmp_path)
-    path.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(cmapss.DataFileError, match="not a text file"):
-        cmapss.read_subset(tmp_path)
 
 
 @needs_real
@@ -337,16 +260,24 @@ def test_validation_split_is_by_engine_and_seeded():
     assert len(data.y_val) == sum(n - 30 + 1 for n in lengths.values())
 
 
-def test_split_units_sizes_and_errors():
+def test_split_units_sizes():
     units = np.arange(1, 11)
     assert [len(p) for p in cmapss.split_units(units, 0.0, 0)] == [10, 0]
     assert [len(p) for p in cmapss.split_units(units, 0.01, 0)] == [9, 1]  # at least one
     assert [len(p) for p in cmapss.split_units(units, 0.5, 0)] == [5, 5]
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
-            cmapss.split_units(units, bad, 0)
-    with pytest.raises(ValueError, match="leaves no training engine"):
-        cmapss.split_units(np.array([1.0]), 0.5, 0)
+
+
+@pytest.mark.parametrize(
+    ("units", "fraction", "match"),
+    [
+        (np.arange(1, 11), -0.1, r"val_fraction must be in \[0, 1\)"),
+        (np.arange(1, 11), 1.0, r"val_fraction must be in \[0, 1\)"),
+        (np.array([1.0]), 0.5, "leaves no training engine"),
+    ],
+)
+def test_split_units_rejects_bad_fractions(units, fraction, match):
+    with pytest.raises(ValueError, match=match):
+        cmapss.split_units(units, fraction, 0)
 
 
 @pytest.mark.parametrize(
@@ -450,9 +381,17 @@ def test_truncated_engines_is_a_test_like_validation_set_by_hand():
     np.testing.assert_allclose(t2[0], [11, 11, 21, 31], atol=1e-4)  # engine 1 cut at 3: padded
     np.testing.assert_allclose(t2[5], [51, 61, 71, 81], atol=1e-4)  # engine 1, full life
     np.testing.assert_allclose(t2[-1], [32, 42, 52, 62], atol=1e-4)  # engine 2, full life
-    with pytest.raises(ValueError, match="min_cycles must be an int >= 1"):
-        cmapss.truncated_engines(raw, np.array([1.0]), min_cycles=0)
-    with pytest.raises(ValueError, match=r"engine 7 is not in raw\.train"):
-        cmapss.truncated_engines(raw, np.array([7.0]))
-    with pytest.raises(ValueError, match="no engine among units has min_cycles=9"):
-        cmapss.truncated_engines(raw, np.array([1.0, 2.0]), min_cycles=9)
+
+
+@pytest.mark.parametrize(
+    ("units", "min_cycles", "match"),
+    [
+        ([1.0], 0, "min_cycles must be an int >= 1"),
+        ([7.0], 31, r"engine 7 is not in raw\.train"),
+        ([1.0, 2.0], 9, "no engine among units has min_cycles=9"),
+    ],
+)
+def test_truncated_engines_rejects_bad_arguments(units, min_cycles, match):
+    raw = tiny_raw([8, 6], [2, 6], [5.0, 40.0])
+    with pytest.raises(ValueError, match=match):
+        cmapss.truncated_engines(raw, np.array(units), min_cycles=min_cycles)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import claims, sweep, train_rul, window_check
+from experiments import claims, runs, sweep, train_rul, window_check
 from experiments.cli import FIELDS, ConfigFlags, flag_name
 from experiments.config import MODEL_SPECS, SWITCH, Config
 
@@ -67,8 +67,8 @@ def test_every_config_field_has_one_flag_whose_default_is_the_configs(capsys):
 
 def test_defaults_are_the_standard_preprocessing_and_training():
     """Defaults unchanged: window 30, cap 125, no smoothing, one model, no prefixes; 30
-    epochs of batch 256 at lr 1e-3; one bias-corrected EMA, β = 0.999 (issue #19: a plain
-    one still carries the initial weights after a short run)."""
+    epochs of batch 256 at lr 1e-3; one bias-corrected EMA, β = 0.999 (a plain one still
+    carries the initial weights after a short run)."""
     cfg = Config()
     assert (cfg.window, cfg.max_rul, cfg.smooth, cfg.members, cfg.min_prefix) == (
         30, 125.0, 0.0, 1, 0
@@ -120,10 +120,10 @@ def test_sweep_run_command_reproduces_the_stored_configs():
         json.loads(json.dumps(dataclasses.asdict(EVERY_FIELD_SET)))  # as history.json has it
     )
     stored = dataclasses.replace(
-        stored, ema_decays=sweep.SWEEP_DECAYS, ema_debias=sweep.SWEEP_DEBIAS, progress=False
+        stored, ema_decays=runs.SWEEP_DECAYS, ema_debias=runs.SWEEP_DEBIAS, progress=False
     )
     results = _fake_runs(stored, 3)
-    command = sweep.run_command("dcnn_li" + sweep.REFIT_SUFFIX, results)
+    command = sweep.run_command("dcnn_li" + runs.REFIT_SUFFIX, results)
     prefix = "python -m experiments.sweep "
     assert command.startswith(
         prefix + "--models dcnn_li --seeds 3 --data-dir 'data dir/with space'"
@@ -131,8 +131,8 @@ def test_sweep_run_command_reproduces_the_stored_configs():
     args = sweep.parser().parse_args(shlex.split(command[len(prefix) :]))
     base = sweep.FLAGS.config(  # not parse(), which would read the made-up --data-dir
         args,
-        ema_decays=sweep.SWEEP_DECAYS,
-        ema_debias=sweep.SWEEP_DEBIAS,
+        ema_decays=runs.SWEEP_DECAYS,
+        ema_debias=runs.SWEEP_DEBIAS,
         progress=False,
     )
     assert args.models == ["dcnn_li"]
@@ -230,8 +230,14 @@ def test_each_cli_takes_the_config_flags_it_does_not_set_itself():
     assert sweep.FLAGS.default("perturb") == (0.01, 0.02, 0.05)
     assert sweep.FLAGS.parse(sweep.parser(), [])[1].perturb == (0.01, 0.02, 0.05)
     assert sweep.FLAGS.parse(sweep.parser(), ["--perturb"])[1].perturb == ()
+
+
+def test_window_check_refuses_a_flag_it_does_not_take():
     with pytest.raises(SystemExit):  # not a flag of window_check
         window_check.main(["--members", "2"])
+
+
+def test_config_flags_refuse_names_that_are_not_config_fields():
     with pytest.raises(ValueError, match=r"not fields of Config: \['modle'\]"):
         ConfigFlags(("modle",))
 
@@ -270,8 +276,8 @@ def test_config_and_reports_import_no_jax(tmp_path):
 
 
 def test_a_malformed_data_file_is_one_line_naming_file_and_line(tmp_path):
-    """Issue #19: a non-C-MAPSS file gave numpy's traceback naming neither file nor line; now
-    the command (a real process) exits 2 with argparse's one line, before any training."""
+    """A non-C-MAPSS file is no numpy traceback naming neither file nor line: the command (a
+    real process) exits 2 with argparse's one line, before any training."""
     from experiments import synthetic
 
     synthetic.write(tmp_path, synthetic.generate(n_train=3, n_test=2, seed=0))

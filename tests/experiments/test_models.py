@@ -40,9 +40,12 @@ def test_unknown_model_names_the_choices():
         r"'gru', 'lstm'\]",
     ):
         make_model("transformer")
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="members must be an integer >= 1"):
-            make_model("dcnn_li", members=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_members_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="members must be an integer >= 1"):
+        make_model("dcnn_li", members=bad)
 
 
 def test_rnn_cell_is_checked():

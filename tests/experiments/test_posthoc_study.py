@@ -9,7 +9,7 @@ import optax
 
 import ema_jax
 from ema_jax import posthoc
-from experiments import posthoc_study, train_rul
+from experiments import posthoc_study, training
 from experiments.config import Config
 
 
@@ -18,13 +18,13 @@ def test_recording_state_appends_the_power_function_averages(monkeypatch):
     cfg = Config(ema_decays=(0.99, 0.999), ema_debias=(True, True))
     params = {"w": jnp.ones((3, 2))}
 
-    def build(cfg, ds, key):  # train_rul.build's state, without a model to initialise
+    def build(cfg, ds, key):  # training.build's state, without a model to initialise
         tx = ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias)
         return None, ema_jax.EmaTrainState.create(
             apply_fn=None, params=params, tx=optax.sgd(0.1), ema=tx
         )
 
-    monkeypatch.setattr(train_rul, "build", build)
+    monkeypatch.setattr(training, "build", build)
     _, plain = posthoc_study.recording_state(cfg, None, jax.random.key(0), record=False)
     _, state = posthoc_study.recording_state(cfg, None, jax.random.key(0), record=True)
     assert plain.num_averages == 2 and state.num_averages == 4
