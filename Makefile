@@ -27,7 +27,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.experiments
 
 demo: $(VENV)/.experiments
-	$(BIN)/python -m experiments.train_rul --epochs 12 --ema-decay 0.99 0.999 --out runs/demo
+	$(BIN)/python -m experiments.train_rul --model cnn_gru --window 40 --cycle-feature --epochs 30 --batch-size 256 --lr 3e-3 --weight-decay 0.1 --ema-decay 0.99 0.999 --out runs/demo
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
