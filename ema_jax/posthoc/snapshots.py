@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,6 +52,7 @@ def save_snapshot(
     sigma_rels: Sequence[float] = SIGMA_RELS,
     *,
     dtype: Any = jnp.float32,
+    overwrite: bool = False,
 ) -> bool:
     """Writes the power-function EMAs at ``step`` as one snapshot (all kept).
 
@@ -58,25 +61,40 @@ def save_snapshot(
       step: the optimizer step the averages are at: with ``update_every = k``, a multiple
         of k (the step of the last update), so the snapshot is that step's profile.
       averages: an :class:`~ema_jax.EmaState` of ``ema((power_function(sigma_rel=s), ...))``
-        (Linen: ``state.ema_state``; its full-precision accumulators are written), or a
-        sequence of params trees, one per σ_rel (e.g. ``state.accumulators(i)`` for chosen
-        ``i`` when other averages share the state; NNX: the averages' ``nnx.State``).
+        (Linen: ``state.ema_state``; its full-precision accumulators are written), an
+        :class:`ema_jax.nnx.EMA` of such decays (NNX: its accumulators, by the tracked
+        Variables' paths, so ``synthesize_from(..., target=nnx.state(model, nnx.Param))``
+        returns an ``nnx.State`` for ``nnx.update``), or a sequence of params trees, one
+        per σ_rel (e.g. ``state.accumulators(i)`` for chosen ``i`` when other averages
+        share the state).
       sigma_rels: the σ_rel of each average, in order.
       dtype: the real floating leaves are written in this dtype (float32 by default);
         complex leaves keep theirs (a real dtype would drop the imaginary part), integer
         and bool leaves too. The params' own dtypes are recorded: synthesis returns them.
 
+      overwrite: delete the snapshots of steps ``>= step`` first (a run resumed from an
+        earlier step into the same directory: the abandoned run's later snapshots must not
+        be synthesized with this run's).
+
     Returns:
       Whether a save was started (Orbax's answer).
+
+    Raises:
+      ValueError: snapshots of steps ``>= step`` are saved already and ``overwrite`` is
+        False (nothing is written or deleted); arguments that are not valid (named).
     """
     mngr = as_manager(mngr)
     step = _checks.integer("step", step, 1)  # type: ignore[assignment]
     dtype = _checks.floating_dtype("dtype", dtype)
+    _checks.flag("overwrite", overwrite)
     sigmas = [
         _checks.real(f"sigma_rels[{i}]", s, low=0.0, high=window.SIGMA_REL_MAX, low_open=True)
         for i, s in enumerate(sigma_rels)
     ]
-    if isinstance(averages, EmaState):
+    if _is_nnx_ema(averages):
+        trees = _nnx_averages(averages)
+        param_dtypes = [np.dtype(d) for d in averages.state.param_dtypes]
+    elif isinstance(averages, EmaState):
         trees = [accumulators(averages, i) for i in range(num_averages(averages))]
         param_dtypes = [np.dtype(d) for d in averages.param_dtypes]
     else:
@@ -96,7 +114,41 @@ def save_snapshot(
     }
     stored = [_dtypes.cast_real(t, dtype) for t in trees]
     saves = {ITEM: items.save_args(stored, {META_KEY: description})}
+    mngr.check_writable()
+    later = sorted(s for s in mngr.all_steps() if s >= step)
+    if later and not overwrite:
+        raise ValueError(
+            f"cannot save the snapshot of step {step} in {mngr.directory}: snapshots of steps "
+            f"{later} are saved already, from a run this one went back on (resumed from an "
+            "earlier step?); they would be synthesized with this run's. Pass overwrite=True "
+            f"to delete the snapshots of steps >= {step} first, or write into a new directory"
+        )
+    if later:
+        mngr.wait_until_finished()
+        for abandoned in later:
+            mngr.delete(abandoned)
     return mngr.save_items(step, saves)
+
+
+def _is_nnx_ema(averages: Any) -> bool:
+    """Whether ``averages`` is an :class:`ema_jax.nnx.EMA` (without importing flax's NNX
+    for the other kinds)."""
+    nnx_module = sys.modules.get("ema_jax.nnx")
+    return nnx_module is not None and isinstance(averages, nnx_module.EMA)
+
+
+def _nnx_averages(ema: Any) -> list[Params]:
+    """Each average of an :class:`ema_jax.nnx.EMA` in full precision (its accumulators),
+    as the pure dict of its tracked Variables' paths (``nnx.to_pure_dict``): the tree a
+    target ``nnx.state(model, nnx.Param)`` has."""
+    from flax import nnx
+
+    state = ema.state
+    out = []
+    for i in range(num_averages(state)):
+        shape = jax.tree.structure(ema.shadow(i))
+        out.append(nnx.to_pure_dict(jax.tree.unflatten(shape, accumulators(state, i))))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,11 @@ into the power-function EMA of another width (EDM2's Algorithm 3)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import linalg
 
 from ema_jax import _checks, window
 
@@ -35,7 +37,7 @@ def solve_coefficients(
     in_steps: Sequence[float],
     in_sigma_rels: Sequence[float],
     out_step: float,
-    out_sigma_rel: float,
+    out_sigma_rel: float | Sequence[float],
 ) -> np.ndarray:
     """The weights that synthesize the power-function EMA ``(out_step, out_sigma_rel)``.
 
@@ -43,15 +45,22 @@ def solve_coefficients(
     ``in_steps[i]``. The weights minimise the L2 distance between the target's averaging
     profile and the weighted sum of the snapshots' (EDM2's Algorithm 3: a linear system of
     the profiles' inner products), then are normalised to sum to 1. Snapshots after
-    ``out_step`` get weight 0.
+    ``out_step`` get weight 0. Several ``out_sigma_rel`` share one factorisation of the
+    system (a Cholesky factor; its condition number is estimated from it, ``O(n²)``).
 
     Returns:
-      float64 ``[len(in_steps)]``, summing to 1.
+      float64 ``[len(in_steps)]``, summing to 1; for a sequence of K ``out_sigma_rel``,
+      ``[K, len(in_steps)]``, one row per width.
+
+    Warns:
+      UserWarning: the snapshots used are all of one step: their combination cannot tell
+        widths apart well (it needs snapshots of at least 2 steps to choose σ_rel).
 
     Raises:
-      ValueError: ``out_sigma_rel`` not finite in ``(0, SIGMA_REL_GAMMA0)``; an input
-        σ_rel outside ``(0, SIGMA_REL_MAX]``; steps not finite and > 0; lengths differing;
-        no snapshot at or before ``out_step``; identical snapshots or a near-singular system.
+      ValueError: an ``out_sigma_rel`` not finite in ``(0, SIGMA_REL_GAMMA0)`` (or none);
+        an input σ_rel outside ``(0, SIGMA_REL_MAX]``; steps not finite and > 0; lengths
+        differing; no snapshot at or before ``out_step``; identical snapshots or a
+        near-singular system.
     """
     steps = np.asarray(
         [_checks.positive(f"in_steps[{i}]", s) for i, s in enumerate(in_steps)], np.float64
@@ -66,14 +75,21 @@ def solve_coefficients(
             f"and {len(sigmas)}"
         )
     out_step = _checks.positive("out_step", out_step)
-    out_sigma_rel = _checks.real(
-        "out_sigma_rel",
-        out_sigma_rel,
-        low=0.0,
-        high=SIGMA_REL_GAMMA0,
-        low_open=True,
-        high_open=True,
-    )
+    many = not np.isscalar(out_sigma_rel) and np.ndim(out_sigma_rel) == 1
+    outs = list(out_sigma_rel) if many else [out_sigma_rel]  # type: ignore[arg-type]
+    if not outs:
+        raise ValueError("out_sigma_rel is empty: give at least one σ_rel to synthesize")
+    out_sigmas = [
+        _checks.real(
+            f"out_sigma_rel[{k}]" if many else "out_sigma_rel",
+            s,
+            low=0.0,
+            high=SIGMA_REL_GAMMA0,
+            low_open=True,
+            high_open=True,
+        )
+        for k, s in enumerate(outs)
+    ]
     if not len(steps):
         raise ValueError("no snapshots: in_steps is empty")
     used = np.flatnonzero(steps <= out_step)
@@ -82,7 +98,8 @@ def solve_coefficients(
             f"every snapshot is after out_step={out_step:g} (the earliest is at step "
             f"{steps.min():g}): a synthesized EMA uses only snapshots at or before its step"
         )
-    gammas = np.asarray([window.sigma_rel_to_gamma(s) for s in sigmas], np.float64)
+    gamma_of = {s: window.sigma_rel_to_gamma(s) for s in {*sigmas, *out_sigmas}}
+    gammas = np.asarray([gamma_of[s] for s in sigmas], np.float64)
     seen: dict[tuple[float, float], int] = {}
     for i in used.tolist():
         twin = seen.setdefault((float(steps[i]), sigmas[i]), i)
@@ -91,21 +108,45 @@ def solve_coefficients(
                 f"snapshots {twin} and {i} are the same EMA (step {steps[i]:g}, sigma_rel "
                 f"{sigmas[i]:g}): their profiles are identical, so the system is singular"
             )
+    if len(np.unique(steps[used])) < 2:
+        warnings.warn(
+            f"synthesizing from the snapshot of one step ({steps[used[0]]:g}) alone: at "
+            "least 2 snapshots (of different steps) are needed to choose sigma_rel; the "
+            "result barely depends on it",
+            UserWarning,
+            stacklevel=2,
+        )
     t, g = steps[used] / out_step, gammas[used]  # steps relative to out_step: same solution
     gram = _profile_inner_products(t[:, None], g[:, None], t[None, :], g[None, :])
-    target = _profile_inner_products(
-        t, g, np.ones(()), np.full((), window.sigma_rel_to_gamma(out_sigma_rel))
+    out_gammas = np.asarray([gamma_of[s] for s in out_sigmas], np.float64)
+    targets = _profile_inner_products(t[:, None], g[:, None], np.ones(()), out_gammas[None, :])
+    weights = _solve(gram, targets)
+    totals = weights.sum(axis=0)
+    for k, total in enumerate(totals):
+        if not np.isfinite(total) or abs(total) < 1e-12:
+            raise ValueError(
+                f"the least-squares weights of sigma_rel {out_sigmas[k]:g} sum to {total:g}: "
+                "cannot normalise them"
+            )
+    out = np.zeros((len(outs), len(steps)), np.float64)
+    out[:, used] = (weights / totals).T
+    return out if many else out[0]
+
+
+def _solve(gram: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``gram⁻¹ · targets`` for the symmetric positive definite Gram matrix, by one Cholesky
+    factorisation; a ``ValueError`` when it is not positive definite or its condition
+    number (LAPACK's estimate from the factor) passes :data:`MAX_CONDITION`."""
+    dependent = (
+        "the snapshots' profiles are nearly linearly dependent (condition number {} > "
+        f"{MAX_CONDITION:g}): use fewer or more distinct snapshots"
     )
-    condition = np.linalg.cond(gram)
+    try:
+        factor = linalg.cho_factor(gram, check_finite=False)
+    except linalg.LinAlgError:
+        raise ValueError(dependent.format("inf")) from None
+    rcond, _ = linalg.lapack.dpocon(factor[0], float(np.abs(gram).sum(axis=0).max()))
+    condition = np.inf if rcond <= 0 else 1.0 / rcond
     if not condition < MAX_CONDITION:
-        raise ValueError(
-            f"the snapshots' profiles are nearly linearly dependent (condition number "
-            f"{condition:.3g} > {MAX_CONDITION:g}): use fewer or more distinct snapshots"
-        )
-    weights = np.linalg.solve(gram, target)
-    total = weights.sum()
-    if not np.isfinite(total) or abs(total) < 1e-12:
-        raise ValueError(f"the least-squares weights sum to {total:g}: cannot normalise them")
-    out = np.zeros(len(steps), np.float64)
-    out[used] = weights / total
-    return out
+        raise ValueError(dependent.format(f"{condition:.3g}"))
+    return np.asarray(linalg.cho_solve(factor, targets, check_finite=False))

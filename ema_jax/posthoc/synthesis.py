@@ -15,11 +15,9 @@ from ema_jax.posthoc.solver import solve_coefficients
 from ema_jax.transform import Params
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def accumulate(total: Params, trees: Sequence[Params], weights: jax.Array) -> Params:
+def add_weighted(total: Params, trees: Sequence[Params], weights: jax.Array) -> Params:
     """``total + Σ_k weights[k]·trees[k]`` for averaged (real or complex floating) leaves,
-    in ``total``'s dtypes; other leaves take the last tree's value. ``total`` is donated:
-    updated in place."""
+    in ``total``'s dtypes; other leaves take the last tree's value."""
 
     def leaf(acc: jax.Array, *xs: jax.Array) -> jax.Array:
         if not _dtypes.is_averaged(acc.dtype):
@@ -31,6 +29,22 @@ def accumulate(total: Params, trees: Sequence[Params], weights: jax.Array) -> Pa
         return acc + functools.reduce(jnp.add, terms)
 
     return jax.tree.map(leaf, total, *trees)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def accumulate(total: Params, trees: Sequence[Params], weights: jax.Array) -> Params:
+    """:func:`add_weighted`, jitted, ``total`` donated (updated in place)."""
+    return add_weighted(total, trees, weights)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def accumulate_widths(
+    totals: Sequence[Params], trees: Sequence[Params], weights: jax.Array
+) -> list[Params]:
+    """:func:`accumulate` into each of K outputs: ``totals[j] + Σ_k weights[j, k]·trees[k]``,
+    ``weights`` of shape ``[K, len(trees)]``; one jitted call reads ``trees`` once for every
+    output. ``totals`` is donated."""
+    return [add_weighted(t, trees, weights[j]) for j, t in enumerate(totals)]
 
 
 def zeros(tree: Params) -> Params:
