@@ -3,6 +3,7 @@ reads; bad input exits with status 2 and one line naming the flag or the directo
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -49,6 +50,25 @@ def test_cli_writes_an_export_that_load_exported_reads(recorded_dir: Path, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         posthoc.main([str(recorded_dir), "--sigma-rel", "0.3", "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_several_sigma_rels_write_one_export_each(recorded_dir: Path, tmp_path: Path) -> None:
+    """One run, one pass: ``--out DIR/sigma_rel_<S>`` per ``--sigma-rel``, each what
+    ``synthesize_from`` gives for that width."""
+    out = tmp_path / "exports"
+    assert (
+        posthoc.main(
+            [str(recorded_dir), "--sigma-rel", "0.05", "--sigma-rel", "0.15", "--out", str(out)]
+        )
+        == 0
+    )
+    assert sorted(os.listdir(out)) == ["sigma_rel_0.05", "sigma_rel_0.15"]
+    for sigma in (0.05, 0.15):
+        tree_allclose(
+            checkpoint.load_exported(out / f"sigma_rel_{sigma:g}"),
+            posthoc.synthesize_from(recorded_dir, sigma),
+            rtol=0,
+        )
 
 
 BAD_INPUT: dict[str, tuple[Callable[[Path, Path], list[str]], list[str], list[str]]] = {

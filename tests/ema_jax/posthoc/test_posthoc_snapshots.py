@@ -176,3 +176,29 @@ def test_complex_snapshots_keep_their_imaginary_part(tmp_path: Path, dtype: Any)
     want = complex128_reference(snapshots, 0.08)
     assert got["z"].dtype == jnp.complex64
     np.testing.assert_allclose(np.asarray(got["z"]), want["z"], rtol=1e-5, atol=1e-5)
+
+
+def test_several_widths_are_synthesized_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``synthesize_from(d, [σ_1..σ_K])`` reads each snapshot once and gives, in order, what
+    K separate calls give (and what the in-memory synthesis gives)."""
+    from ema_jax.posthoc import snapshots
+
+    memory = linen_run(tmp_path / "posthoc")
+    widths = [0.03, 0.08, 0.12, 0.2]
+    reads: list[int] = []
+    original = snapshots.Snapshot.read
+
+    def counted(self: Any, target: Any) -> Any:
+        reads.append(self.step)
+        return original(self, target)
+
+    monkeypatch.setattr(snapshots.Snapshot, "read", counted)
+    together = posthoc.synthesize_from(tmp_path / "posthoc", widths, step=20)
+    assert sorted(reads) == [4, 8, 12, 16, 20]  # once each; step 24 is after step=20
+    assert isinstance(together, list) and len(together) == len(widths)
+    for sigma, got in zip(widths, together, strict=True):
+        tree_allclose(got, posthoc.synthesize_from(tmp_path / "posthoc", sigma, step=20), rtol=0)
+        want = posthoc.synthesize(memory, sigma, step=20)
+        tree_allclose(got, jax.tree.map(lambda w, g: w.astype(g.dtype), want, got), rtol=1e-6)

@@ -97,3 +97,23 @@ def test_bad_snapshots_raise_clear_errors(case: str) -> None:
     call, message = BAD_SNAPSHOTS[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_several_widths_share_one_solve_and_equal_one_at_a_time() -> None:
+    steps, sigmas, out_step, _ = LAYOUTS["two sigmas, every 100 steps"]
+    widths = [0.03, 0.08, 0.15, 0.25]
+    got = posthoc.solve_coefficients(steps, sigmas, out_step, widths)
+    assert got.shape == (len(widths), len(steps))
+    for row, width in zip(got, widths, strict=True):
+        np.testing.assert_allclose(
+            row, reference_coefficients(steps, sigmas, out_step, width), rtol=1e-6, atol=1e-8
+        )
+    with pytest.raises(ValueError, match=r"out_sigma_rel\[1\] must be finite"):
+        posthoc.solve_coefficients(steps, sigmas, out_step, [0.1, 0.3])
+    with pytest.raises(ValueError, match="out_sigma_rel is empty"):
+        posthoc.solve_coefficients(steps, sigmas, out_step, [])
+
+
+def test_snapshots_of_one_step_warn_that_sigma_rel_cannot_be_chosen() -> None:
+    with pytest.warns(UserWarning, match="at least 2 snapshots"):
+        posthoc.solve_coefficients([100, 100], [0.05, 0.1], 100, 0.1)
