@@ -17,6 +17,7 @@ from experiments.bench.flags import FLAG_SETS, bench_flags
 from experiments.bench.memory import bench_memory
 from experiments.bench.multi_decay import bench_multi_decay
 from experiments.bench.nnx_update import bench_nnx
+from experiments.bench.posthoc import bench_posthoc
 from experiments.bench.report import report
 from experiments.bench.train_step import bench_mlp_step, bench_train_step
 from experiments.bench.update import bench_choices, bench_goal_row, bench_leaf_overhead, torch
@@ -40,6 +41,7 @@ class Plan:
     mlp_rounds: int
     train_rounds: int
     flag_sets: tuple[str, ...]
+    posthoc_sizes: tuple[int, ...]  # params per recorded average, 20 snapshots of 2
 
 
 QUICK = Plan(
@@ -53,6 +55,7 @@ QUICK = Plan(
     mlp_rounds=3,
     train_rounds=4,
     flag_sets=FLAG_SETS[:2],
+    posthoc_sizes=(200_000,),
 )
 FULL = Plan(
     g1_sizes=((10_000_000, 100), (100_000_000, 100)),
@@ -65,6 +68,7 @@ FULL = Plan(
     mlp_rounds=11,
     train_rounds=41,
     flag_sets=FLAG_SETS,
+    posthoc_sizes=(2_000_000, 10_000_000),
 )
 
 
@@ -95,7 +99,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--p2-batch", type=int, default=512, help="batch of the G4 RUL train step (default 512)"
     )
+    parser.add_argument(
+        "--posthoc-only",
+        action="store_true",
+        help="only the post-hoc section (synthesis vs reading the snapshot files)",
+    )
+    parser.add_argument(
+        "--posthoc-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="params per recorded average of the post-hoc section's 20 snapshots "
+        "(default 2000000 10000000; --quick 200000)",
+    )
     args = parser.parse_args(argv)
+    if args.posthoc_sizes is not None and min(args.posthoc_sizes) < 10:
+        parser.error("--posthoc-sizes must be >= 10")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.p2_batch < 1:
@@ -170,9 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
     repeats = args.repeats or plan.repeats
     results: dict[str, Any] = {"machine": machine(), "load": load_average(), "repeats": repeats}
-    results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in plan.bandwidth_sizes]
-    if not args.bandwidth_only:
+    posthoc_sizes = args.posthoc_sizes or plan.posthoc_sizes
+    if not args.posthoc_only:
+        results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in plan.bandwidth_sizes]
+    if not (args.bandwidth_only or args.posthoc_only):
         results.update(measure_goals(args, plan, repeats))
+    if not args.bandwidth_only:
+        results["posthoc"] = [bench_posthoc(n, max(3, repeats // 3)) for n in posthoc_sizes]
+        print("post-hoc:", [r["ms"] for r in results["posthoc"]], flush=True)
     results["load_after"] = load_average()
     text = report(results)
     print(text)

@@ -162,6 +162,24 @@ def bandwidth_measured(rows: list[dict[str, Any]]) -> list[Measured]:
     ]
 
 
+def posthoc_measured(rows: list[dict[str, Any]]) -> list[Measured]:
+    """Per size: one width / reading the files, K widths / one width (paired medians)."""
+    return [
+        Measured(
+            f"{r['snapshots']} snapshots of 2 averages of {r['params']:.0e} params "
+            f"({r['bytes'] / 1e6:.0f} MB), paired over {r['repeats']} rounds, files in the page "
+            f"cache: one width / read {_quartiles(r['one width / read'])}, {r['K']} widths / one "
+            f"{_quartiles(r['K widths / one width'])}; ms: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r["ms"].items()),
+            {
+                "one width / read": r["one width / read"]["ratio"],
+                "K widths / one width": r["K widths / one width"]["ratio"],
+            },
+        )
+        for r in rows
+    ]
+
+
 MEASURED: dict[str, Callable[[Any], list[Measured]]] = {
     "g1": update_measured,
     "g2": update_measured,
@@ -170,6 +188,7 @@ MEASURED: dict[str, Callable[[Any], list[Measured]]] = {
     "p3": p3_measured,
     "p4": p4_measured,
     "bandwidth": bandwidth_measured,
+    "posthoc": posthoc_measured,
 }
 """Each section's measured rows, by its key in the results (a goal's ``section``)."""
 
