@@ -172,7 +172,8 @@ def test_the_device_goal_is_judged_only_on_a_gpu() -> None:
 def test_every_goal_names_a_section_the_report_measures() -> None:
     assert [g.name for g in goals.GOALS] == [
         "G1 vs hand lerp", "G1 floor", "G1 vs optax.ema", "G1 vs torch", "G2", "G3", "G4",
-        "G5 vs nnx.EMA", "G5 vs functional", "P3", "P4", "device",
+        "G5 vs nnx.EMA", "G5 vs functional", "P3", "P4", "device", "post-hoc one width",
+        "post-hoc K widths",
     ]  # fmt: skip
     for goal in goals.GOALS:
         assert goal.section in report.MEASURED and goal.description
@@ -237,3 +238,42 @@ def test_the_nnx_section_pairs_ema_jax_nnx_with_flax_and_the_functional_update()
     lines = report.report(results).splitlines()
     judged = [r for r in lines if r.startswith("| G5") and r.endswith(("| yes |", "| no |"))]
     assert len(judged) == 4  # two goals × two modes
+
+
+def test_the_posthoc_section_times_reading_one_width_and_k_widths_side_by_side() -> None:
+    """At a toy size (3 snapshots of 2 × 200 params): the three timings, the two paired
+    ratios within their quartiles, the bytes read, and one judged row per goal."""
+    from experiments.bench import posthoc
+
+    row = posthoc.bench_posthoc(200, 2, leaves=2, snapshots=3)
+    assert set(row["ms"]) == {"read files", "one width", "K widths"}
+    assert all(v > 0 for v in row["ms"].values()) and row["K"] == len(posthoc.WIDTHS) == 4
+    assert row["bytes"] > 3 * 2 * 200 * 4  # at least the arrays themselves
+    for key in ("one width / read", "K widths / one width"):
+        assert 0 < row[key]["q1"] <= row[key]["ratio"] <= row[key]["q3"]
+    results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1}
+    lines = report.report({**results, "posthoc": [row]}).splitlines()
+    judged = [r for r in lines if r.startswith("| post-hoc") and r.endswith(("| yes |", "| no |"))]
+    assert len(judged) == 2
+    one = next(r for r in judged if r.startswith("| post-hoc one width"))
+    assert one.split(" | ")[-3] == f"{row['one width / read']['ratio']:.2f}×"
+    assert one.endswith("| yes |") == (row["one width / read"]["ratio"] <= 3.0)
+
+
+def test_the_posthoc_only_flag_runs_that_section_at_the_sizes_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from experiments.bench import posthoc
+
+    sizes: list[int] = []
+
+    def fake(n: int, repeats: int) -> dict[str, Any]:
+        sizes.append(n)
+        return posthoc.bench_posthoc(n, 1, leaves=2, snapshots=2)
+
+    monkeypatch.setattr(cli, "bench_posthoc", fake)
+    results = cli.main(["--posthoc-only", "--posthoc-sizes", "100", "300", "--repeats", "1"])
+    assert sizes == [100, 300] and [r["params"] for r in results["posthoc"]] == [100, 300]
+    assert "bandwidth" not in results and "g1" not in results
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--posthoc-sizes", "0"])

@@ -84,3 +84,14 @@ def test_report_tables_the_chosen_sigma_against_raw_and_tracked(tmp_path):
     assert "with / without = **1.050**" in text
     assert json.loads((tmp_path / "ph.json").read_text())["timing"]["ratio"] == 1.05
     assert (tmp_path / "ph.png").stat().st_size > 0
+
+
+def test_the_cost_line_reports_the_grid_in_one_pass_and_reads_older_runs():
+    one_pass = {**_run(0, [13.0, 12.5, 12.9], 0.1, {}), "grid_seconds": 0.5}
+    del one_pass["synthesis_seconds"]
+    line = posthoc_study.synthesis_cost([one_pass, {**one_pass, "grid_seconds": 0.7}])
+    assert "grid of 3 σ_rel in one pass, each of the 30 snapshots read once" in line
+    assert "0.60 ± " in line
+    older = posthoc_study.synthesis_cost([_run(0, [13.0, 12.5, 12.9], 0.1, {})])
+    assert "0.250 s per σ_rel; the grid of 3: 0.8 s" in older
+
