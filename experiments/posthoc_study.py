@@ -8,9 +8,9 @@ Orbax snapshots every ``--snapshot-every`` epochs into ``<runs>/seed<s>/posthoc`
 directory, all kept). After training, ``ema_jax.posthoc.synthesize_from`` gives the EMA of
 every σ_rel of ``--sigma-grid`` in one pass over the snapshots; the one with the lowest
 validation RMSE is chosen (validation only) and scored on test once, with raw and the
-directly tracked EMAs of the same run (``last`` rule). Then seed 0's configuration is timed with and without recording
-(``--timing-rounds``, alternating, training steps and snapshot writes only: the ratio is
-the recording cost), unless ``<runs>/timing.json`` exists.
+directly tracked EMAs of the same run (``last`` rule). Then seed 0's configuration is timed
+with and without recording (``--timing-rounds``, alternating, training steps and snapshot
+writes only: the ratio is the recording cost), unless ``<runs>/timing.json`` exists.
 
 A script of its own, not a ``train_rul`` flag: the recorded averages and the snapshot
 callback change the run's variants and outputs, which every ``train_rul`` report reads.

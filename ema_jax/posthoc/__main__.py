@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_out(out, args.force)
         else:
             if os.path.exists(out) and not os.path.isdir(out):
-                raise ValueError(f"--out {out} is a file: with several --sigma-rel it is a directory")
+                raise ValueError(
+                    f"--out {out} is a file: with several --sigma-rel it is a directory"
+                )
             if os.path.isdir(out) and checkpoint.layout.kind(out) is not None:
                 _check_out(out, False)
             paths = [os.path.join(out, export_name(s)) for s in sigmas]

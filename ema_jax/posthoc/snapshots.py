@@ -48,7 +48,7 @@ def snapshot_manager(directory: str | os.PathLike[str], *, async_save: bool = Tr
 def save_snapshot(
     mngr: Manager,
     step: int,
-    averages: EmaState | Sequence[Params],
+    averages: Any,
     sigma_rels: Sequence[float] = SIGMA_RELS,
     *,
     dtype: Any = jnp.float32,

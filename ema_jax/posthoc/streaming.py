@@ -137,6 +137,7 @@ def synthesize_from(
     # Reads overlap (Orbax's fixed cost per restore is mostly waiting), at most READ_AHEAD
     # snapshots ahead of the one being added: memory stays bounded.
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
+        pending: collections.deque[tuple[concurrent.futures.Future[Any], np.ndarray]]
         pending = collections.deque()
         for snapshot, w in used:
             pending.append((pool.submit(snapshot.read, [one] * w.shape[1]), w))
@@ -156,7 +157,9 @@ def _filled(nnx: Any, target: Any, values: Params) -> Any:
     return filled
 
 
-def _add(totals: list[Params], averages: concurrent.futures.Future, w: np.ndarray) -> list[Params]:
+def _add(
+    totals: list[Params], averages: concurrent.futures.Future[Any], w: np.ndarray
+) -> list[Params]:
     """``totals`` plus one snapshot's averages (once read) with their weights ``w``
     ``[K, averages]``; waits for the sums, so the snapshot's buffers are freed."""
     return jax.block_until_ready(accumulate_widths(totals, averages.result(), jnp.asarray(w)))

@@ -93,5 +93,4 @@ def test_the_cost_line_reports_the_grid_in_one_pass_and_reads_older_runs():
     assert "grid of 3 σ_rel in one pass, each of the 30 snapshots read once" in line
     assert "0.60 ± " in line
     older = posthoc_study.synthesis_cost([_run(0, [13.0, 12.5, 12.9], 0.1, {})])
-    assert "0.250 s per σ_rel; the grid of 3: 0.8 s" in older
-
+    assert "0.250 ± " in older and "s per σ_rel; the grid of 3: 0.8 ± " in older

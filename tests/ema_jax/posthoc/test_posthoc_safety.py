@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from helpers import tree_allclose
 
-from ema_jax import checkpoint, posthoc
+from ema_jax import posthoc
 
 
 def _record(directory: Path, steps: range, shift: float = 0.0, **kwargs: Any) -> None:
@@ -59,9 +58,9 @@ def test_the_command_line_refuses_a_corrupted_snapshot_and_writes_nothing(
     corrupted: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "export"
+    argv = [str(corrupted), "--sigma-rel", "0.1", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "ema_jax.posthoc", str(corrupted), "--sigma-rel", "0.1"]
-        + ["--out", str(out)],
+        [sys.executable, "-m", "ema_jax.posthoc", *argv],
         capture_output=True,
         text=True,
         timeout=120,
