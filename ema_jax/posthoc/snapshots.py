@@ -9,6 +9,7 @@ params' dtypes to synthesize back into).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -29,6 +30,8 @@ from ema_jax.transform import EmaState, Params, accumulators, num_averages
 ITEM = layout.SNAPSHOT
 #: The key of a snapshot's description in the item's custom metadata.
 META_KEY = "ema_jax.posthoc"
+#: Threads reading the snapshots' metadata in :func:`find`.
+METADATA_READERS = 8
 
 
 def snapshot_manager(directory: str | os.PathLike[str], *, async_save: bool = True) -> Manager:
@@ -178,19 +181,21 @@ def find(directory: str | os.PathLike[str]) -> list[Snapshot]:
         with what reads it), or a step there is not a snapshot or is damaged.
     """
     directory = layout.expect(directory, layout.SNAPSHOT, "no snapshot directory at")
-    found = []
-    for step, step_path in layout.steps(directory):
+
+    def described(step: int, step_path: str) -> Snapshot:
         path = os.path.join(step_path, ITEM)
         where = f"the snapshot of step {step} in {directory}"
         saved = items.metadata(path, where, ITEM)
         description = items.custom(saved, META_KEY)
         if description is None:
             raise ValueError(f"{path} is not a snapshot written by ema_jax.posthoc.save_snapshot")
-        found.append(
-            Snapshot(
-                step, path, description["sigma_rels"], description["param_dtypes"], saved, where
-            )
+        return Snapshot(
+            step, path, description["sigma_rels"], description["param_dtypes"], saved, where
         )
+
+    # The metadata files are small: read them concurrently (each read is mostly waiting).
+    with concurrent.futures.ThreadPoolExecutor(METADATA_READERS) as pool:
+        found = list(pool.map(lambda found: described(*found), layout.steps(directory)))
     if not found:
         raise FileNotFoundError(f"no snapshots in {directory}")
     return found
