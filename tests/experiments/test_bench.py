@@ -179,7 +179,7 @@ def test_every_goal_names_a_section_the_report_measures() -> None:
         assert goal.section in report.MEASURED and goal.description
 
 
-@pytest.mark.parametrize("name", ["bench_cpu", "bandwidth_cpu"])
+@pytest.mark.parametrize("name", ["bench_cpu", "bandwidth_cpu", "bench_posthoc_cpu"])
 def test_the_report_renders_the_stored_results_as_stored(name: str) -> None:
     """The stored Markdown is the report of the stored JSON, as this benchmark renders it."""
     results = json.loads((RESULTS / f"{name}.json").read_text())
