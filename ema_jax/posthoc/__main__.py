@@ -99,8 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(
                     f"--out {out} is a file: with several --sigma-rel it is a directory"
                 )
-            if os.path.isdir(out) and checkpoint.layout.kind(out) is not None:
-                _check_out(out, False)
+            found = checkpoint.layout.kind(out) if os.path.isdir(out) else None
+            if found is not None:
+                raise ValueError(
+                    f"--out {out} is {checkpoint.layout.READERS[found].split(':')[0]}: with "
+                    "several --sigma-rel, --out is a directory holding one export per sigma_rel"
+                )
             paths = [os.path.join(out, export_name(s)) for s in sigmas]
             for path in paths:
                 _check_out(path, args.force, "--out's")

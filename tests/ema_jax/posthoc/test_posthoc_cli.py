@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import tree_allclose
 from posthoc_support import linen_run, small_checkpoint
@@ -103,7 +104,21 @@ BAD_INPUT: dict[str, tuple[Callable[[Path, Path], list[str]], list[str], list[st
         [r"is a training checkpoint: .*load_ema_params", "not a post-hoc snapshot directory"],
         ["_METADATA", "damaged"],
     ),
+    "several widths into an export": (
+        lambda d, tmp: [
+            str(d),
+            *("--sigma-rel", "0.1", "--sigma-rel", "0.2", "--force", "--out"),
+            str(_an_export(tmp / "export")),
+        ],
+        [r"is an export .*: with several --sigma-rel, --out is a directory holding one export"],
+        [],
+    ),
 }
+
+
+def _an_export(path: Path) -> Path:
+    checkpoint.export_params(path, {"w": np.ones(3, np.float32)})
+    return path
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
