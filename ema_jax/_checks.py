@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -93,18 +94,23 @@ def accuracy(name: str, beta: float, dtype: Any) -> None:
 def integer(
     name: str, value: Any, minimum: int, *, allow_none: bool = False, maximum: int | None = None
 ) -> int | None:
-    """``int(value)`` if it is an int in ``[minimum, maximum]`` (or ``None`` when allowed),
-    else a clear error. Bools are rejected: ``True`` is no step count."""
+    """``int(value)`` if it is an integer (a Python or NumPy int, anything
+    ``operator.index`` takes) in ``[minimum, maximum]`` (or ``None`` when allowed), else a
+    clear error. Bools are rejected: ``True`` is no step count."""
     if value is None and allow_none:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None:
         kind = "None or an int" if allow_none else "an int"
         raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
-    return int(value)
+    return number
 
 
 def flag(name: str, value: Any) -> bool:
