@@ -54,6 +54,10 @@ def decays_at(
     return jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
 
 
+#: Steps of a schedule evaluated in one vectorised call by :func:`window_decay`.
+WINDOW_CHUNK = 256
+
+
 def window_decay(
     decay: float | schedules.Schedule, t: jax.Array, n: jax.Array, k: int
 ) -> jax.Array:
@@ -62,17 +66,32 @@ def window_decay(
     ``β^n`` for a constant; a schedule's own closed form when it has one (a
     :class:`~ema_jax.schedules.ClosedFormProduct`, e.g.
     :func:`~ema_jax.schedules.power_function`'s telescoping ``(1 - n/t)^(γ+1)``); otherwise
-    the schedule evaluated at the k steps ``t-k+1..t`` in one vectorised call
-    (``jax.vmap``) and the last ``n`` multiplied: O(k) scalar work.
+    the schedule evaluated at the steps ``t, t-1, ...`` in vectorised calls (``jax.vmap``)
+    of ``c = min(k, WINDOW_CHUNK)`` steps and the first ``n`` multiplied: one call for
+    ``k <= WINDOW_CHUNK``, else a ``lax.fori_loop`` over the ``⌈n/c⌉`` chunks the update
+    stands for. O(n) scalar work and O(c) memory, whatever ``k`` is.
     """
     scalar = schedules.default_float()
     if not callable(decay):
         return jnp.asarray(decay, scalar) ** n.astype(scalar)
     if isinstance(decay, schedules.ClosedFormProduct):
         return jnp.asarray(decay.decay_product(t, n), scalar).reshape(())
-    back = jnp.arange(k, dtype=t.dtype)  # t - back: t, t-1, ..., t-k+1
-    betas = jax.vmap(lambda j: jnp.asarray(decay(j), scalar).reshape(()))(t - back)
-    return jnp.prod(jnp.where(back < n, betas, jnp.ones((), scalar)))
+    c = min(k, WINDOW_CHUNK)
+    back = jnp.arange(c, dtype=t.dtype)
+
+    def chunk(start: jax.Array) -> jax.Array:
+        """The product of ``β_{t-start-j}`` over ``j < c`` with ``start + j < n``."""
+        betas = jax.vmap(lambda j: jnp.asarray(decay(j), scalar).reshape(()))(t - start - back)
+        return jnp.prod(jnp.where(back < n - start, betas, jnp.ones((), scalar)))
+
+    if k <= c:
+        return chunk(jnp.zeros((), t.dtype))
+    chunks = n // c + (n % c > 0)  # ⌈n/c⌉ without overflowing int32 near 2**31
+
+    def times_chunk(i: jax.Array, product: jax.Array) -> jax.Array:
+        return product * chunk(i * c)
+
+    return lax.fori_loop(0, chunks.astype(t.dtype), times_chunk, jnp.ones((), scalar))
 
 
 def coefficients(
