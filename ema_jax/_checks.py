@@ -113,6 +113,19 @@ def integer(
     return number
 
 
+def scalar_decay(name: str, value: Any, dtype: Any) -> jax.Array:
+    """A schedule's value at one step as a 0-d ``dtype`` array; a ``TypeError`` naming the
+    decay (``decay``, ``decay[i]``) when it holds more than one number (shapes are static,
+    so this is raised while tracing, before anything runs)."""
+    value = jnp.asarray(value, dtype)
+    if value.size != 1:
+        raise TypeError(
+            f"{name} is a schedule that returned shape {value.shape} for one step: a "
+            "schedule maps a step t (a 0-d int array) to one decay β_t, so return a scalar"
+        )
+    return value.reshape(())
+
+
 def flag(name: str, value: Any) -> bool:
     """``value`` if it is a bool (``None`` or ``1`` would silently mean something)."""
     if not isinstance(value, bool):

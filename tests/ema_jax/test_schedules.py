@@ -257,3 +257,25 @@ def test_short_update_intervals_multiply_the_decays_of_one_vectorised_call(k, n)
     want = jnp.prod(jnp.where(back < n, betas, 1.0))
     got = jax.jit(_kernel.window_decay, static_argnums=(0, 3))(_no_closed_form, t, jnp.int32(n), k)
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def _two_decays(t):
+    return jnp.full((2,), 0.9)
+
+
+NON_SCALAR = {
+    "one schedule": (_two_decays, 1, "decay"),
+    "one schedule, update_every": (_two_decays, 3, "decay"),
+    "the second of two": ((0.9, _two_decays), 1, r"decay\[1\]"),
+    "the second of two, update_every": ((0.9, _two_decays), 3, r"decay\[1\]"),
+}
+
+
+@pytest.mark.parametrize(("decay", "update_every", "name"), NON_SCALAR.values(), ids=NON_SCALAR)
+def test_a_schedule_returning_several_numbers_is_refused_naming_the_decay(
+    decay, update_every, name
+):
+    rule = ema_jax.ema(decay, update_every=update_every)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=rf"^{name} is a schedule that returned shape \(2,\)"):
+        rule.update(params, rule.init(params))
