@@ -49,7 +49,7 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> nnx.Modu
     try:
         for m in norms:
             m.use_running_average, m.momentum = False, 0.0
-        graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)
+        graphdef, stats, rest = _split(model)
         totals, count = None, 0
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple) else batch
@@ -71,8 +71,14 @@ def _measure(graphdef: Any, stats: Any, rest: Any, x: Any) -> tuple[Any, Any]:
     other state after the forward (Rng counts)."""
     model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, stats), rest)
     model(x)
-    _, measured, rest = nnx.split(model, nnx.BatchStat, ...)
+    _, measured, rest = _split(model)
     return measured, rest
+
+
+def _split(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+    """``(graphdef, BatchStat state, the rest)``."""
+    graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)  # type: ignore[misc]
+    return graphdef, stats, rest
 
 
 __all__ = ["recompute_batch_stats"]
