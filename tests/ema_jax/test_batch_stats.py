@@ -6,10 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import linen as nn
 from flax import nnx
 
-from ema_jax.batch_stats import recompute_batch_stats
+import ema_jax
+from ema_jax.batch_stats import recompute_batch_stats, recompute_linen_batch_stats
 
 
 class Net(nnx.Module):
@@ -103,3 +106,73 @@ def test_an_ema_view_is_recalibrated_and_the_trained_model_kept():
     want = _reference(view, BATCHES)  # the view's averaged kernel, not the model's
     np.testing.assert_allclose(view.bn2.mean[...], want["bn2"][0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(view.bn2.mean[...], _reference(model, BATCHES)["bn2"][0])
+
+
+class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
+        x = jax.nn.relu(nn.Dense(4, name="linear")(x))
+        return nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn2")(x)
+
+
+def _linen_state():
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), BATCHES[0], train=False)
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.1),
+        ema=ema_jax.ema(0.9),
+        model_state={"batch_stats": variables["batch_stats"]},
+    )
+    return model, state
+
+
+def _linen_reference(params, batches):
+    """:func:`_reference` for the Linen net's params (default scale 1, bias 0)."""
+    net = _net()
+    net.bn1.scale[...], net.bn1.bias[...] = jnp.ones(3), jnp.zeros(3)
+    net.linear.kernel[...] = params["linear"]["kernel"]
+    net.linear.bias[...] = params["linear"]["bias"]
+    return _reference(net, batches)
+
+
+def test_linen_statistics_are_the_equal_weight_mean_of_each_batchs():
+    """For an EmaTrainState's average, from the user's training-mode forward; the state is
+    not changed and the result has ``model_state``'s tree."""
+    model, state = _linen_state()
+
+    def forward(params, model_state, x):
+        variables = {"params": params, **model_state}
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])[1]
+
+    before = jax.tree.map(np.asarray, state.model_state)
+    got = recompute_linen_batch_stats(state, forward, [(x, None) for x in BATCHES])
+    assert jax.tree.structure(got) == jax.tree.structure(state.model_state)
+    jax.tree.map(np.testing.assert_array_equal, state.model_state, before)
+    want = _linen_reference(state.ema_params, BATCHES)
+    for name, (mean, var) in want.items():
+        stats = got["batch_stats"][name]
+        np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats["var"], var, rtol=1e-5, atol=1e-6)
+
+
+def _unchanged(params, model_state, x):
+    return model_state
+
+
+LINEN_MISUSE = {
+    "no model_state": ({"model_state": None}, _unchanged, BATCHES, "state has no model_state"),
+    "no BatchNorm ran": ({}, _unchanged, BATCHES, r"forward ran no flax\.linen\.BatchNorm"),
+    "no batches": ({}, _unchanged, [], "batches yielded no batch"),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "forward", "batches", "match"), LINEN_MISUSE.values(), ids=LINEN_MISUSE
+)
+def test_linen_misuse_is_refused_naming_it(change, forward, batches, match):
+    state = _linen_state()[1].replace(**change)
+    with pytest.raises(ValueError, match=match):
+        recompute_linen_batch_stats(state, forward, batches)
