@@ -10,6 +10,7 @@ results as the functional API, under ``nnx.jit`` (with or without donation) or e
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -202,8 +203,13 @@ class EMA(nnx.Pytree):
         """The values of ``model``'s tracked Variables, checked against the averaged ones
         by path, shape and kind of dtype (static: at trace time under ``jit``)."""
         paths, values = _paths_and_values(nnx.state(model, self.filter, graph=self.graph))
-        if paths != self.tracked_paths:
-            raise ValueError(_path_mismatch(self.tracked_paths, paths, self.filter))
+        change = path_changes(self.tracked_paths, paths)
+        if change is not None:
+            raise ValueError(
+                "the model does not match the EMA (which averages, by path, the Variables "
+                f"only={_name(self.filter)} selects): {change}. An EMA averages the Variables "
+                "it was built from: build a new EMA for a changed model"
+            )
         drop = 1 if self.transform.stacked else 0
         for path, value, accumulator, dtype in zip(
             paths, values, getattr(self, _ACCUMULATORS), self.param_dtypes, strict=True
@@ -266,26 +272,24 @@ def _paths_and_values(tracked: nnx.State) -> tuple[tuple[str, ...], list[Any]]:
     return tuple(paths), values
 
 
-def _path_mismatch(averaged: tuple[str, ...], found: tuple[str, ...], only: Any) -> str:
-    """The error of a model whose selected Variables are not the averaged ones."""
+def path_changes(averaged: Sequence[str], found: Sequence[str]) -> str | None:
+    """What differs between the averaged Variables' paths and ``found`` ("renamed (or
+    replaced): 'enc/kernel' -> 'dec/kernel'", "missing: ...", "added: ..."), or ``None``
+    when they are the same paths."""
     missing = [p for p in averaged if p not in found]
     added = [p for p in found if p not in averaged]
     if missing and len(missing) == len(added):
-        change = "renamed (or replaced): " + ", ".join(
+        return "renamed (or replaced): " + ", ".join(
             f"{a!r} -> {b!r}" for a, b in zip(missing, added, strict=True)
         )
-    else:
-        parts = []
-        if missing:
-            parts.append("missing from the model: " + ", ".join(map(repr, missing)))
-        if added:
-            parts.append("added to the model: " + ", ".join(map(repr, added)))
-        change = "; ".join(parts)
-    return (
-        f"the model does not match the EMA: the Variables only={_name(only)} selects are not "
-        f"the averaged ones, {change}. An EMA averages the Variables it was built from, by path: "
-        "build a new EMA for a changed model"
-    )
+    parts = []
+    if missing:
+        parts.append("missing: " + ", ".join(map(repr, missing)))
+    if added:
+        parts.append("added: " + ", ".join(map(repr, added)))
+    if not parts and list(averaged) != list(found):
+        parts.append(f"in another order: {list(found)}")
+    return "; ".join(parts) or None
 
 
 def _name(only: Any) -> str:
@@ -294,7 +298,9 @@ def _name(only: Any) -> str:
 
 
 def _averages(tx: transform.EmaTransform) -> str:
-    return f"{tx.num_averages} averages (a tuple of decays)" if tx.stacked else "one average (one decay)"
+    if tx.stacked:
+        return f"{tx.num_averages} averages (a tuple of decays)"
+    return "one average (one decay)"
 
 
-__all__ = ["EMA", "EmaVariable"]
+__all__ = ["EMA", "EmaVariable", "path_changes"]
