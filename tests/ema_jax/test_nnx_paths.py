@@ -129,3 +129,16 @@ def test_the_same_paths_in_a_new_model_object_are_averaged():
     averager.update(other)
     want = 0.5 * EncDec(nnx.Rngs(0)).enc.kernel[...] + 0.5 * other.enc.kernel[...]
     np.testing.assert_allclose(averager.params["enc"]["kernel"], want, rtol=1e-6)
+
+
+def test_a_variable_holding_no_array_is_refused_naming_its_path():
+    """A selected Variable holding neither an array nor a number is refused at
+    construction, naming its model path and the fix (Python numbers are accepted)."""
+
+    class Tagged(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(2))
+            self.tag = nnx.Variable("encoder")
+
+    with pytest.raises(TypeError, match=r"Variable at 'tag' holds a str, not an array or a"):
+        ema_jax.nnx.EMA(Tagged(), 0.5, only=nnx.Variable)
