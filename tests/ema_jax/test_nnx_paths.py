@@ -142,3 +142,22 @@ def test_a_variable_holding_no_array_is_refused_naming_its_path():
 
     with pytest.raises(TypeError, match=r"Variable at 'tag' holds a str, not an array or a"):
         ema_jax.nnx.EMA(Tagged(), 0.5, only=nnx.Variable)
+
+
+def test_the_path_check_runs_when_tracing_not_on_every_jitted_step():
+    """Under ``nnx.jit`` the model's Variables are selected and checked once, when the step
+    is traced: the filter is not called again on later steps (no per-step host work)."""
+    calls = []
+
+    def only_params(path, variable):
+        calls.append(path)
+        return isinstance(variable, nnx.Param)
+
+    model = EncDec(nnx.Rngs(0))
+    averager = ema_jax.nnx.EMA(model, 0.5, only=only_params)
+    _jitted_update(averager, model)
+    traced = len(calls)
+    for _ in range(5):
+        _jitted_update(averager, model)
+    assert traced > 0 and len(calls) == traced
+    assert int(averager.count[...]) == 6
