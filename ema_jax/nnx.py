@@ -185,8 +185,11 @@ class EMA(nnx.Pytree):
             averaged ones; or, outside a trace, no update has been made yet (a view taken
             before training would keep the initial weights: take it where you evaluate).
         """
-        count = self.count.get_value()
-        if not isinstance(count, jax.core.Tracer) and int(count) == 0:
+        count = self.state.count
+        concrete = isinstance(count, (jax.Array, np.ndarray)) and not isinstance(
+            count, jax.core.Tracer
+        )
+        if concrete and int(count) == 0:
             raise ValueError(
                 "apply_to before any update: ema_jax's view is the average at the call (a "
                 "snapshot), not a live view that follows later updates like flax's nnx.EMA's, "
@@ -211,8 +214,9 @@ class EMA(nnx.Pytree):
                 "it was built from: build a new EMA for a changed model"
             )
         drop = 1 if self.transform.stacked else 0
+        state = self.state
         for path, value, accumulator, dtype in zip(
-            paths, values, getattr(self, _ACCUMULATORS), self.param_dtypes, strict=True
+            paths, values, state.ema, state.param_dtypes, strict=True
         ):
             averaged = tuple(accumulator.shape[: accumulator.ndim - drop])
             problem = None
