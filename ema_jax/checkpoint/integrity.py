@@ -54,10 +54,16 @@ def _leaf_checksums(leaves: list[Any]) -> list[jax.Array]:
 
 
 def checksums(tree: Any) -> dict[str, int]:
-    """``{"a.b": checksum}`` for every leaf, in Orbax's flat key paths."""
+    """``{"a.b": checksum}`` for every leaf, in Orbax's flat key paths (a typed PRNG key's
+    over its key data)."""
     flat = ocp.tree.to_flat_dict(tree)
-    sums = jax.device_get(_leaf_checksums([jnp.asarray(x) for x in flat.values()]))
+    sums = jax.device_get(_leaf_checksums([_key_data(jnp.asarray(x)) for x in flat.values()]))
     return {".".join(k): int(c) for k, c in zip(flat, sums, strict=True)}
+
+
+def _key_data(x: jax.Array) -> jax.Array:
+    """Typed PRNG keys (NNX's RNG state) as their raw key data (what Orbax stores)."""
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 
 
 def verify(tree: Any, saved: Any, where: str) -> None:

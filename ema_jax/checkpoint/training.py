@@ -160,8 +160,10 @@ def restore(mngr: Manager, target: Any, step: int | None = None) -> Any:
     adapter = adapters.adapt(target)
     mngr.wait_until_finished()
     step = _resolve_step(mngr, step)
+    step_directory = layout.step_path(os.fspath(mngr.directory), step)
+    adapter.check_saved(step_directory, f"step {step} in {mngr.directory}")
     restored = items.read(
-        os.path.join(layout.step_path(os.fspath(mngr.directory), step), STATE),
+        os.path.join(step_directory, STATE),
         adapter.arrays,
         STATE,
         where=f"step {step} in {mngr.directory}",
