@@ -28,17 +28,13 @@ def _micro_grads(steps: int = 2 * K):
 
 
 def _mean_grads(micro):
-    return [
-        jax.tree.map(lambda *g: sum(g) / K, *micro[i : i + K]) for i in range(0, len(micro), K)
-    ]
+    return [jax.tree.map(lambda *g: sum(g) / K, *micro[i : i + K]) for i in range(0, len(micro), K)]
 
 
 PARAMS = {"w": jnp.zeros((3, 2)), "b": jnp.ones(2)}
 RULES = {
     "debiased": ema_jax.ema(0.9, debias=True),
-    "two averages, schedule": ema_jax.ema(
-        (schedules.tf_warmup(0.99), 0.5), debias=(False, True)
-    ),
+    "two averages, schedule": ema_jax.ema((schedules.tf_warmup(0.99), 0.5), debias=(False, True)),
     "update_every and start_step": ema_jax.ema(0.8, update_every=2, start_step=1),
 }
 
@@ -73,9 +69,7 @@ def test_train_state_counts_real_steps_with_the_transformation_form():
     """``MultiSteps(...).gradient_transformation()`` (no ``has_updated`` of its own) is
     recognised by its state: 8 micro-steps are 2 EMA steps."""
     tx = optax.MultiSteps(optax.sgd(0.5), K).gradient_transformation()
-    state = ema_jax.EmaTrainState.create(
-        apply_fn=None, params=PARAMS, tx=tx, ema=ema_jax.ema(0.9)
-    )
+    state = ema_jax.EmaTrainState.create(apply_fn=None, params=PARAMS, tx=tx, ema=ema_jax.ema(0.9))
     for g in _micro_grads():
         state = state.apply_gradients(grads=g)
     assert int(state.ema_state.count) == 2
