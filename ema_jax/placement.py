@@ -157,7 +157,7 @@ def place(
             stacklevel=4,
         )
     shardings = tuple(None if s is None else s.with_memory_kind(kind or "device") for s in chosen)
-    leaves = treedef.flatten_up_to(accumulators)
+    leaves = jax.tree.leaves(accumulators)  # the params' tree, leaf for leaf
     placed = [
         x if s is None else jax.device_put(x, s) for x, s in zip(leaves, shardings, strict=True)
     ]
