@@ -164,23 +164,24 @@ class EmaTransform:
         apply = due & finite
         alpha, keep, weight = _kernel.coefficients(betas, state.weight, apply)
 
-        accumulators_in = placement.to_device(state.ema) if self.memory_kind else state.ema
-        if self.shard_over is not None and state.shardings is not None:
+        sharded = self.shard_over is not None and state.shardings is not None
+        if sharded:
             params = placement.local_slices(params, state.shardings, self.shard_over)
 
         def average(ema: Params) -> Params:
-            return _kernel.average(ema, params, alpha, keep, apply)
+            # Offloaded: fetched and stored here, so a step that skips moves nothing.
+            new = _kernel.average(placement.to_device(ema), params, alpha, keep, apply)
+            new = placement.constrain(new, state.shardings) if sharded else new
+            return placement.to_host(new) if self.memory_kind else new
 
         if self.update_every == 1 and not self.skip_nonfinite and stepped is None:
             # Rarely skipped (a faulty decay only): α = 0 then leaves the average exact, so
             # there is no branch to wait on.
-            new_ema = average(accumulators_in)
+            new_ema = average(state.ema)
         else:
             # A cond, not a select: a skipped step (update_every, NaN, a micro-step) makes
             # no pass over memory.
-            new_ema = lax.cond(apply, average, lambda ema: ema, accumulators_in)
-        if self.shard_over is not None and state.shardings is not None:
-            new_ema = placement.constrain(new_ema, state.shardings)
+            new_ema = lax.cond(apply, average, lambda ema: ema, state.ema)
         new_state = state.replace(
             count=t if stepped is None else jnp.where(stepped, t, state.count),
             num_skipped=jnp.where(
@@ -190,9 +191,7 @@ class EmaTransform:
             ema=new_ema,
         )
         out = shadows(new_state) if self.stacked else shadow(new_state)
-        if self.memory_kind is None:
-            return out, new_state
-        return placement.to_host(out), new_state.replace(ema=placement.to_host(new_ema))
+        return (placement.to_host(out) if self.memory_kind else out), new_state
 
     def _warn_inaccurate(self, accumulators: set[np.dtype]) -> None:
         """Warns for a constant decay too long for float32 accumulators (see

@@ -44,13 +44,18 @@ def _moved(params, i: int):
     return jax.tree.map(lambda x: (x + i).astype(x.dtype), params)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"debias": True}, {"update_every": 2, "skip_nonfinite": True}],
+    ids=["every step", "update_every and the guard (a conditional update)"],
+)
 @pytest.mark.parametrize("decay", [0.9, (0.9, 0.5)], ids=["one decay", "two decays"])
-def test_accumulators_stay_in_host_memory_and_match_the_device_path(decay):
+def test_accumulators_stay_in_host_memory_and_match_the_device_path(decay, options):
     """After ``init``, jitted donated updates and eager updates, every accumulator is in
     pinned host memory and the scalars in device memory; the shadows are bitwise those of
     the same EMA on the device."""
-    offloaded = ema_jax.ema(decay, debias=True, memory_kind=HOST)
-    on_device = ema_jax.ema(decay, debias=True)
+    offloaded = ema_jax.ema(decay, memory_kind=HOST, **options)
+    on_device = ema_jax.ema(decay, **options)
     state, reference = offloaded.init(PARAMS), on_device.init(PARAMS)
     assert _kinds(state.ema) == {HOST}
     update = jax.jit(offloaded.update, donate_argnums=1)
