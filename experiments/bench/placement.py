@@ -48,6 +48,14 @@ def _replicated_params(n: int, leaves: int, mesh: Mesh) -> list[jax.Array]:
     return [jax.device_put(x, NamedSharding(mesh, P())) for x in host]
 
 
+def _adam_with(params: list[jax.Array], rule: Any) -> tuple[ema_jax.EmaTrainState, Any]:
+    """An Adam train state over ``params`` with the EMA ``rule``, and zero gradients."""
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params=params, tx=optax.adam(1e-4), ema=rule
+    )
+    return state, [jnp.zeros_like(p) for p in params]
+
+
 def _step(state: ema_jax.EmaTrainState, grads: Any) -> ema_jax.EmaTrainState:
     return state.apply_gradients(grads=grads)
 
@@ -66,15 +74,10 @@ def measure_shard_over(n: int, leaves: int) -> dict[str, Any]:
     mesh = Mesh(np.array(jax.devices()), ("data",))
     out: dict[str, Any] = {"devices": mesh.size, "params": n, "leaves": leaves}
     for name, shard_over in (("replicated", None), ("shard_over", "data")):
-        params = _replicated_params(n, leaves, mesh)
-        grads = [jnp.zeros_like(p) for p in params]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the unsplittable bias, reported once
-            state = ema_jax.EmaTrainState.create(
-                apply_fn=None,
-                params=params,
-                tx=optax.adam(1e-4),
-                ema=ema_jax.ema(DECAY, shard_over=shard_over),
+            state, grads = _adam_with(
+                _replicated_params(n, leaves, mesh), ema_jax.ema(DECAY, shard_over=shard_over)
             )
         step = jax.jit(_step, donate_argnums=0)
         text = step.lower(state, grads).compile().as_text() or ""
@@ -122,13 +125,7 @@ def bench_offload(n: int, leaves: int, repeats: int) -> dict[str, Any]:
     steps: dict[str, Callable[[], Any]] = {}
     for name, kind in (("device", None), ("pinned_host", "pinned_host")):
         params = [jnp.asarray(x) for x in host_params(n, leaves)]
-        grads = [jnp.zeros_like(p) for p in params]
-        state = ema_jax.EmaTrainState.create(
-            apply_fn=None,
-            params=params,
-            tx=optax.adam(1e-4),
-            ema=ema_jax.ema(DECAY, memory_kind=kind),
-        )
+        state, grads = _adam_with(params, ema_jax.ema(DECAY, memory_kind=kind))
         step = jax.jit(_step, donate_argnums=0)
         holder = {"state": step(state, grads)}
         steps[name] = _stepper(step, holder, grads)

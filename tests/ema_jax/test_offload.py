@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from placement_support import bits, train_nnx_pair
 
 import ema_jax
 import ema_jax.nnx
@@ -31,13 +32,6 @@ PARAMS = {
 
 def _kinds(tree) -> set[str]:
     return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
-
-
-def _bits(tree) -> list[bytes]:
-    return [
-        np.asarray(jax.device_put(x, jax.memory.Space.Device)).tobytes()
-        for x in jax.tree.leaves(tree)
-    ]
 
 
 def _moved(params, i: int):
@@ -67,7 +61,7 @@ def test_accumulators_stay_in_host_memory_and_match_the_device_path(decay, optio
     _, state = offloaded.update(_moved(PARAMS, 4), state)  # eagerly
     _, reference = on_device.update(_moved(PARAMS, 4), reference)
     assert _kinds(state.ema) == {HOST}
-    assert _bits(ema_jax.shadows(state)) == _bits(ema_jax.shadows(reference))
+    assert bits(ema_jax.shadows(state)) == bits(ema_jax.shadows(reference))
     assert _kinds(ema_jax.shadows(state)) == {"device"}  # reading brings them to the devices
 
 
@@ -116,7 +110,7 @@ def test_train_and_eval_steps_read_the_ema_where_it_lives():
             np.asarray(got).tobytes()
             == np.asarray(eval_step(reference, batch, ema_index=index)).tobytes()
         )
-    assert _bits(paired(offloaded, batch)) == _bits(paired(reference, batch))
+    assert bits(paired(offloaded, batch)) == bits(paired(reference, batch))
 
 
 def test_each_shard_is_offloaded_on_its_own_device():
@@ -144,20 +138,12 @@ def test_nnx_ema_offloaded_through_the_options_it_forwards():
     """``ema_jax.nnx.EMA(model, decay, memory_kind=...)`` in a donating ``nnx.jit`` step:
     accumulators in host memory, params bitwise those of the on-device EMA."""
     model = _Model()
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     offloaded = ema_jax.nnx.EMA(model, 0.9, debias=True, memory_kind=HOST)
     reference = ema_jax.nnx.EMA(model, 0.9, debias=True)
 
-    @nnx.jit(donate_argnums=(0, 1, 2, 3))
-    def step(model, optimizer, offloaded, reference):
-        optimizer.update(model, nnx.grad(lambda m: jnp.sum(m.w[...] ** 2))(model))
-        offloaded.update(model)
-        reference.update(model)
-
-    for _ in range(3):
-        step(model, optimizer, offloaded, reference)
+    train_nnx_pair(model, offloaded, reference)
     assert {a.get_value().sharding.memory_kind for a in offloaded.accumulators} == {HOST}
-    assert _bits(offloaded.params) == _bits(reference.params)
+    assert bits(offloaded.params) == bits(reference.params)
 
 
 def test_checkpoint_restores_into_host_memory_and_exports(tmp_path: Path):
@@ -175,10 +161,10 @@ def test_checkpoint_restores_into_host_memory_and_exports(tmp_path: Path):
         )
         restored = ckpt.restore(mngr, target)
     assert _kinds(restored.ema_state.ema) == {HOST}
-    assert _bits(restored) == _bits(state)
+    assert bits(restored) == bits(state)
     ckpt.export_ema_params(tmp_path / "export", state, ema_index=1)
     exported = ckpt.load_exported(tmp_path / "export")
-    assert _bits(exported) == _bits(state.select_params(True, ema_index=1))
+    assert bits(exported) == bits(state.select_params(True, ema_index=1))
 
 
 @pytest.mark.parametrize("bad", ["unpinned_host", "host", "gpu", 1])

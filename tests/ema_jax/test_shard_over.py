@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from placement_support import bits, train_nnx_pair
 
 import ema_jax
 import ema_jax.nnx
@@ -63,13 +64,6 @@ def _state(mesh, decay=(0.9, 0.5), **options):
 
 def _step(state):
     return state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
-
-
-def _bits(tree) -> list[bytes]:
-    return [
-        np.asarray(jax.device_put(x, jax.memory.Space.Device)).tobytes()
-        for x in jax.tree.leaves(tree)
-    ]
 
 
 def _device_bytes(tree) -> int:
@@ -125,7 +119,7 @@ def test_update_has_no_collective_and_keeps_params_replicated(mesh_name):
         jax.tree.leaves(state.ema_state.ema), jax.tree.leaves(ema_shardings), strict=True
     ):
         assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
-    assert _bits(state.ema_params) == _bits(reference.ema_params)
+    assert bits(state.ema_params) == bits(reference.ema_params)
 
 
 def test_unsplittable_leaf_is_reported_once_at_init():
@@ -175,22 +169,14 @@ def test_nnx_ema_shard_over():
     donating ``nnx.jit`` step, and the shadow is the replicated EMA's, bit for bit."""
     mesh = _auto_mesh()
     model = _Model(mesh)
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     split = ema_jax.nnx.EMA(model, 0.9, shard_over="data")
     reference = ema_jax.nnx.EMA(model, 0.9)
 
-    @nnx.jit(donate_argnums=(0, 1, 2, 3))
-    def step(model, optimizer, split, reference):
-        optimizer.update(model, nnx.grad(lambda m: jnp.sum(m.w[...] ** 2))(model))
-        split.update(model)
-        reference.update(model)
-
-    for _ in range(3):
-        step(model, optimizer, split, reference)
+    train_nnx_pair(model, split, reference)
     (accumulator,) = split.accumulators
     assert {s.data.shape for s in accumulator.get_value().addressable_shards} == {(2, 4)}
     assert model.w.get_value().sharding.is_fully_replicated
-    assert _bits(split.params) == _bits(reference.params)
+    assert bits(split.params) == bits(reference.params)
 
 
 def _target(state, mesh):
@@ -216,7 +202,7 @@ def test_checkpoint_saves_sharded_and_restores_onto_a_mesh_of_another_size(tmp_p
         ckpt.save(mngr, 1, state)
         mngr.wait_until_finished()
         restored = ckpt.restore(mngr, target)
-    assert _bits(restored) == _bits(state)
+    assert bits(restored) == bits(state)
     w = restored.ema_state.ema["w"]
     assert len(w.sharding.device_set) == 4 and {s.data.shape for s in w.addressable_shards} == {
         (8, 4, 2)
@@ -225,7 +211,7 @@ def test_checkpoint_saves_sharded_and_restores_onto_a_mesh_of_another_size(tmp_p
     ckpt.export_ema_params(tmp_path / "export", state)
     exported = ckpt.load_exported(tmp_path / "export")
     assert exported["w"].shape == (16, 4)  # the first average, whole
-    assert _bits(exported) == _bits(state.select_params(True))
+    assert bits(exported) == bits(state.select_params(True))
 
 
 @pytest.mark.parametrize("bad", [1, "", ("data", "data"), (), ("data", 2)])
