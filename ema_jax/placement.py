@@ -154,7 +154,7 @@ def place(
             "the axes' size, so their accumulators stay replicated (every device keeps a "
             "full copy of them)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of init
         )
     shardings = tuple(None if s is None else s.with_memory_kind(kind or "device") for s in chosen)
     leaves = jax.tree.leaves(accumulators)  # the params' tree, leaf for leaf
