@@ -147,10 +147,16 @@ class EMA(nnx.Pytree):
             ema=[a.get_value() for a in getattr(self, _ACCUMULATORS)],
         )
 
-    def update(self, model: Any) -> None:
+    def update(self, model: Any, optimizer_step: Any = True) -> None:
         """One step of the average towards ``model``'s tracked Variables (call it after
-        ``optimizer.update(model, grads)``, inside the same ``nnx.jit`` step)."""
-        _, new = self.transform.update(self._values(model), self.state)
+        ``optimizer.update(model, grads)``, inside the same ``nnx.jit`` step).
+
+        ``optimizer_step`` (a bool, traced too): under gradient accumulation pass
+        ``ema_jax.optimizer_stepped(optimizer.opt_state)``, so micro-steps leave the
+        average unchanged (as :meth:`ema_jax.EmaTransform.update`)."""
+        _, new = self.transform.update(
+            self._values(model), self.state, optimizer_step=optimizer_step
+        )
         for name in _ARRAY_FIELDS:
             getattr(self, name).set_value(getattr(new, name))
         for variable, accumulator in zip(getattr(self, _ACCUMULATORS), new.ema, strict=True):
