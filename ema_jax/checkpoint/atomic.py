@@ -20,6 +20,16 @@ def staged(path: str, role: str) -> str:
     return os.path.join(parent, f".{name}.ema_jax-{role}")
 
 
+def clear(path: str) -> None:
+    """Deletes what an interrupted :func:`replace` of ``path`` left beside it (its hidden
+    staged siblings, Orbax's temporary directories of them included)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if os.path.isdir(parent):
+        for entry in os.listdir(parent):
+            if entry.startswith(f".{name}.ema_jax-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def replace(new: str, path: str) -> None:
     """Puts the complete directory ``new`` at ``path``; an existing ``path`` stays until
     then and is deleted after.

@@ -188,17 +188,17 @@ def read_metadata(
     ``ValueError`` naming the checkpoint and the file when that file is missing, truncated
     or unreadable, and the latest of the ``earlier`` steps (``None``: not a step of a
     manager's directory)."""
+    file = "_METADATA" if item is None else f"{item}/_METADATA"
+    what = f"its {file} file (the tree of the saved arrays) is"
     try:
         metadata = read()
-        problem = None if getattr(metadata, "tree", None) is not None else "missing or empty"
-    except FileNotFoundError:
-        problem = "missing or empty"
+    except FileNotFoundError as e:
+        raise damaged(where, f"{what} missing or empty", earlier) from e
     except Exception as e:  # Orbax's and TensorStore's errors, whatever their type
-        problem = f"unreadable: {first_line(e)}"
-    if problem is None:
-        return metadata
-    file = "_METADATA" if item is None else f"{item}/_METADATA"
-    raise damaged(where, f"its {file} file (the tree of the saved arrays) is {problem}", earlier)
+        raise damaged(where, f"{what} unreadable: {first_line(e)}", earlier) from e
+    if getattr(metadata, "tree", None) is None:
+        raise damaged(where, f"{what} missing or empty", earlier)
+    return metadata
 
 
 def damaged(where: str, problem: str, earlier: list[int] | None) -> ValueError:
@@ -214,7 +214,7 @@ def damaged(where: str, problem: str, earlier: list[int] | None) -> ValueError:
 
 
 def first_line(error: BaseException) -> str:
-    """``"Type: first line of the message"``, for an error of Orbax or TensorStore (whose
-    messages can span a traceback of their own)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    """``"Type: first line of the message"`` (at most 300 characters, TensorStore's spec
+    dropped), for an error of Orbax or TensorStore, whose messages can run to pages."""
+    line = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    return f"{type(error).__name__}: {line[:300]}{'...' if len(line) > 300 else ''}"

@@ -46,11 +46,14 @@ def write(path: str, tree: Any, *, force: bool = False) -> None:
     if os.path.lexists(path) and not force:
         raise ValueError(f"{path} already exists: pass force=True to overwrite it")
     new = atomic.staged(path, "new")
+    if jax.process_index() == 0:
+        atomic.clear(path)
+    ocp.multihost.sync_global_processes("ema_jax.checkpoint.items.write:clear")
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        checkpointer.save(new, args=save_args(tree), force=True)  # force: a killed one's
+        checkpointer.save(new, args=save_args(tree))
     if jax.process_index() == 0:
         atomic.replace(new, path)
-    ocp.multihost.sync_global_processes("ema_jax.checkpoint.items.write")
+    ocp.multihost.sync_global_processes("ema_jax.checkpoint.items.write:commit")
 
 
 def metadata(

@@ -252,9 +252,11 @@ def open_manager(
     _checks.flag("async_save", async_save)
     _checks.flag("read_only", read_only)
     policies = ocp.checkpoint_managers
+    ranking: dict[str, Any] = {}  # Orbax writes a step's metrics only with a best_fn
     if best is None:
         kept: Any = policies.LatestN(n=max_to_keep)
     else:
+        ranking = {"best_fn": best, "best_mode": best.mode}
         check_ranked(os.path.abspath(directory), best)
         ranked = policies.BestN(
             get_metric_fn=best,
@@ -266,6 +268,7 @@ def open_manager(
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
         preservation_policy=kept,
+        **ranking,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,

@@ -162,7 +162,10 @@ def _resolve_step(mngr: Manager, step: int | None) -> int:
     if step is None:
         latest = mngr.latest_step()
         if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+            directory = os.fspath(mngr.directory)
+            found = layout.kind(directory)
+            what = "" if found is None else f": it is {layout.describe(directory, found)}"
+            raise FileNotFoundError(f"no checkpoint in {directory}{what}")
         return int(latest)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     if step not in mngr.all_steps():
