@@ -35,7 +35,7 @@ READERS = {
     SNAPSHOT: "a post-hoc snapshot directory: synthesize from it with "
     "ema_jax.posthoc.synthesize_from({d}, sigma_rel) or python -m ema_jax.posthoc {d} "
     "--sigma-rel S --out PATH",
-    FOREIGN: "not an ema_jax directory: it holds no export (a _METADATA file), no training "
+    FOREIGN: "not an ema_jax directory: it holds no export, no training "
     "checkpoint and no post-hoc snapshots (numbered step directories); check the path",
 }
 
