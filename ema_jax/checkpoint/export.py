@@ -36,9 +36,9 @@ def export_ema_params(
     The artefact is a params-shaped tree (see :func:`deploy_params` for ``dtype`` and
     ``ema_index``), with no optimizer or EMA state: load it with :func:`load_exported` (or
     any Orbax ``StandardCheckpointer``). Blocks until written; ``force=True`` overwrites an
-    existing ``path`` (else ``ValueError``), atomically as :func:`export_params`. A checksum of the arrays is written with
-    them and verified by :func:`load_exported`. In multi-process training every process
-    calls this.
+    existing ``path`` (else ``ValueError``), atomically as :func:`export_params`. A
+    checksum of the arrays is written with them and verified by :func:`load_exported`. In
+    multi-process training every process calls this.
     """
     adapter = adapters.adapt(state)
     integrity.check_alive(adapter.arrays, "state")

@@ -56,9 +56,10 @@ def step_path(directory: str, step: int) -> str:
 
 def kind(directory: str) -> str | None:
     """:data:`EXPORT`, :data:`STATE` (a training checkpoint), :data:`SNAPSHOT` (post-hoc
-    snapshots), :data:`STEP` (one step directory of either), :data:`FOREIGN` (something
-    else), or ``None`` when ``directory`` holds nothing yet (hidden files and unfinished
-    saves aside)."""
+    snapshots), :data:`STEP` (one step directory of either), :data:`FOREIGN` (files of
+    something else), or ``None`` when ``directory`` holds no file yet (hidden files,
+    unfinished saves and subdirectories aside: a parent of runs gets the reader's own
+    "nothing here" error)."""
     if os.path.isfile(os.path.join(directory, "_METADATA")):
         return EXPORT
     found = steps(directory)
@@ -77,7 +78,9 @@ def kind(directory: str) -> str | None:
     parent, name = os.path.split(os.path.abspath(directory))
     if name.isdigit() and kind(parent) in (STATE, SNAPSHOT):
         return STEP
-    return FOREIGN
+    if any(os.path.isfile(os.path.join(directory, e)) for e in entries):
+        return FOREIGN
+    return None
 
 
 def describe(directory: str, found: str) -> str:
@@ -94,14 +97,16 @@ def expect(directory: str | os.PathLike[str], expected: str, missing: str) -> st
     kind (or nothing yet: the reader then says what it misses).
 
     Raises:
-      FileNotFoundError: ``directory`` is no directory (``f"{missing} {directory}"``).
-      ValueError: it holds another kind, or is no ema_jax directory: what it is, and what
-        reads it.
+      FileNotFoundError: ``directory`` is no directory (``f"{missing} {directory}"``), or
+        no ema_jax directory (then that is said too).
+      ValueError: it holds another kind: what it is, and what reads it.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{missing} {directory}")
     found = kind(directory)
+    if found == FOREIGN:
+        raise FileNotFoundError(f"{missing} {directory}: it is {describe(directory, found)}")
     if found is not None and found != expected:
         raise ValueError(
             f"{directory} is {describe(directory, found)}; it is not "

@@ -93,9 +93,9 @@ def save(
     Returns whether a save was started (``False`` when ``step`` is not due under
     ``save_interval_steps``, or is the step this manager last saved or restored, already
     on disk; ``force=True`` saves a step that is not due). Every argument is checked
-    before anything is deleted or written. With ``async_save`` the write continues in the background: the
-    arrays are already copied, so ``state`` may be donated to the next train step right
-    away. In multi-process training every process calls this.
+    before anything is deleted or written. With ``async_save`` the write continues in the
+    background: the arrays are already copied, so ``state`` may be donated to the next
+    train step right away. In multi-process training every process calls this.
 
     The ``ema_params`` item carries a checksum of its arrays, verified by
     :func:`load_ema_params`; ``checksum_state=True`` adds one for the ``"state"`` item too,

@@ -174,9 +174,7 @@ def test_a_failed_forced_export_keeps_the_old_export(
 
 
 @pytest.mark.parametrize("damage", ["manifest", "array data"])
-def test_unreadable_arrays_name_the_step_item_and_earlier_step(
-    tmp_path: Path, damage: str
-) -> None:
+def test_unreadable_arrays_name_the_step_item_and_earlier_step(tmp_path: Path, damage: str) -> None:
     """Files of an item overwritten after writing: Orbax's and TensorStore's error (a
     pybind11 exception with pages of spec) becomes one line, a ``ValueError`` naming the
     step, the item and the step that restores, with the original as its cause."""
@@ -192,7 +190,9 @@ def test_unreadable_arrays_name_the_step_item_and_earlier_step(
     assert files
     for f in files:
         f.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match=r"step 2 in .* is damaged: its ema_params.*step=1") as caught:
+    with pytest.raises(
+        ValueError, match=r"step 2 in .* is damaged: its ema_params.*step=1"
+    ) as caught:
         ckpt.load_ema_params(tmp_path)
     assert caught.value.__cause__ is not None
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 800

@@ -257,19 +257,28 @@ WRONG_KINDS: dict[str, tuple[Callable[[Path], Any], str]] = {
         lambda d: ckpt.load_ema_params(d / "ckpt" / "1"),
         r"is step 1 of .*, which is a training checkpoint: .*; it is not a training checkpoint",
     ),
-    "load_exported of no ema_jax directory": (
-        lambda d: ckpt.load_exported(d / "other"),
-        r"other is not an ema_jax directory: it holds no export, .*; it is not an export",
-    ),
-    "load_ema_params of no ema_jax directory": (
-        lambda d: ckpt.load_ema_params(d / "other"),
-        r"other is not an ema_jax directory: .*check the path; it is not a training checkpoint",
-    ),
-    "synthesize_from no ema_jax directory": (
-        lambda d: posthoc.synthesize_from(d / "other", 0.1),
-        r"other is not an ema_jax directory: .*; it is not a post-hoc snapshot directory",
-    ),
 }
+
+
+NOT_EMA_JAX: dict[str, Callable[[Path], Any]] = {
+    "load_exported": lambda d: ckpt.load_exported(d / "other"),
+    "load_ema_params": lambda d: ckpt.load_ema_params(d / "other"),
+    "synthesize_from": lambda d: posthoc.synthesize_from(d / "other", 0.1),
+}
+
+
+@pytest.mark.parametrize("reader", list(NOT_EMA_JAX))
+def test_a_directory_of_something_else_is_named_no_ema_jax_directory(
+    three_kinds: Path, reader: str
+) -> None:
+    """Nothing the reader wants is there (``FileNotFoundError``, as for an empty
+    directory), and the error says why: it holds something else, check the path."""
+    with pytest.raises(
+        FileNotFoundError, match=r"other: it is not an ema_jax directory: it holds no export, "
+        r"no training checkpoint and no post-hoc snapshots .*check the path$"
+    ) as caught:  # fmt: skip
+        NOT_EMA_JAX[reader](three_kinds)
+    assert "damaged" not in str(caught.value)
 
 
 def test_restore_from_an_export_says_what_it_is(three_kinds: Path) -> None:

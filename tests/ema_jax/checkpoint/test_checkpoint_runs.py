@@ -4,6 +4,7 @@ step reused after a restore."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -86,9 +87,11 @@ def test_saving_a_step_already_saved_after_going_back_is_refused(tmp_path: Path)
             ckpt.save(mngr, 3, small_state(30.0))
         assert ckpt.save(mngr, 3, small_state(30.0), overwrite=True)
         assert mngr.all_steps() == [1, 2, 3] and saved_bs(mngr) == [1.0, 2.0, 30.0]
-    with ckpt.manager(tmp_path, async_save=False) as mngr:  # another run, nothing restored
-        with pytest.raises(ValueError, match=r"steps \[3\] are saved already"):
-            ckpt.save(mngr, 3, small_state(300.0))
+    with (
+        ckpt.manager(tmp_path, async_save=False) as mngr,  # another run, nothing restored
+        pytest.raises(ValueError, match=r"steps \[3\] are saved already"),
+    ):
+        ckpt.save(mngr, 3, small_state(300.0))
 
 
 OVERWRITES_THAT_FAIL = {
@@ -148,10 +151,8 @@ def test_a_manager_lost_to_an_exception_releases_the_directory(tmp_path: Path) -
         ckpt.save(mngr, 1, small_state(1.0))
         raise KeyboardInterrupt
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         train_and_fail()
-    except KeyboardInterrupt:
-        pass
     gc.collect()
     with ckpt.manager(tmp_path) as mngr:  # no "already open for writing"
         assert mngr.all_steps() == [1]
