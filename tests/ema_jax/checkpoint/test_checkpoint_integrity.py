@@ -5,18 +5,15 @@ steps pruned while read named for what they are."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import ckpt_worker as w
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from ckpt_support import ROOT, WORKER, assert_trees_bitwise, small_state, worker_env
+from ckpt_support import assert_trees_bitwise, kill_worker_inside, small_state
 
 from ema_jax import checkpoint as ckpt
 from ema_jax.checkpoint import integrity, items
@@ -99,8 +96,6 @@ def test_checksums_written_by_earlier_versions_are_still_verified(tmp_path: Path
     old = {integrity.CHECKSUMS: integrity.checksums(params, integrity.WORD_SUM)}
     path = tmp_path / "old_export"
     items.write(str(path), params)  # then its metadata as 0.1.0 wrote it:
-    import orbax.checkpoint as ocp
-
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         checkpointer.save(
             path, args=ocp.args.StandardSave(params, custom_metadata={"ema_jax": old}), force=True
@@ -115,33 +110,13 @@ def test_checksums_written_by_earlier_versions_are_still_verified(tmp_path: Path
 
 def test_sigkill_during_a_forced_export_keeps_the_old_export(tmp_path: Path) -> None:
     path = tmp_path / "deploy"
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, "export", str(path)],
-        env=worker_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    # Killed once array data of the new export is on disk, while the rest is written.
+    returncode = kill_worker_inside(
+        ["export", str(path)],
+        "EXPORTING",
+        lambda: any(f.is_file() for f in tmp_path.glob("*orbax-checkpoint-tmp*/d/*")),
     )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip() == "EXPORTING":
-                break
-        else:
-            pytest.fail(f"worker exited (rc={proc.wait()}) before EXPORTING")
-        # Kill once array data of the new export is on disk, while the rest is written.
-        deadline = time.monotonic() + 60
-        while not any(f.is_file() for f in tmp_path.glob("*orbax-checkpoint-tmp*/d/*")):
-            assert time.monotonic() < deadline, "the new export never started writing"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     old = w.train(w.make_state(), 0, 1)
     assert_trees_bitwise(old.ema_params[0], ckpt.load_exported(path, old.ema_params[0]))
     # The next export replaces it, and what the killed one left beside it is cleared.
@@ -155,8 +130,6 @@ def test_a_failed_forced_export_keeps_the_old_export(
 ) -> None:
     """A write that fails half-way (an error from the array writer) leaves the old export
     whole and loadable."""
-    import orbax.checkpoint as ocp
-
     path = tmp_path / "deploy"
     ckpt.export_ema_params(path, small_state(1.0))
 
@@ -233,4 +206,3 @@ def test_a_polling_reader_sees_new_steps_and_names_a_pruned_one(
     finally:
         writer.close()
         reader.close()
-    assert jax.devices()  # the test ran on the default backend
