@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from ema_jax import monitors, schedules
+from ema_jax.accumulation import optimizer_stepped
 from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
 from ema_jax.loop import TrainResult, train_with_ema
 from ema_jax.steps import (
@@ -65,6 +66,7 @@ __all__ = [
     "monitors",
     "nnx",
     "num_averages",
+    "optimizer_stepped",
     "posthoc",
     "scale_decay",
     "schedules",

@@ -144,6 +144,42 @@ def floating_dtype(name: str, value: Any) -> np.dtype:
     return dtype
 
 
+def accumulator_dtype(accumulator_dtype: Any) -> np.dtype | None:
+    """The checked ``accumulator_dtype``; a warning when it is narrower than float32 (kept,
+    as asked: bf16 loses any step below half its ulp, so its average stalls far from the
+    params, and float16 overflows above 65504)."""
+    if accumulator_dtype is None:
+        return None
+    dtype = floating_dtype("accumulator_dtype", accumulator_dtype)
+    if np.finfo(dtype).bits < 32:
+        warnings.warn(
+            f"accumulator_dtype={dtype.name} is narrower than float32: each EMA step is "
+            f"rounded to {dtype.name}, so an average with a decay near 1 stalls far from the "
+            "params (bfloat16, decay 0.999: 0.25 instead of 0.993 after 5000 steps towards "
+            "1.0) and float16 overflows above 65504. Leave accumulator_dtype=None (float32 "
+            "for narrow params) unless you have measured that it suffices",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dtype
+
+
+def traced_flag(name: str, value: Any) -> Any:
+    """``None`` for ``True`` (nothing to trace), else ``value`` as a boolean scalar array:
+    a bool, or a boolean scalar array (a tracer under ``jit`` too); a ``TypeError`` naming
+    ``name`` for anything else."""
+    if value is True:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return jnp.asarray(value)
+    if getattr(value, "dtype", None) != jnp.bool_ or np.shape(value) != ():
+        raise TypeError(
+            f"{name} must be a bool or a boolean scalar array (traced under jit is fine), "
+            f"got {value!r}"
+        )
+    return value
+
+
 def shapes_by_path(tree: Any, prefix: str = "", drop: int = 0) -> dict[str, Any]:
     """``{prefix + keystr(path): ShapeDtypeStruct}`` of every leaf, its last ``drop`` axes
     left out (a K-decay accumulator's averages axis): what :func:`first_difference` compares."""
