@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from ema_jax import _dtypes, transform
+from ema_jax.batch_stats import recompute_batch_stats
 from ema_jax.transform import Decay, EmaState
 
 M = TypeVar("M")
@@ -313,4 +314,4 @@ def _averages(tx: transform.EmaTransform) -> str:
     return "one average (one decay)"
 
 
-__all__ = ["EMA", "EmaVariable", "path_changes"]
+__all__ = ["EMA", "EmaVariable", "path_changes", "recompute_batch_stats"]

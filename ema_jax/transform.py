@@ -164,14 +164,15 @@ class EmaTransform:
         apply = due & finite
         alpha, keep, weight = _kernel.coefficients(betas, state.weight, apply)
 
-        sharded = self.shard_over is not None and state.shardings is not None
-        if sharded:
-            params = placement.local_slices(params, state.shardings, self.shard_over)
+        shardings, axes = state.shardings, self.shard_over
+        if shardings is not None and axes is not None:
+            params = placement.local_slices(params, shardings, axes)
 
         def average(ema: Params) -> Params:
             # Offloaded: fetched and stored here, so a step that skips moves nothing.
             new = _kernel.average(placement.to_device(ema), params, alpha, keep, apply)
-            new = placement.constrain(new, state.shardings) if sharded else new
+            if shardings is not None and axes is not None:
+                new = placement.constrain(new, shardings)
             return placement.to_host(new) if self.memory_kind else new
 
         if self.update_every == 1 and not self.skip_nonfinite and stepped is None:
