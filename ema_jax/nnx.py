@@ -207,7 +207,7 @@ class EMA(nnx.Pytree):
         self._values(model)  # the same Variables, by path and shape
         graphdef, state = nnx.split(model, graph=self.graph)
         merged = nnx.merge_state(state, self._shadow_variables(ema_index))
-        return nnx.merge(graphdef, merged)  # type: ignore[no-any-return]
+        return nnx.merge(graphdef, merged, copy=True)  # type: ignore[no-any-return]
 
     def _values(self, model: Any) -> list[Any]:
         """The values of ``model``'s tracked Variables, checked against the averaged ones
