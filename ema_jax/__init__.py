@@ -13,8 +13,9 @@ import importlib
 from typing import Any
 
 from ema_jax import monitors, schedules
+from ema_jax.accumulation import optimizer_stepped
 from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
-from ema_jax.loop import TrainResult, train_with_ema
+from ema_jax.loop import DataError, TrainResult, train_with_ema
 from ema_jax.steps import (
     evaluate_dataset,
     make_eval_step,
@@ -44,6 +45,7 @@ from ema_jax.window import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataError",
     "Decay",
     "EarlyStopping",
     "EarlyStoppingState",
@@ -65,6 +67,7 @@ __all__ = [
     "monitors",
     "nnx",
     "num_averages",
+    "optimizer_stepped",
     "posthoc",
     "scale_decay",
     "schedules",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -93,18 +94,36 @@ def accuracy(name: str, beta: float, dtype: Any) -> None:
 def integer(
     name: str, value: Any, minimum: int, *, allow_none: bool = False, maximum: int | None = None
 ) -> int | None:
-    """``int(value)`` if it is an int in ``[minimum, maximum]`` (or ``None`` when allowed),
-    else a clear error. Bools are rejected: ``True`` is no step count."""
+    """``int(value)`` if it is an integer (a Python or NumPy int, anything
+    ``operator.index`` takes) in ``[minimum, maximum]`` (or ``None`` when allowed), else a
+    clear error. Bools are rejected: ``True`` is no step count."""
     if value is None and allow_none:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None:
         kind = "None or an int" if allow_none else "an int"
         raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
-    return int(value)
+    return number
+
+
+def scalar_decay(name: str, value: Any, dtype: Any) -> jax.Array:
+    """A schedule's value at one step as a 0-d ``dtype`` array; a ``TypeError`` naming the
+    decay (``decay``, ``decay[i]``) when it holds more than one number (shapes are static,
+    so this is raised while tracing, before anything runs)."""
+    value = jnp.asarray(value, dtype)
+    if value.size != 1:
+        raise TypeError(
+            f"{name} is a schedule that returned shape {value.shape} for one step: a "
+            "schedule maps a step t (a 0-d int array) to one decay β_t, so return a scalar"
+        )
+    return value.reshape(())
 
 
 def flag(name: str, value: Any) -> bool:
@@ -123,6 +142,42 @@ def floating_dtype(name: str, value: Any) -> np.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating dtype, got {dtype}")
     return dtype
+
+
+def accumulator_dtype(accumulator_dtype: Any) -> np.dtype | None:
+    """The checked ``accumulator_dtype``; a warning when it is narrower than float32 (kept,
+    as asked: bf16 loses any step below half its ulp, so its average stalls far from the
+    params, and float16 overflows above 65504)."""
+    if accumulator_dtype is None:
+        return None
+    dtype = floating_dtype("accumulator_dtype", accumulator_dtype)
+    if np.finfo(dtype).bits < 32:
+        warnings.warn(
+            f"accumulator_dtype={dtype.name} is narrower than float32: each EMA step is "
+            f"rounded to {dtype.name}, so an average with a decay near 1 stalls far from the "
+            "params (bfloat16, decay 0.999: 0.25 instead of 0.993 after 5000 steps towards "
+            "1.0) and float16 overflows above 65504. Leave accumulator_dtype=None (float32 "
+            "for narrow params) unless you have measured that it suffices",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dtype
+
+
+def traced_flag(name: str, value: Any) -> Any:
+    """``None`` for ``True`` (nothing to trace), else ``value`` as a boolean scalar array:
+    a bool, or a boolean scalar array (a tracer under ``jit`` too); a ``TypeError`` naming
+    ``name`` for anything else."""
+    if value is True:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return jnp.asarray(value)
+    if getattr(value, "dtype", None) != jnp.bool_ or np.shape(value) != ():
+        raise TypeError(
+            f"{name} must be a bool or a boolean scalar array (traced under jit is fine), "
+            f"got {value!r}"
+        )
+    return value
 
 
 def shapes_by_path(tree: Any, prefix: str = "", drop: int = 0) -> dict[str, Any]:

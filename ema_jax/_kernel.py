@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ema_jax import _dtypes, schedules
+from ema_jax import _checks, _dtypes, schedules
 
 Params = Any
 
@@ -40,39 +40,67 @@ def decays_at(
     ``update_every > 1`` the product of the per-step decays over the steps it stands for
     (:func:`window_decay`)."""
     scalar = schedules.default_float()
+    names = ["decay"] if len(decays) == 1 else [f"decay[{i}]" for i in range(len(decays))]
     if update_every > 1:
         # The update stands for the steps since the previous one: (t - n, t], n = k, or
         # fewer right after the copies of start_step.
         n = jnp.clip(t - start_step, 0, update_every)
 
         def products() -> jax.Array:
-            return jnp.stack([window_decay(d, t, n, update_every) for d in decays])
+            return jnp.stack(
+                [window_decay(d, t, n, update_every, x) for d, x in zip(decays, names, strict=True)]
+            )
 
         # Only steps that update need them (a schedule may cost k evaluations).
         due = (t % update_every == 0) | (t <= start_step)
         return lax.cond(due, products, lambda: jnp.ones([len(decays)], scalar))
-    return jnp.stack([jnp.asarray(d(t) if callable(d) else d, scalar).reshape(()) for d in decays])
+    return jnp.stack(
+        [
+            _checks.scalar_decay(x, d(t) if callable(d) else d, scalar)
+            for d, x in zip(decays, names, strict=True)
+        ]
+    )
+
+
+#: Steps of a schedule evaluated in one vectorised call by :func:`window_decay`.
+WINDOW_CHUNK = 256
 
 
 def window_decay(
-    decay: float | schedules.Schedule, t: jax.Array, n: jax.Array, k: int
+    decay: float | schedules.Schedule, t: jax.Array, n: jax.Array, k: int, name: str = "decay"
 ) -> jax.Array:
     """``Π_{j=t-n+1..t} β_j`` (``n <= k`` steps, k static), in the default float.
 
     ``β^n`` for a constant; a schedule's own closed form when it has one (a
     :class:`~ema_jax.schedules.ClosedFormProduct`, e.g.
     :func:`~ema_jax.schedules.power_function`'s telescoping ``(1 - n/t)^(γ+1)``); otherwise
-    the schedule evaluated at the k steps ``t-k+1..t`` in one vectorised call
-    (``jax.vmap``) and the last ``n`` multiplied: O(k) scalar work.
+    the schedule evaluated at the steps ``t, t-1, ...`` in vectorised calls (``jax.vmap``)
+    of ``c = min(k, WINDOW_CHUNK)`` steps and the first ``n`` multiplied: one call for
+    ``k <= WINDOW_CHUNK``, else a ``lax.fori_loop`` over the ``⌈n/c⌉`` chunks the update
+    stands for. O(n) scalar work and O(c) memory, whatever ``k`` is. ``name`` is the
+    decay's in errors (a schedule that returns more than one number).
     """
     scalar = schedules.default_float()
     if not callable(decay):
         return jnp.asarray(decay, scalar) ** n.astype(scalar)
     if isinstance(decay, schedules.ClosedFormProduct):
-        return jnp.asarray(decay.decay_product(t, n), scalar).reshape(())
-    back = jnp.arange(k, dtype=t.dtype)  # t - back: t, t-1, ..., t-k+1
-    betas = jax.vmap(lambda j: jnp.asarray(decay(j), scalar).reshape(()))(t - back)
-    return jnp.prod(jnp.where(back < n, betas, jnp.ones((), scalar)))
+        return _checks.scalar_decay(name, decay.decay_product(t, n), scalar)
+    c = min(k, WINDOW_CHUNK)
+    back = jnp.arange(c, dtype=t.dtype)
+
+    def chunk(start: jax.Array) -> jax.Array:
+        """The product of ``β_{t-start-j}`` over ``j < c`` with ``start + j < n``."""
+        betas = jax.vmap(lambda j: _checks.scalar_decay(name, decay(j), scalar))(t - start - back)
+        return jnp.prod(jnp.where(back < n - start, betas, jnp.ones((), scalar)))
+
+    if k <= c:
+        return chunk(jnp.zeros((), t.dtype))
+    chunks = n // c + (n % c > 0)  # ⌈n/c⌉ without overflowing int32 near 2**31
+
+    def times_chunk(i: jax.Array, product: jax.Array) -> jax.Array:
+        return product * chunk(i * c)
+
+    return lax.fori_loop(0, chunks.astype(t.dtype), times_chunk, jnp.ones((), scalar))
 
 
 def coefficients(

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ema_jax import monitors
+from ema_jax import _checks, monitors
 from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
 from ema_jax.monitors import BestAverage, Monitor
 from ema_jax.steps import (
@@ -62,6 +62,23 @@ class TrainResult:
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.history, self.state))
+
+
+class DataError(ValueError):
+    """``train_data`` or ``val_data`` failed in an epoch (no batches, a malformed batch):
+    found only when that epoch ran, so after the state passed in was donated.
+
+    Attributes:
+      result: the :class:`TrainResult` so far: the history of the finished epochs and the
+        state after the failing epoch's train steps (alive: continue from it, or save it).
+    """
+
+    def __init__(self, message: str, result: TrainResult) -> None:
+        super().__init__(
+            f"{message}; the state trained so far is this error's .result.state "
+            "(ema_jax.loop.DataError)"
+        )
+        self.result = result
 
 
 def train_with_ema(
@@ -116,14 +133,19 @@ def train_with_ema(
         ``EmaTrainState`` or was donated already, a non-scalar metric, an
         ``early_stopping`` that is no ``EarlyStopping``, or a ``monitor`` that does not name
         one value of the history (a typo, an unindexed average with K decays, an index out
-        of range; the message lists the choices). ``ValueError`` after the first epoch's
-        steps when ``train_data`` yields no batches.
+        of range; the message lists the choices).
+      DataError: a ``ValueError`` for a data set found empty or malformed in an epoch (an
+        epoch's ``train_data`` or ``val_data`` that yields no batches, a batch whose arrays
+        disagree on their size); it carries the state trained so far (``error.result``), so
+        the state passed in, donated by then, is not lost.
     """
     if not isinstance(state, EmaTrainState):
         raise TypeError(f"state must be an ema_jax.EmaTrainState, got {type(state).__name__}")
     check_not_donated(state)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    try:
+        epochs = _checks.integer("epochs", epochs, 1)  # type: ignore[assignment]
+    except TypeError:  # a ValueError, as epochs < 1
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}") from None
     _check_reiterable("train_data", train_data, epochs)
     _check_reiterable("val_data", val_data, epochs)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
@@ -148,10 +170,16 @@ def train_with_ema(
         for batch in batches:
             state, metrics = train_step(state, batch, rng)
             losses.append(metrics["loss"])
+        so_far = TrainResult(history, state, dict(zip(watched, stoppers, strict=True)))
         if not losses:
-            raise ValueError("train_data yielded no batches")
+            raise DataError(
+                f"train_data yielded no batches in epoch {epoch} (counting from 0)", so_far
+            )
         record: dict[str, Any] = {"train_loss": float(jnp.mean(jnp.stack(losses)))}
-        record.update(evaluate_dataset(paired_eval, state, val_data))
+        try:
+            record.update(evaluate_dataset(paired_eval, state, val_data))
+        except ValueError as error:
+            raise DataError(f"{error} in epoch {epoch} (counting from 0)", so_far) from error
         for m in watched:
             if isinstance(m, BestAverage):
                 record[m.key], record[f"{m.key}_index"] = monitors.measure(m, record, mode)
@@ -213,4 +241,4 @@ def _first_batch(val_data: Iterable[Batch]) -> tuple[Batch, Iterable[Batch]]:
     return first, val_data
 
 
-__all__ = ["TrainResult", "train_with_ema"]
+__all__ = ["DataError", "TrainResult", "train_with_ema"]

@@ -120,9 +120,10 @@ def resolve(monitor: Any, layout: Layout) -> Monitor:
     """``monitor`` (a typed monitor or a string) as a typed monitor, checked against one
     epoch's record ``layout``: a ``ValueError`` naming the choices when it does not name
     one value of it, a ``TypeError`` when it is no monitor."""
+    given = monitor
     if isinstance(monitor, str):
         _check_string(monitor, layout)
-        return parse(monitor)
+        monitor = parse(monitor)  # and checked as its type: "best_ema" needs val_loss_ema
     if not isinstance(monitor, (Raw, Average, BestAverage)):
         raise TypeError(
             "monitor must be an ema_jax.monitors.Raw / Average / BestAverage, a history key "
@@ -132,20 +133,20 @@ def resolve(monitor: Any, layout: Layout) -> Monitor:
         key, is_average = monitor.metric, _is_average_key(monitor.metric, layout)
         if key in layout and (is_average or layout[key] is not None):
             raise ValueError(
-                f"monitor={monitor!r}: {key} is the averages' value: use "
+                f"monitor={given!r}: {key} is the averages' value: use "
                 f"Average(metric={key[: -len(EMA_SUFFIX)]!r}) or BestAverage(...)"
             )
     else:
         key = monitor.metric + EMA_SUFFIX
     if key not in layout:
         raise ValueError(
-            f"monitor={monitor!r} reads history key {key!r}, which this run does not record; "
+            f"monitor={given!r} reads history key {key!r}, which this run does not record; "
             f"it records {_describe(layout)}"
         )
     count = layout[key] or 1
     if isinstance(monitor, Average) and monitor.index >= count:
         raise ValueError(
-            f"monitor={monitor!r} names average {monitor.index}, but the state keeps "
+            f"monitor={given!r} names average {monitor.index}, but the state keeps "
             f"{count} average{'s' if count > 1 else ''} (indices 0..{count - 1})"
         )
     return monitor
@@ -208,7 +209,7 @@ def _check_string(text: str, layout: Layout) -> None:
 
 
 def _names(layout: Layout) -> list[str]:
-    names = ["best_ema"]
+    names = ["best_ema"] if "val_loss" + EMA_SUFFIX in layout else []
     for key, count in layout.items():
         names += [f"{key}[{i}]" for i in range(count)] if count is not None else [key]
     return names

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from ema_jax import transform
+from ema_jax import accumulation, transform
 from ema_jax.transform import EmaState, EmaTransform, Params
 
 
@@ -75,10 +75,14 @@ class EmaTrainState(train_state.TrainState):
         return state.replace(step=jnp.zeros([], jnp.int32))
 
     def apply_gradients(self, *, grads: Params, **kwargs: Any) -> EmaTrainState:
-        """Optimizer step, then EMA update from the new params (and new ``model_state``)."""
+        """Optimizer step, then EMA update from the new params (and new ``model_state``).
+
+        Under gradient accumulation (``tx=optax.MultiSteps(...)``) the EMA advances only on
+        the calls where the optimizer stepped (:func:`ema_jax.optimizer_stepped`)."""
         new = super().apply_gradients(grads=grads, **kwargs)
         target = _averaged_tree(new.params, new.model_state, self.average_model_state)
-        _, ema_state = self.ema.update(target, self.ema_state)
+        stepped = accumulation.optimizer_stepped(new.opt_state)
+        _, ema_state = self.ema.update(target, self.ema_state, optimizer_step=stepped)
         return new.replace(ema_state=ema_state)
 
     @property

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +29,7 @@ import optax
 from flax import struct
 from jax import lax
 
-from ema_jax import _checks, _dtypes, _kernel, schedules
+from ema_jax import _checks, _dtypes, _kernel, placement, schedules
 
 Decay = float | schedules.Schedule
 Params = Any
@@ -51,6 +50,8 @@ class EmaState(struct.PyTreeNode):
         checkpoint's paths). With K decays every leaf has a trailing axis of size K
         (``[*param.shape, K]``); :func:`accumulators` and :func:`shadow` take one slice.
       param_dtypes: static, the params' leaf dtypes, so :func:`shadow` can cast back.
+      shardings: static, with ``shard_over`` only: each accumulator's sharding as ``init``
+        chose it (``None`` for a leaf that keeps its param's layout); ``None`` otherwise.
     """
 
     count: jax.Array
@@ -58,6 +59,7 @@ class EmaState(struct.PyTreeNode):
     weight: jax.Array
     ema: Params
     param_dtypes: tuple[np.dtype, ...] = struct.field(pytree_node=False)
+    shardings: tuple[Any, ...] | None = struct.field(pytree_node=False, default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,8 @@ class EmaTransform:
     start_step: int = 0
     accumulator_dtype: np.dtype | None = None
     skip_nonfinite: bool = False
+    memory_kind: str | None = None  # "pinned_host": the accumulators live in host memory
+    shard_over: tuple[str, ...] | None = None  # mesh axes the accumulators are split over
 
     @property
     def num_averages(self) -> int:
@@ -93,23 +97,37 @@ class EmaTransform:
         self._warn_inaccurate({self._accumulator(leaf.dtype) for _, leaf in leaves_with_paths})
         averages_shape = (len(self.decays),) if self.stacked else ()
         initial_weights = [0.0 if d else 1.0 for d in self.debias]
+        copies = jax.tree.map(
+            lambda x: _kernel.copies(x, self._accumulator(x.dtype), averages_shape), params
+        )
+        ema, shardings = placement.place(
+            copies, params, self.shard_over, self.memory_kind, len(averages_shape)
+        )
         return EmaState(
             count=jnp.zeros([], jnp.int32),
             num_skipped=jnp.zeros([], jnp.int32),
             weight=jnp.asarray(initial_weights, schedules.default_float()).reshape(averages_shape),
-            ema=jax.tree.map(
-                lambda x: _kernel.copies(x, self._accumulator(x.dtype), averages_shape), params
-            ),
+            ema=ema,
             param_dtypes=tuple(np.dtype(leaf.dtype) for _, leaf in leaves_with_paths),
+            shardings=shardings,
         )
 
-    def update(self, params: Params, state: EmaState, *misuse: Any) -> tuple[Params, EmaState]:
+    def update(
+        self, params: Params, state: EmaState, *misuse: Any, optimizer_step: Any = True
+    ) -> tuple[Params, EmaState]:
         """One step: ``(shadow, new_state)`` from the params after the optimizer step.
 
         The shadow has the params' tree and dtypes: ``shadow(new_state)`` for a single
         decay, every average, ``shadows(new_state)`` (a K-tuple), for a tuple of decays, as
         ``EmaTrainState.ema_params`` and ``nnx.EMA.params`` give them. Under ``jit`` the
-        averages not used are never materialised.
+        averages not used are never materialised. Offloaded (``memory_kind``) it is in host
+        memory like the accumulators (:func:`shadow` reads them onto the devices): a
+        jitted update donating the state then outputs no device buffer XLA could alias.
+
+        ``optimizer_step``: a bool or a boolean scalar, traced under ``jit`` too; ``False``
+        (a micro-step of gradient accumulation) leaves the state unchanged, so ``count``,
+        schedules, ``update_every`` and ``start_step`` count real steps only
+        (:func:`ema_jax.optimizer_stepped` reads it off an ``optax.MultiSteps`` state).
         """
         if misuse:  # optax.chain and TrainState call update(updates, state, params)
             raise TypeError(
@@ -123,12 +141,15 @@ class EmaTransform:
                 f"state must be the EmaState returned by init(params), got {type(state).__name__}"
             )
         self._check_matches(params, state)
+        stepped = _checks.traced_flag("optimizer_step", optimizer_step)  # None: True
         t = optax.safe_increment(state.count)  # saturates at 2^31 - 1 instead of wrapping
         betas = _kernel.decays_at(self.decays, t, self.update_every, self.start_step)
         betas = betas.reshape(state.weight.shape)
         copying = t <= self.start_step
         betas = jnp.where(copying, 0.0, betas)
         due = copying | (t % self.update_every == 0)
+        if stepped is not None:
+            due = due & stepped  # a micro-step of gradient accumulation changes nothing
         # Always checked (scalar work): a decay that is NaN/Inf or outside [0, 1] (a faulty
         # schedule) skips the update and is counted, so the shadow stays an average.
         decay_ok = jnp.all((betas >= 0.0) & (betas <= 1.0))  # False for NaN
@@ -143,25 +164,35 @@ class EmaTransform:
         apply = due & finite
         alpha, keep, weight = _kernel.coefficients(betas, state.weight, apply)
 
-        def average(ema: Params) -> Params:
-            return _kernel.average(ema, params, alpha, keep, apply)
+        shardings, axes = state.shardings, self.shard_over
+        if shardings is not None and axes is not None:
+            params = placement.local_slices(params, shardings, axes)
 
-        if self.update_every == 1 and not self.skip_nonfinite:
+        def average(ema: Params) -> Params:
+            # Offloaded: fetched and stored here, so a step that skips moves nothing.
+            new = _kernel.average(placement.to_device(ema), params, alpha, keep, apply)
+            if shardings is not None and axes is not None:
+                new = placement.constrain(new, shardings)
+            return placement.to_host(new) if self.memory_kind else new
+
+        if self.update_every == 1 and not self.skip_nonfinite and stepped is None:
             # Rarely skipped (a faulty decay only): α = 0 then leaves the average exact, so
             # there is no branch to wait on.
             new_ema = average(state.ema)
         else:
-            # A cond, not a select: a skipped step (update_every, NaN) makes no pass over memory.
+            # A cond, not a select: a skipped step (update_every, NaN, a micro-step) makes
+            # no pass over memory.
             new_ema = lax.cond(apply, average, lambda ema: ema, state.ema)
         new_state = state.replace(
-            count=t,
+            count=t if stepped is None else jnp.where(stepped, t, state.count),
             num_skipped=jnp.where(
                 finite, state.num_skipped, optax.safe_increment(state.num_skipped)
             ),
             weight=weight,
             ema=new_ema,
         )
-        return (shadows(new_state) if self.stacked else shadow(new_state)), new_state
+        out = shadows(new_state) if self.stacked else shadow(new_state)
+        return (placement.to_host(out) if self.memory_kind else out), new_state
 
     def _warn_inaccurate(self, accumulators: set[np.dtype]) -> None:
         """Warns for a constant decay too long for float32 accumulators (see
@@ -222,6 +253,8 @@ def ema(
     start_step: int = 0,
     accumulator_dtype: Any = None,
     skip_nonfinite: bool = False,
+    memory_kind: str | None = None,
+    shard_over: str | Sequence[str] | None = None,
 ) -> EmaTransform:
     """An exponential moving average of params (formulas: ``docs/semantics.md``).
 
@@ -248,6 +281,13 @@ def ema(
         scalar all-reduces when they are sharded; everything else is shard-local. Steps on
         which no update is due (``update_every``) are neither checked nor counted. Off, a
         NaN/Inf in the params reaches the average.
+      memory_kind: ``"pinned_host"``: the accumulators live in pinned host memory; each
+        update brings them to the devices and back (bitwise the same average).
+      shard_over: a mesh axis name or a tuple of them (e.g. ``"data"``): the accumulator of
+        a param replicated over those axes is split over them (1/N of it per device; the
+        update reads each device's own slice, no collective). Params sharded over them
+        already keep their layout; leaves with no divisible dimension stay replicated
+        (warned once, at ``init``). ``init`` needs concrete, placed params.
 
     Raises:
       ValueError / TypeError naming the argument, for out-of-range settings.
@@ -275,29 +315,11 @@ def ema(
         # Steps are int32 (the count saturates at 2^31 - 1): larger settings would never apply.
         update_every=_checks.integer("update_every", update_every, 1, maximum=_MAX_STEP),  # type: ignore[arg-type]
         start_step=_checks.integer("start_step", start_step, 0, maximum=_MAX_STEP - 1),  # type: ignore[arg-type]
-        accumulator_dtype=_narrow_ok(accumulator_dtype),
+        accumulator_dtype=_checks.accumulator_dtype(accumulator_dtype),
         skip_nonfinite=_checks.flag("skip_nonfinite", skip_nonfinite),
+        memory_kind=placement.memory_kind(memory_kind),
+        shard_over=placement.shard_axes(shard_over),
     )
-
-
-def _narrow_ok(accumulator_dtype: Any) -> np.dtype | None:
-    """The checked ``accumulator_dtype``; a warning when it is narrower than float32 (kept,
-    as asked: bf16 loses any step below half its ulp, so its average stalls far from the
-    params, and float16 overflows above 65504)."""
-    if accumulator_dtype is None:
-        return None
-    dtype = _checks.floating_dtype("accumulator_dtype", accumulator_dtype)
-    if np.finfo(dtype).bits < 32:
-        warnings.warn(
-            f"accumulator_dtype={dtype.name} is narrower than float32: each EMA step is "
-            f"rounded to {dtype.name}, so an average with a decay near 1 stalls far from the "
-            "params (bfloat16, decay 0.999: 0.25 instead of 0.993 after 5000 steps towards "
-            "1.0) and float16 overflows above 65504. Leave accumulator_dtype=None (float32 "
-            "for narrow params) unless you have measured that it suffices",
-            UserWarning,
-            stacklevel=3,
-        )
-    return dtype
 
 
 def _decay(name: str, value: Decay) -> float | schedules.Schedule:
@@ -339,9 +361,10 @@ def accumulators(state: EmaState, ema_index: int | None = None) -> Params:
         decay).
     """
     i = _average_index(state, ema_index)
+    ema = placement.to_device(state.ema)  # offloaded: read on the devices
     if state.weight.ndim == 0:  # one decay: params-shaped, no averages axis
-        return state.ema
-    return jax.tree.map(lambda x: x[..., i], state.ema)
+        return ema
+    return jax.tree.map(lambda x: x[..., i], ema)
 
 
 def _average_index(state: EmaState, ema_index: int | None) -> int:

@@ -101,13 +101,18 @@ FACTOR = Kind(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 TEXT = Kind(str, lambda v: True, "a string")
 SWITCH = Kind(bool, lambda v: True, "True or False")
 MODEL = one_of(MODEL_SPECS)
+VALIDATION_METRICS: tuple[str, ...] = ("loss", "mse")
+"""What a run validates each epoch (``experiments.training.Scoring.metrics``): the history
+records ``val_<metric>`` and ``val_<metric>_ema``."""
+_METRIC = "|".join(VALIDATION_METRICS)
 MONITOR = Kind(
     str,
     lambda v: (
         v in ("best_ema", "train_loss")
-        or (re.fullmatch(r"val_\w+(_ema\[\d+\])?", v) is not None and not v.endswith("_ema"))
+        or re.fullmatch(rf"val_({_METRIC})(_ema\[\d+\])?", v) is not None
     ),
-    "best_ema, train_loss, val_<metric> or val_<metric>_ema[i] (average i of --ema-decay)",
+    "best_ema, train_loss, val_<metric> or val_<metric>_ema[i] (average i of --ema-decay), "
+    f"<metric> one of {', '.join(VALIDATION_METRICS)}",
 )
 
 
@@ -241,6 +246,13 @@ class Config:
                 kind.check(f.name, value)
         if not self.ema_decays:
             raise ValueError("ema_decays must hold at least one decay in [0, 1)")
+        for decay in self.ema_decays:  # the params are float32 (ema_jax would refuse it)
+            if np.float32(decay) == 1.0:
+                raise ValueError(
+                    f"ema_decays (--ema-decay): {decay!r} rounds to 1.0 in float32, the "
+                    "params' dtype, and an average with decay 1 never moves: use at most "
+                    "0.99999994"
+                )
         if len(self.ema_debias) != len(self.ema_decays):
             raise ValueError(
                 f"ema_debias needs one bool per decay ({len(self.ema_decays)}), "

@@ -162,7 +162,8 @@ def where_the_gain_shows(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) ->
     return (
         "why not here: one short run is no measure of the EMA; on C-MAPSS FD001 the study's "
         "β = 0.999 debiased lowered test RMSE by 3.5 ± 1.4 % against raw, in 10 of 10 seeds "
-        f"of 150 epochs (experiments/README.md). One seed, ≈ 5 min on 2 cores: {HEADLINE_COMMAND}"
+        f"of 150 epochs (experiments/README.md). One seed, 5–11 min on 2 CPU cores: "
+        f"{HEADLINE_COMMAND}"
     )
 
 

@@ -111,7 +111,7 @@ def generate(
 ) -> RawSubset:
     """A synthetic FD001-like subset (see the module docstring); deterministic for a seed."""
     for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if n_conditions not in (1, 6):
         raise ValueError(

@@ -46,7 +46,7 @@ from typing import Any
 
 from experiments import extras, reporting
 from experiments.cli import ConfigFlags
-from experiments.training import load_data, run
+from experiments.training import data_problem, load_data, run
 
 PROG = "python -m experiments.train_rul"
 FLAGS = ConfigFlags()
@@ -70,8 +70,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, report, write ``--out``; returns the run's result (:func:`training.run`)."""
     extras.require(PROG)
-    args, cfg = FLAGS.parse(parser(), argv)
-    ds = load_data(cfg)
+    p = parser()
+    args, cfg = FLAGS.parse(p, argv)
+    out = Path(args.out)
+    problem = _out_problem(out)
+    if problem is None:
+        ds = load_data(cfg)
+        problem = data_problem(cfg, ds)
+    if problem is not None:  # before training: one line naming the flag, exit status 2
+        p.error(problem)
     print(
         f"data: {cfg.data_dir or 'synthetic default'} {cfg.subset}  train {len(ds.x_train)}  "
         f"val {len(ds.x_val)}  test {len(ds.x_test)} windows, {len(ds.features)} features"
@@ -81,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for note in notes:
         print(note)
     result, state = run(cfg, ds)
-    out = Path(args.out)
     reporting.write_history(result, out)
     reporting.plot_curves(result, out / "curves.png")
     reporting.export_ema(state, cfg.variants, out / "ema_params")
@@ -92,6 +98,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(hint)
     print(f"wrote {out}/history.json, history.csv, curves.png, ema_params/")
     return result
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be written (a file, or under one; not writable), or ``None``."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is" if existing == out else f"is under {existing}, which is"
+        return f"argument --out: {out} {where} a file, not a directory"
+    if not os.access(existing, os.W_OK):
+        return f"argument --out: {existing} is not writable"
+    return None
 
 
 if __name__ == "__main__":

@@ -137,6 +137,25 @@ def load_data(cfg: Config) -> Any:
     )
 
 
+def data_problem(cfg: Config, ds: Any) -> str | None:
+    """Why ``ds`` (:func:`load_data` of ``cfg``) cannot train ``cfg``, as an argparse
+    message naming the flag to change; ``None`` when it can. Checked before training: no
+    full batch of ``--batch-size`` windows (so no train step), or no validation window."""
+    windows = len(ds.x_train)
+    made_by = f" that --window {cfg.window} leaves" if cfg.window != 30 else ""
+    if windows == 0:
+        return f"argument --window: {cfg.window} cycles leave no training window"
+    if cfg.batch_size > windows:
+        return (
+            f"argument --batch-size: {cfg.batch_size} is more than the {windows} training "
+            f"windows{made_by}, so an epoch would have no full batch: use --batch-size <= "
+            f"{windows}" + (" or a shorter --window" if made_by else "")
+        )
+    if len(monitor_windows(cfg, ds)[0]) == 0:
+        return f"argument --window: {cfg.window} cycles leave no validation window"
+    return None
+
+
 def monitor_windows(cfg: Config, ds: Any) -> tuple[np.ndarray, np.ndarray]:
     """The windows of the per-epoch validation columns and of the flatness probe: the
     validation engines', or, with ``refit_all`` (none left), every 8th training window."""
@@ -262,6 +281,7 @@ __all__ = [
     "Scoring",
     "batches",
     "build",
+    "data_problem",
     "load_data",
     "monitor_windows",
     "optimizer",

@@ -28,6 +28,7 @@ The modules: :mod:`~ema_jax.checkpoint.lock` (one writer per directory),
 :mod:`~ema_jax.checkpoint.layout` (item names, what a directory holds),
 :mod:`~ema_jax.checkpoint.integrity` (checks, checksums, damage messages),
 :mod:`~ema_jax.checkpoint.items` (the one write and read of an item),
+:mod:`~ema_jax.checkpoint.atomic` (an export replaced without a moment of neither),
 :mod:`~ema_jax.checkpoint.adapters` (Linen and NNX training states),
 :mod:`~ema_jax.checkpoint.training` and :mod:`~ema_jax.checkpoint.export` (the functions
 below).

@@ -9,12 +9,15 @@ of it, what it deploys, and how a restored tree of arrays becomes a state again.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ema_jax import _checks, _dtypes, transform
+from ema_jax.checkpoint import items, layout
 from ema_jax.train_state import EmaTrainState
 from ema_jax.transform import EmaState, EmaTransform, Params
 
@@ -41,6 +44,11 @@ class Adapter(Protocol):
         """The state holding ``restored`` (a tree like :attr:`arrays`)."""
         ...
 
+    def check_saved(self, step_directory: str, where: str) -> None:
+        """A ``ValueError`` when the step at ``step_directory`` (``where``, for the error)
+        holds the average of other params than this state's, before anything is read."""
+        ...
+
 
 class LinenState:
     """An :class:`~ema_jax.EmaTrainState`: saved as itself."""
@@ -60,6 +68,9 @@ class LinenState:
     def rebuild(self, restored: Any) -> Any:
         return restored
 
+    def check_saved(self, step_directory: str, where: str) -> None:
+        """Nothing to add: the params' paths are in the ``state`` item, checked with it."""
+
 
 class NnxState:
     """An NNX training object holding one ``ema_jax.nnx.EMA``: saved as its ``nnx.state``,
@@ -72,6 +83,7 @@ class NnxState:
         self.transform = ema.transform
         self.ema_state = ema.state
         self._variables = ema.variables  # the tracked Variables' tree structure
+        self._tracked_paths = ema.tracked_paths
 
     def shadow(self, ema_index: int | None) -> Params:
         averaged = transform.accumulators(self.ema_state, ema_index)
@@ -90,6 +102,29 @@ class NnxState:
         from flax import nnx
 
         return nnx.merge(self._graphdef, restored)
+
+    def check_saved(self, step_directory: str, where: str) -> None:
+        """The ``state`` item keeps the accumulators in a list (their order): the paths of
+        the Variables they average are read from the ``ema_params`` item's tree (the
+        shadow, pure dicts by path; in every checkpoint, 0.1.0's included) and must be this
+        EMA's. A different number of averages is left to the ``state`` item's check."""
+        from ema_jax.nnx import path_changes
+
+        path = os.path.join(step_directory, layout.EMA_PARAMS)
+        saved = items.metadata(path, where, layout.EMA_PARAMS).tree
+        stacked = isinstance(saved, (list, tuple))
+        if stacked != self.transform.stacked:
+            return
+        first = saved[0] if stacked else saved
+        found = ["/".join(keys) for keys in ocp.tree.to_flat_dict(first)]
+        change = path_changes(found, self._tracked_paths)
+        if change is not None:
+            raise ValueError(
+                f"checkpoint does not match the target: {where} holds the EMA of other "
+                "Variables than the target's ema_jax.nnx.EMA (from the checkpoint's paths to "
+                f"the target's): {change}. Restore "
+                "into a target built like the saved run (same model, same only= filter)"
+            )
 
 
 def adapt(state: Any) -> Adapter:

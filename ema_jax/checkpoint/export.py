@@ -36,9 +36,9 @@ def export_ema_params(
     The artefact is a params-shaped tree (see :func:`deploy_params` for ``dtype`` and
     ``ema_index``), with no optimizer or EMA state: load it with :func:`load_exported` (or
     any Orbax ``StandardCheckpointer``). Blocks until written; ``force=True`` overwrites an
-    existing ``path`` (else ``ValueError``). A checksum of the arrays is written with
-    them and verified by :func:`load_exported`. In multi-process training every process
-    calls this.
+    existing ``path`` (else ``ValueError``), atomically as :func:`export_params`. A
+    checksum of the arrays is written with them and verified by :func:`load_exported`. In
+    multi-process training every process calls this.
     """
     adapter = adapters.adapt(state)
     integrity.check_alive(adapter.arrays, "state")
@@ -49,7 +49,12 @@ def export_params(path: str | os.PathLike[str], params: Params, *, force: bool =
     """Writes a params tree as the standalone artefact :func:`load_exported` reads (what
     :func:`export_ema_params` writes; e.g. a synthesized post-hoc EMA), with a checksum of
     its arrays that :func:`load_exported` verifies. Blocks until written; ``force=True``
-    overwrites an existing ``path`` (else ``ValueError``)."""
+    overwrites an existing ``path`` (else ``ValueError``).
+
+    Atomic: the new artefact is written beside ``path`` and swapped in once complete, so
+    the old one stays readable until then; a kill at any moment (``kill -9`` included)
+    leaves the old artefact or the new one. The one export routine: ``export_ema_params``
+    and the post-hoc command line's ``--out ... --force`` write through it."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not _checks.flag("force", force):
         raise ValueError(f"{path} already exists: pass force=True to overwrite it")

@@ -3,11 +3,13 @@ checksums of the arrays; and the errors that name what is wrong and where."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ema_jax import _checks
@@ -28,12 +30,22 @@ def check_alive(tree: Any, name: str) -> None:
             )
 
 
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """``Σ (2i+1)·u_i mod 2^32`` over the bits ``u`` of ``x`` (as uint32 words, ``i`` their
-    position): any change confined to one element changes it (odd multipliers are
-    invertible mod 2^32), and so does nearly every other change, swaps included. One
-    integer reduction on the devices, whatever the sharding (the same on any mesh)."""
+#: The key, in that entry, of the checksum function's name (absent: :data:`WORD_SUM`).
+CHECKSUM_KIND = "checksum_kind"
+#: ``Σ (2i+1)·u_i mod 2^32``, what ema_jax 0.1.0 wrote: misses some two-element changes
+#: (negating two weights). Verified on old artefacts, never written.
+WORD_SUM = "word-sum-2^32"
+#: The exact sum and position-weighted sum of the words of each word plane: detects every
+#: change of one or two elements. What ema_jax writes.
+MOMENTS = "word-moments"
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as 32-bit words, one row per element: ``(n, k)``, ``k`` the
+    words of one element (1 up to 32 bits, 2 for complex64 and 64-bit types, 4 for
+    complex128); narrower elements zero-extended."""
     x = jnp.asarray(x)
+    elements = x.size
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.stack([x.real, x.imag], axis=-1)
     if x.dtype == jnp.bool_:
@@ -43,29 +55,99 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
         words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
     else:
         words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    words = words.ravel()
+    return words.reshape(elements, -1) if elements else jnp.zeros((0, 1), jnp.uint32)
+
+
+def _word_sum(x: jax.Array) -> jax.Array:
+    """:data:`WORD_SUM`: ``Σ (2i+1)·u_i mod 2^32`` over the words ``u`` in order."""
+    words = _words(x).ravel()
     odd = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
     return jnp.sum(words * odd, dtype=jnp.uint32)
 
 
-@jax.jit
-def _leaf_checksums(leaves: list[Any]) -> list[jax.Array]:
-    return [_leaf_checksum(x) for x in leaves]
+def _moments(x: jax.Array) -> jax.Array:
+    """:data:`MOMENTS`, for each word plane ``j`` (the ``j``-th word of every element): the
+    exact integers ``A_j = Σ u_ij`` and ``B_j = Σ (i+1)·u_ij``, returned as ``[A, low,
+    high]`` with ``B = high·2^32 + low`` (each a uint64 sum that cannot overflow for
+    fewer than ``2^32`` elements).
+
+    A change of one or two elements changes some plane in at most two rows ``i != l``, by
+    ``d_i, d_l`` not both zero. Unchanged ``A`` and ``B`` would need ``d_i + d_l = 0`` and
+    ``(i+1)·d_i + (l+1)·d_l = 0``, so ``(i-l)·d_i = 0``: impossible. Needs 64-bit
+    integers: run under ``jax.enable_x64``."""
+    words = _words(x)
+    return jnp.stack([_plane_moments(words[:, j]) for j in range(words.shape[1])])
 
 
-def checksums(tree: Any) -> dict[str, int]:
-    """``{"a.b": checksum}`` for every leaf, in Orbax's flat key paths."""
+def _plane_moments(words: jax.Array) -> jax.Array:
+    """``[A, low, high]`` of one word plane, in one pass: a single variadic reduction, so
+    nothing the size of the leaf is materialized (three ``jnp.sum`` calls would keep the
+    64-bit products in memory, and run 40 times slower on CPU)."""
+    u = words.astype(jnp.uint64)
+    weighted = u * jnp.arange(1, u.size + 1, dtype=jnp.uint64)  # < 2^64: factors < 2^32
+    zero = jnp.uint64(0)
+    sums = jax.lax.reduce(
+        (u, weighted & jnp.uint64(0xFFFFFFFF), weighted >> jnp.uint64(32)),
+        (zero, zero, zero),
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+        (0,),
+    )
+    return jnp.stack(sums)
+
+
+_KINDS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    WORD_SUM: _word_sum,
+    MOMENTS: _moments,
+}
+
+
+@functools.partial(jax.jit, static_argnames="kind")
+def _leaf_checksums(leaves: list[Any], kind: str) -> list[jax.Array]:
+    return [_KINDS[kind](x) for x in leaves]
+
+
+def _as_int(sums: np.ndarray, kind: str) -> int:
+    """One integer per leaf: the word-sum itself, or every plane's ``A`` and ``B`` as the
+    digits of one number (equal exactly when every ``A`` and ``B`` is equal)."""
+    if kind == WORD_SUM:
+        return int(sums)
+    value = 0
+    for a, low, high in np.asarray(sums, dtype=np.uint64).reshape(-1, 3).tolist():
+        value = (value << 160) | ((high << 32) + low) << 64 | a  # A < 2^64, B < 2^96
+    return value
+
+
+def checksums(tree: Any, kind: str = MOMENTS) -> dict[str, int]:
+    """``{"a.b": checksum}`` for every leaf, in Orbax's flat key paths (a typed PRNG key's
+    over its key data); ``kind`` one of :data:`MOMENTS` (written) and :data:`WORD_SUM`
+    (0.1.0's, for verifying)."""
     flat = ocp.tree.to_flat_dict(tree)
-    sums = jax.device_get(_leaf_checksums([jnp.asarray(x) for x in flat.values()]))
-    return {".".join(k): int(c) for k, c in zip(flat, sums, strict=True)}
+    with jax.enable_x64(kind == MOMENTS):
+        leaves = [_key_data(jnp.asarray(x)) for x in flat.values()]
+        sums = jax.device_get(_leaf_checksums(leaves, kind))
+    return {".".join(k): _as_int(c, kind) for k, c in zip(flat, sums, strict=True)}
 
 
-def verify(tree: Any, saved: Any, where: str) -> None:
+def _key_data(x: jax.Array) -> jax.Array:
+    """Typed PRNG keys (NNX's RNG state) as their raw key data (what Orbax stores)."""
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+def checksum_entry(tree: Any) -> dict[str, Any]:
+    """What an item's ema_jax metadata holds to verify ``tree``: its checksums and their
+    kind."""
+    return {CHECKSUMS: checksums(tree), CHECKSUM_KIND: MOMENTS}
+
+
+def verify(tree: Any, entry: Any, where: str) -> None:
     """A ``ValueError`` naming the first leaf of ``tree`` whose checksum differs from the
-    one written at save (nothing to check for artefacts written without one)."""
+    one written at save (``entry``: the item's ema_jax metadata; nothing to check for
+    artefacts written without checksums). Checksums of 0.1.0 are verified with its
+    function."""
+    saved = (entry or {}).get(CHECKSUMS)
     if not saved:
         return
-    for path, value in checksums(tree).items():
+    for path, value in checksums(tree, entry.get(CHECKSUM_KIND, WORD_SUM)).items():
         if saved.get(path) != value:
             raise ValueError(
                 f"{where} is corrupt: {path} does not match the checksum written at save "
@@ -124,21 +206,33 @@ def read_metadata(
     ``ValueError`` naming the checkpoint and the file when that file is missing, truncated
     or unreadable, and the latest of the ``earlier`` steps (``None``: not a step of a
     manager's directory)."""
+    file = "_METADATA" if item is None else f"{item}/_METADATA"
+    what = f"its {file} file (the tree of the saved arrays) is"
     try:
         metadata = read()
-        problem = None if getattr(metadata, "tree", None) is not None else "missing or empty"
-    except FileNotFoundError:
-        problem = "missing or empty"
-    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
-        problem = f"unreadable: {type(e).__name__}: {e}"
-    if problem is None:
-        return metadata
+    except FileNotFoundError as e:
+        raise damaged(where, f"{what} missing or empty", earlier) from e
+    except Exception as e:  # Orbax's and TensorStore's errors, whatever their type
+        raise damaged(where, f"{what} unreadable: {first_line(e)}", earlier) from e
+    if getattr(metadata, "tree", None) is None:
+        raise damaged(where, f"{what} missing or empty", earlier)
+    return metadata
+
+
+def damaged(where: str, problem: str, earlier: list[int] | None) -> ValueError:
+    """The error of a damaged artefact: what is wrong, and what restores instead (the
+    latest of the ``earlier`` steps; ``None``: not a step of a manager's directory). The
+    caller raises it ``from`` the original error."""
     hint = (
         f"; an earlier step restores: step={max(earlier)} (saved: {sorted(earlier)})"
         if earlier
         else ("; no earlier step is saved" if earlier is not None else "")
     )
-    file = "_METADATA" if item is None else f"{item}/_METADATA"
-    raise ValueError(
-        f"{where} is damaged: its {file} file (the tree of the saved arrays) is {problem}{hint}"
-    )
+    return ValueError(f"{where} is damaged: {problem}{hint}")
+
+
+def first_line(error: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 300 characters, TensorStore's spec
+    dropped), for an error of Orbax or TensorStore, whose messages can run to pages."""
+    line = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    return f"{type(error).__name__}: {line[:300]}{'...' if len(line) > 300 else ''}"

@@ -10,14 +10,16 @@ serves :func:`~ema_jax.checkpoint.restore`, :func:`~ema_jax.checkpoint.load_ema_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ema_jax.checkpoint import integrity
+from ema_jax.checkpoint import atomic, integrity
 
 
 def save_args(
@@ -27,19 +29,31 @@ def save_args(
     ``checksum``) the checksum of every array in ema_jax's entry of it."""
     custom = dict(custom_metadata or {})
     if checksum:
-        entry = {
-            **custom.get(integrity.META_KEY, {}),
-            integrity.CHECKSUMS: integrity.checksums(tree),
-        }
+        entry = {**custom.get(integrity.META_KEY, {}), **integrity.checksum_entry(tree)}
         custom[integrity.META_KEY] = entry
     return ocp.args.StandardSave(tree, custom_metadata=custom)
 
 
 def write(path: str, tree: Any, *, force: bool = False) -> None:
     """Writes ``tree`` as the standalone item at ``path`` (blocking), with its checksums;
-    ``force`` replaces an existing one."""
+    ``force`` replaces an existing one.
+
+    Atomic: the item is written to a hidden sibling (:func:`atomic.staged`) and only then
+    put at ``path`` (:func:`atomic.replace`), so an existing artefact stays until the new
+    one is complete, whatever kills the write. In multi-process runs every process calls
+    this; process 0 commits.
+    """
+    if os.path.lexists(path) and not force:
+        raise ValueError(f"{path} already exists: pass force=True to overwrite it")
+    new = atomic.staged(path, "new")
+    if jax.process_index() == 0:
+        atomic.clear(path)
+    ocp.multihost.sync_global_processes("ema_jax.checkpoint.items.write:clear")
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=save_args(tree), force=force)
+        checkpointer.save(new, args=save_args(tree))
+    if jax.process_index() == 0:
+        atomic.replace(new, path)
+    ocp.multihost.sync_global_processes("ema_jax.checkpoint.items.write:commit")
 
 
 def metadata(
@@ -97,6 +111,27 @@ def read(
       ValueError: the item is damaged, differs from ``target`` (first differing path
         named) or is corrupt (the leaf whose checksum differs named).
     """
+    try:
+        return _read(path, target, item, where, earlier, static, saved)
+    except Exception as e:
+        if os.path.isdir(path):
+            raise
+        raise FileNotFoundError(
+            f"{path if where is None else where} was deleted while it was read: its writer "
+            "pruned it (max_to_keep) or replaced it. Read the newest step (a read_only "
+            "manager's latest_step() re-reads the directory)"
+        ) from e
+
+
+def _read(
+    path: str,
+    target: Any,
+    item: str | None,
+    where: str | None,
+    earlier: list[int] | None,
+    static: Mapping[str, Any] | None,
+    saved: Any,
+) -> Any:
     if saved is None:
         saved = metadata(path, where, item, earlier)
     if target is None:
@@ -106,12 +141,50 @@ def read(
     entry = custom(saved)
     if static is not None:
         integrity.check_static(entry, dict(static))
-    args = ocp.args.StandardRestore(target, strict=True, fallback_sharding=fallback())
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(path, args=args)
+    placed, loose = _placement(target, saved.tree)
+    args = ocp.args.StandardRestore(placed, strict=True, fallback_sharding=fallback())
     whole = path if where is None else where if item is None else f"the {item} item of {where}"
-    integrity.verify(restored, (entry or {}).get(integrity.CHECKSUMS), whole)
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(path, args=args)
+    except Exception as e:
+        raise integrity.damaged(
+            path if where is None else where,
+            f"its {item or 'arrays'} could not be read ({integrity.first_line(e)})",
+            earlier,
+        ) from e
+    if loose:  # read to the host: put where a freshly created array goes
+        restored = jax.tree.map(lambda x, t: jax.device_put(x) if t else x, restored, loose)
+    integrity.verify(restored, entry, whole)
     return restored
+
+
+def _placement(target: Any, saved_tree: Any) -> tuple[Any, Any]:
+    """What Orbax restores each leaf as, and which leaves are *loose*: the target gives no
+    placement (an uncommitted array, a ``ShapeDtypeStruct`` without sharding) and the leaf
+    was saved from one device. Loose leaves are read to the host and put on the default
+    device uncommitted, like the arrays of a freshly created state, so a jitted step
+    compiled for one is not compiled again for the restored state."""
+    saved = ocp.tree.to_flat_dict(saved_tree)
+    flat = ocp.tree.to_flat_dict(target)
+    placed, loose = [], []
+    for key, leaf in flat.items():
+        is_loose = (
+            (isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None)
+            or (isinstance(leaf, jax.Array) and not leaf.committed)
+        ) and (
+            not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            and isinstance(
+                getattr(saved.get(key), "sharding", None),
+                (ocp.metadata.SingleDeviceShardingMetadata, type(None)),
+            )
+        )
+        placed.append(np.empty(leaf.shape, leaf.dtype) if is_loose else leaf)
+        loose.append(is_loose)
+    treedef = jax.tree.structure(target)
+    if not any(loose):
+        return target, None
+    return jax.tree.unflatten(treedef, placed), jax.tree.unflatten(treedef, loose)
 
 
 def read_params(

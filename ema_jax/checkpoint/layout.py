@@ -21,6 +21,11 @@ SNAPSHOT = "snapshot"
 #: The kind of a directory holding one standalone item (:func:`export_params`).
 EXPORT = "export"
 
+#: One step directory of a training checkpoint or of post-hoc snapshots.
+STEP = "step"
+#: A directory that is none of ema_jax's kinds (and not empty).
+FOREIGN = "foreign"
+
 #: What reads each kind of directory (see :func:`kind`); ``{d}`` is the directory.
 READERS = {
     EXPORT: "an export (written by export_ema_params or export_params): read it with "
@@ -30,6 +35,8 @@ READERS = {
     SNAPSHOT: "a post-hoc snapshot directory: synthesize from it with "
     "ema_jax.posthoc.synthesize_from({d}, sigma_rel) or python -m ema_jax.posthoc {d} "
     "--sigma-rel S --out PATH",
+    FOREIGN: "not an ema_jax directory: it holds no export, no training "
+    "checkpoint and no post-hoc snapshots (numbered step directories); check the path",
 }
 
 
@@ -49,33 +56,60 @@ def step_path(directory: str, step: int) -> str:
 
 def kind(directory: str) -> str | None:
     """:data:`EXPORT`, :data:`STATE` (a training checkpoint), :data:`SNAPSHOT` (post-hoc
-    snapshots), or ``None`` when ``directory`` holds none of them."""
+    snapshots), :data:`STEP` (one step directory of either), :data:`FOREIGN` (files of
+    something else), or ``None`` when ``directory`` holds no file yet (hidden files,
+    unfinished saves and subdirectories aside: a parent of runs gets the reader's own
+    "nothing here" error)."""
     if os.path.isfile(os.path.join(directory, "_METADATA")):
         return EXPORT
     found = steps(directory)
     if found:
-        items = set(os.listdir(found[-1][1]))
+        held = set(os.listdir(found[-1][1]))
         for name in (STATE, SNAPSHOT):
-            if name in items:
+            if name in held:
                 return name
+    entries = [
+        e
+        for e in (os.listdir(directory) if os.path.isdir(directory) else [])
+        if not e.startswith(".") and ".orbax-checkpoint-tmp" not in e
+    ]
+    if not entries:
+        return None
+    parent, name = os.path.split(os.path.abspath(directory))
+    if name.isdigit() and kind(parent) in (STATE, SNAPSHOT):
+        return STEP
+    if any(os.path.isfile(os.path.join(directory, e)) for e in entries):
+        return FOREIGN
     return None
+
+
+def describe(directory: str, found: str) -> str:
+    """What ``directory`` (of kind ``found``, see :func:`kind`) is and what reads it."""
+    if found != STEP:
+        return READERS[found].format(d=repr(directory))
+    parent, step = os.path.split(directory)
+    of = READERS[kind(parent) or FOREIGN].format(d=repr(parent))
+    return f"step {step} of {parent}, which is {of} (step={step} picks this step)"
 
 
 def expect(directory: str | os.PathLike[str], expected: str, missing: str) -> str:
     """``directory`` as an absolute path, when it is a directory holding the ``expected``
-    kind (or nothing ema_jax knows: the reader then says what it misses).
+    kind (or nothing yet: the reader then says what it misses).
 
     Raises:
-      FileNotFoundError: ``directory`` is no directory (``f"{missing} {directory}"``).
+      FileNotFoundError: ``directory`` is no directory (``f"{missing} {directory}"``), or
+        no ema_jax directory (then that is said too).
       ValueError: it holds another kind: what it is, and what reads it.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{missing} {directory}")
     found = kind(directory)
+    if found == FOREIGN:
+        raise FileNotFoundError(f"{missing} {directory}: it is {describe(directory, found)}")
     if found is not None and found != expected:
         raise ValueError(
-            f"{directory} is {READERS[found].format(d=repr(directory))}; it is not "
+            f"{directory} is {describe(directory, found)}; it is not "
             f"{READERS[expected].split(':')[0]}"
         )
     return directory

@@ -68,7 +68,7 @@ class WriterLock:
                 pass
             os.close(fd)
         os.ftruncate(fd, 0)
-        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode())
         self._fd = fd
 

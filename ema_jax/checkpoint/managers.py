@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,13 +81,20 @@ class Manager:
     """An Orbax ``CheckpointManager`` (:attr:`orbax`) with ema_jax's guarantees.
 
     * a writer holds the directory's :class:`~ema_jax.checkpoint.lock.WriterLock` until
-      :meth:`close` (``read_only`` managers and processes other than 0 take none);
+      :meth:`close`, or until the manager is garbage-collected (a manager lost to an
+      exception in a notebook does not hold the directory until the kernel exits);
+      ``read_only`` managers and processes other than 0 take none;
+    * :meth:`save_items` is the one save: nothing is deleted or written before every
+      argument is checked, a step at or below the saved ones is refused unless
+      ``overwrite`` (see there), a closed manager refuses;
     * a save that fails (at once or in the background) re-reads the steps on disk, so the
       intact ones stay listed and restorable;
+    * a ``read_only`` manager re-reads the steps on disk in :meth:`all_steps` and
+      :meth:`latest_step` (a reader polling a training run sees its new steps);
     * :attr:`best` is the best-metric policy, kept here rather than read back from Orbax.
 
-    Every other attribute is the Orbax manager's (``all_steps``, ``latest_step``,
-    ``metrics``, ``delete``, ``reload``, ``directory``, ...). A context manager.
+    Every other attribute is the Orbax manager's (``metrics``, ``delete``, ``reload``,
+    ``directory``, ...). A context manager.
     """
 
     def __init__(
@@ -96,16 +104,36 @@ class Manager:
         lock: WriterLock | None = None,
         best: BestMetric | None = None,
         read_only: bool = False,
+        save_interval_steps: int = 1,
     ) -> None:
         self.orbax = orbax
         self.best = best
         self.read_only = read_only
-        self._lock = lock
+        self.save_interval_steps = save_interval_steps
+        #: The step this manager last saved or restored: saving it again is a no-op.
+        self.position: int | None = None
+        self.closed = False
+        # Runs when the manager is closed, or garbage-collected unclosed (not at exit: the
+        # kernel drops the lock of an exiting process anyway).
+        self._finalizer = weakref.finalize(self, _finish, orbax, lock)
+        self._finalizer.atexit = False
 
     def __getattr__(self, name: str) -> Any:  # only for names not found on Manager
         if name == "orbax":  # not set yet (a copy being built): no recursion
             raise AttributeError(name)
         return getattr(self.orbax, name)
+
+    def all_steps(self) -> list[int]:
+        """The saved steps, ascending (re-read from disk by a ``read_only`` manager)."""
+        if self.read_only:
+            self.orbax.reload()
+        return sorted(int(s) for s in self.orbax.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, ``None`` when there is none (re-read from disk by a
+        ``read_only`` manager, so a polling reader sees the writer's new steps)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def save_items(
         self,
@@ -113,19 +141,64 @@ class Manager:
         items: Mapping[str, ocp.args.StandardSave],
         *,
         force: bool = False,
-        metrics: dict[str, float] | None = None,
+        overwrite: bool = False,
+        metrics: Any = None,
     ) -> bool:
-        """Orbax's save of ``items`` as step ``step``: whether a save was started."""
+        """Orbax's save of ``items`` as step ``step``: whether a save was started.
+
+        Everything is checked before anything is deleted or written: the manager is open
+        and writable, ``force``/``overwrite`` are bools, ``metrics`` are numbers (and hold
+        :attr:`best`'s metric). A step not due under ``save_interval_steps`` (and not
+        ``force``) returns ``False``; so does the step this manager last saved or restored
+        (:attr:`position`), already on disk.
+
+        Raises:
+          ValueError: steps ``>= step`` are saved already (a run that went back with
+            ``restore(..., step=)``, or another run in this directory): they would stay on
+            disk as if current. ``overwrite=True`` deletes them first.
+        """
         self.check_writable()
+        _checks.flag("force", force)
+        _checks.flag("overwrite", overwrite)
+        if self.best is not None:
+            checked = self.best.checked(metrics)
+        else:
+            checked = None if metrics is None else checked_metrics(metrics)
+        saved = self.all_steps()
+        later = [s for s in saved if s >= step]
+        if later == [step] and step == self.position:
+            return False  # this run's step, saved already
+        if later and not overwrite:
+            raise ValueError(
+                f"cannot save step {step} in {self.directory}: steps {later} are saved "
+                "already, from a run this one went back on (restore(..., step=)) or another "
+                "run; they would stay on disk as if current. Pass overwrite=True to delete "
+                f"steps >= {step} first, or save into a new directory"
+            )
+        initial = not [s for s in saved if s < step]
+        if not (force or initial or step % self.save_interval_steps == 0):
+            return False  # not due: nothing deleted
+        if later:
+            self.wait_until_finished()
+            for abandoned in later:
+                self.orbax.delete(abandoned)
         args = ocp.args.Composite(**items)
         try:
-            return bool(self.orbax.save(step, args=args, force=force, metrics=metrics))
+            started = bool(self.orbax.save(step, args=args, force=force, metrics=checked))
         except BaseException:
             self.orbax.reload()  # Orbax may have dropped intact steps from its list
             raise
+        if started:
+            self.position = step
+        return started
 
     def check_writable(self) -> None:
-        """A ``ValueError`` when this manager was opened with ``read_only=True``."""
+        """A ``ValueError`` when this manager is closed or was opened ``read_only``."""
+        if self.closed:
+            raise ValueError(
+                f"the manager of {self.directory} is closed: open a new one, "
+                f"manager({str(self.directory)!r}), to save or restore"
+            )
         if self.read_only:
             raise ValueError(f"the manager of {self.directory} is read-only (read_only=True)")
 
@@ -139,21 +212,23 @@ class Manager:
 
     def close(self) -> None:
         """Finishes the saves in progress and releases the directory."""
-        try:
-            self.orbax.close()
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self.closed = True
+        self._finalizer()
 
     def __enter__(self) -> Manager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _finish(orbax: ocp.CheckpointManager, lock: WriterLock | None) -> None:
+    """Closes ``orbax`` (its saves in progress finish), then releases ``lock``."""
+    try:
+        orbax.close()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def open_manager(
@@ -166,25 +241,34 @@ def open_manager(
     read_only: bool = False,
     best: BestMetric | None = None,
 ) -> Manager:
-    """A :class:`Manager` of ``directory`` whose steps hold ``items`` (standard items)."""
+    """A :class:`Manager` of ``directory`` whose steps hold ``items`` (standard items).
+
+    With ``best``, the ``max_to_keep`` best steps are kept, and the latest (the one a
+    crashed run resumes from) with them. A directory holding steps saved without the
+    best metric is refused before anything is deleted (see :func:`check_ranked`).
+    """
     _checks.integer("max_to_keep", max_to_keep, 1, allow_none=True)
     _checks.integer("save_interval_steps", save_interval_steps, 1)
     _checks.flag("async_save", async_save)
     _checks.flag("read_only", read_only)
+    policies = ocp.checkpoint_managers
+    ranking: dict[str, Any] = {}  # Orbax writes a step's metrics only with a best_fn
     if best is None:
-        kept: dict[str, Any] = {
-            "preservation_policy": ocp.checkpoint_managers.LatestN(n=max_to_keep)
-        }
-    else:  # Orbax's best_fn; steps saved without the metric are not kept
-        kept = {
-            "max_to_keep": max_to_keep,
-            "best_fn": best,
-            "best_mode": best.mode,
-            "keep_checkpoints_without_metrics": False,
-        }
+        kept: Any = policies.LatestN(n=max_to_keep)
+    else:
+        ranking = {"best_fn": best, "best_mode": best.mode}
+        check_ranked(os.path.abspath(directory), best)
+        ranked = policies.BestN(
+            get_metric_fn=best,
+            reverse=best.mode == "min",
+            n=max_to_keep,
+            keep_checkpoints_without_metrics=False,
+        )
+        kept = policies.AnyPreservationPolicy([policies.LatestN(n=1), ranked])
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
-        **kept,
+        preservation_policy=kept,
+        **ranking,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
@@ -200,7 +284,41 @@ def open_manager(
         if lock is not None:
             lock.release()
         raise
-    return Manager(orbax, lock=lock, best=best, read_only=read_only)
+    return Manager(
+        orbax,
+        lock=lock,
+        best=best,
+        read_only=read_only,
+        save_interval_steps=save_interval_steps,
+    )
+
+
+def check_ranked(directory: str, best: BestMetric) -> None:
+    """A ``ValueError`` when a step of ``directory`` has no ``best.name`` metric: a best-metric
+    manager would delete it at its first save (the step a reopened run just restored
+    included), and could not rank it."""
+    unranked = {}
+    for step, path in layout.steps(directory):
+        metrics = read_metrics(path)
+        if not isinstance(metrics, dict) or best.name not in metrics:
+            unranked[step] = sorted(metrics) if isinstance(metrics, dict) else "none"
+    if unranked:
+        raise ValueError(
+            f"{directory} holds steps saved without the metric {best.name!r} (step: its "
+            f"metrics) {unranked}: a manager with best_metric={best.name!r} cannot rank them "
+            "and would delete them at its first save. Open the directory the way its run "
+            "wrote it (the same best_metric, or none), or save the new run into a new "
+            "directory"
+        )
+
+
+def read_metrics(step_path: str) -> Any:
+    """The metrics Orbax wrote with a step (``<step>/metrics/metrics``), ``None`` if none."""
+    try:
+        with open(os.path.join(step_path, METRICS, METRICS)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def as_manager(mngr: Any) -> Manager:
@@ -230,11 +348,7 @@ def best_step(directory: str, recorded: Mapping[str, Any] | None) -> int:
     policy = BestMetric(recorded["best_metric"], recorded["mode"])
     ranked = []
     for step, path in layout.steps(directory):
-        try:
-            with open(os.path.join(path, METRICS, METRICS)) as f:
-                metrics = json.load(f)
-        except FileNotFoundError:
-            continue
+        metrics = read_metrics(path)
         if isinstance(metrics, dict) and policy.name in metrics:
             ranked.append((policy.rank(metrics), step))
     if not ranked:

@@ -11,14 +11,7 @@ import numpy as np
 from ema_jax import _checks
 from ema_jax.checkpoint import adapters, integrity, items, layout
 from ema_jax.checkpoint.layout import EMA_PARAMS, STATE
-from ema_jax.checkpoint.managers import (
-    BestMetric,
-    Manager,
-    as_manager,
-    best_step,
-    checked_metrics,
-    open_manager,
-)
+from ema_jax.checkpoint.managers import BestMetric, Manager, as_manager, best_step, open_manager
 from ema_jax.transform import Params
 
 
@@ -44,11 +37,17 @@ def manager(
         before exiting. Left-over temporary directories of interrupted saves are removed
         when the manager is created.
       read_only: open for :func:`restore` only (an evaluator polling a training run's
-        directory): no lock is taken and :func:`save` raises.
+        directory): no lock is taken and :func:`save` raises. Its ``latest_step()``,
+        ``all_steps()`` and :func:`restore` re-read the directory, so they see the steps the
+        writer saved since; a step the writer pruned while it was being read raises
+        ``FileNotFoundError`` saying so.
       best_metric: keep the best ``max_to_keep`` steps by this metric of
-        :func:`save`'s ``metrics`` instead of the newest (Orbax's ``best_fn``); every save
-        must then give it. A NaN metric ranks worst. ``load_ema_params(d, step="best")``
-        loads the best step.
+        :func:`save`'s ``metrics``, and the latest step (what a crashed run resumes from:
+        :func:`restore` without ``step`` restores it), instead of the newest
+        ``max_to_keep``; every save must then give it. A NaN metric ranks worst.
+        ``load_ema_params(d, step="best")`` loads the best step. A directory holding steps
+        saved without that metric raises ``ValueError`` (they could not be ranked and
+        would be deleted).
       best_mode: ``"min"`` (a loss) or ``"max"``: which end of ``best_metric`` is best.
 
     One writing run per directory: a manager that can write holds a lock on the directory
@@ -56,7 +55,9 @@ def manager(
     another process, raises ``RuntimeError`` naming the holder. In a multi-process run only
     process 0 takes it. Readers (``read_only=True``, :func:`load_ema_params`) never wait.
 
-    The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it).
+    The manager is a context manager (``with ckpt.manager(d) as mngr: ...`` closes it). A
+    manager garbage-collected unclosed (e.g. lost to an exception) finishes its saves and
+    releases the directory; a closed manager refuses to save.
     """
     best = None if best_metric is None else BestMetric(best_metric, best_mode)
     return open_manager(
@@ -90,51 +91,36 @@ def save(
     ranks the steps by it.
 
     Returns whether a save was started (``False`` when ``step`` is not due under
-    ``save_interval_steps``, or is the latest step already saved; ``force=True`` saves a
-    step that is not due). With ``async_save`` the write continues in the background: the
-    arrays are already copied, so ``state`` may be donated to the next train step right
-    away. In multi-process training every process calls this.
+    ``save_interval_steps``, or is the step this manager last saved or restored, already
+    on disk; ``force=True`` saves a step that is not due). Every argument is checked
+    before anything is deleted or written. With ``async_save`` the write continues in the
+    background: the arrays are already copied, so ``state`` may be donated to the next
+    train step right away. In multi-process training every process calls this.
 
     The ``ema_params`` item carries a checksum of its arrays, verified by
     :func:`load_ema_params`; ``checksum_state=True`` adds one for the ``"state"`` item too,
     verified by :func:`restore` (each costs one read of those arrays at save and at load).
 
     Raises:
-      ValueError: steps after ``step`` are saved already (the run went back with
-        ``restore(..., step=)``): saving would leave the abandoned run's steps on disk as
+      ValueError: ``step`` or later steps are saved already, by a run this one went back
+        on (``restore(..., step=)``) or by another run: saving would leave them on disk as
         if current. ``overwrite=True`` deletes the saved steps ``>= step`` first.
+      ValueError: the manager is closed or read-only.
       ValueError: a leaf of ``state`` was deleted (donated to a jitted step).
     """
     mngr = as_manager(mngr)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
+    mngr.check_writable()
     adapter = adapters.adapt(state)
     integrity.check_alive(adapter.arrays, "state")
-    _checks.flag("overwrite", overwrite)
     _checks.flag("checksum_state", checksum_state)
-    mngr.check_writable()
-    if mngr.best is not None:
-        checked = mngr.best.checked(metrics)
-    else:
-        checked = None if metrics is None else checked_metrics(metrics)
-    abandoned = sorted(s for s in mngr.all_steps() if s >= step)
-    if abandoned and abandoned[-1] > step and not overwrite:
-        raise ValueError(
-            f"cannot save step {step} in {mngr.directory}: steps {abandoned} are saved "
-            "already, from a run this one went back on (restore(..., step=)); they would "
-            f"stay on disk as if current. Pass overwrite=True to delete steps >= {step} "
-            "first, or save into a new directory"
-        )
-    if overwrite:
-        mngr.wait_until_finished()
-        for abandoned_step in abandoned:
-            mngr.delete(abandoned_step)
     ranking = {} if mngr.best is None else mngr.best.recorded()
     meta = {integrity.META_KEY: adapters.static_metadata(adapter)}
     saves = {
         STATE: items.save_args(adapter.arrays, meta, checksum=checksum_state),
         EMA_PARAMS: items.save_args(adapters.ema_params(adapter), {integrity.META_KEY: ranking}),
     }
-    return mngr.save_items(step, saves, force=force, metrics=checked)
+    return mngr.save_items(step, saves, force=force, overwrite=overwrite, metrics=metrics)
 
 
 def restore(mngr: Manager, target: Any, step: int | None = None) -> Any:
@@ -160,14 +146,17 @@ def restore(mngr: Manager, target: Any, step: int | None = None) -> Any:
     adapter = adapters.adapt(target)
     mngr.wait_until_finished()
     step = _resolve_step(mngr, step)
+    step_directory = layout.step_path(os.fspath(mngr.directory), step)
+    adapter.check_saved(step_directory, f"step {step} in {mngr.directory}")
     restored = items.read(
-        os.path.join(layout.step_path(os.fspath(mngr.directory), step), STATE),
+        os.path.join(step_directory, STATE),
         adapter.arrays,
         STATE,
         where=f"step {step} in {mngr.directory}",
         earlier=[s for s in mngr.all_steps() if s < step],
         static=adapters.static_metadata(adapter),
     )
+    mngr.position = step
     return adapter.rebuild(restored)
 
 
@@ -175,7 +164,10 @@ def _resolve_step(mngr: Manager, step: int | None) -> int:
     if step is None:
         latest = mngr.latest_step()
         if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+            directory = os.fspath(mngr.directory)
+            found = layout.kind(directory)
+            what = "" if found is None else f": it is {layout.describe(directory, found)}"
+            raise FileNotFoundError(f"no checkpoint in {directory}{what}")
         return int(latest)
     step = _checks.integer("step", step, 0)  # type: ignore[assignment]
     if step not in mngr.all_steps():

@@ -61,8 +61,8 @@ def _check_out(path: str, force: bool, flag: str = "--out") -> None:
     found = layout.kind(path) if os.path.isdir(path) else None
     if found is not None and found != layout.EXPORT:
         raise ValueError(
-            f"{flag} {path} is {layout.READERS[found].split(':')[0]}: refusing to write over "
-            "it (--force replaces only an export); choose another --out"
+            f"{flag} {path} is {layout.describe(path, found).split(':')[0]}: refusing to "
+            "write over it (--force replaces only an export); choose another --out"
         )
     if not force:
         raise ValueError(f"{flag} {path} already exists: pass --force to overwrite it")
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = checkpoint.layout.kind(out) if os.path.isdir(out) else None
             if found is not None:
                 raise ValueError(
-                    f"--out {out} is {checkpoint.layout.READERS[found].split(':')[0]}: with "
+                    f"--out {out} is {checkpoint.layout.describe(out, found).split(':')[0]}: with "
                     "several --sigma-rel, --out is a directory holding one export per sigma_rel"
                 )
             paths = [os.path.join(out, export_name(s)) for s in sigmas]

@@ -17,6 +17,8 @@ paired (back to back in each round). One module per concern:
 * ``nnx_update``   G5: ema_jax.nnx.EMA vs flax's nnx.EMA vs the functional update
 * ``memory``       P3: params + Adam + EMA, donated, in live bytes
 * ``multi_decay``  P4: K decays in one update vs K separate updates
+* ``placement``    P5: EMA bytes per device, replicated vs ``shard_over`` (1/N), and the
+                   compiled step's collectives (none); P6: host offload on a GPU
 * ``bandwidth``    the device goal: the update's share of the copy bandwidth
 * ``flags``        the update and the Adam step under other XLA_FLAGS, each in a fresh process
 * ``goals``        the goals as data; ``report`` renders the results as Markdown

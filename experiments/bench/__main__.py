@@ -17,6 +17,7 @@ from experiments.bench.flags import FLAG_SETS, bench_flags
 from experiments.bench.memory import bench_memory
 from experiments.bench.multi_decay import bench_multi_decay
 from experiments.bench.nnx_update import bench_nnx
+from experiments.bench.placement import bench_offload, bench_shard_over
 from experiments.bench.posthoc import bench_posthoc
 from experiments.bench.report import report
 from experiments.bench.train_step import bench_mlp_step, bench_train_step
@@ -177,6 +178,8 @@ def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[st
         for k in (leaves, 10)
         for chk in (True, False)
     ]
+    out["p5"] = bench_shard_over(n, leaves)
+    print("P5:", out["p5"]["ratio"], out["p5"]["shard_over"]["collectives"], flush=True)
     out["leaf_overhead"] = bench_leaf_overhead((10, 100, 1000), repeats)
     out["choices"] = {"params": n, "leaves": leaves, "ms": bench_choices(n, leaves, repeats)}
     if not args.no_flags:
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     posthoc_sizes = args.posthoc_sizes or plan.posthoc_sizes
     if not args.posthoc_only:
         results["bandwidth"] = [bench_bandwidth(n, k, repeats) for n, k in plan.bandwidth_sizes]
+        results["p6"] = bench_offload(*plan.adam_size, repeats)  # "not measured" without a GPU
     if not (args.bandwidth_only or args.posthoc_only):
         results.update(measure_goals(args, plan, repeats))
     if not args.bandwidth_only:

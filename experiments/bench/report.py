@@ -16,6 +16,7 @@ from typing import Any
 
 from experiments.bench.bandwidth import UPDATE_BYTES_PER_PARAM
 from experiments.bench.goals import GOALS, Goal
+from experiments.bench.placement import offload_section, shard_over_section
 from experiments.bench.update import SPEED_PEERS, best_torch
 
 UPDATE_COLUMNS = (
@@ -329,6 +330,8 @@ SECTIONS: dict[str, Callable[[Any], list[str]]] = {
     "leaf_overhead": leaf_overhead_section,
     "choices": choices_section,
     "flags": flags_section,
+    "p5": shard_over_section,
+    "p6": offload_section,
 }
 """The tables after the goals, each with its heading, for the sections that were run."""
 

@@ -425,10 +425,13 @@ def _states(n):
     return out
 
 
-@pytest.mark.parametrize(("mode", "survivors", "best"), [("min", [1, 3], 3), ("max", [0, 2], 2)])
+@pytest.mark.parametrize(
+    ("mode", "survivors", "best"), [("min", [1, 3, 5], 3), ("max", [0, 2, 4], 2)]
+)
 def test_orbax_keeps_the_best_n_steps(tmp_path, mode, survivors, best):
     """Real Orbax writes; with ``max_to_keep=2`` the two best-metric steps
-    survive (a NaN ranks worst), and ``step="best"`` loads the best one's EMA params."""
+    survive (a NaN ranks worst), and the latest step (to resume from) with them;
+    ``step="best"`` loads the best one's EMA params."""
     from ema_jax import checkpoint
 
     metrics = [0.5, 0.2, 0.9, 0.1, NAN, 0.3] if mode == "min" else [0.5, 0.2, 0.9, 0.1, NAN]

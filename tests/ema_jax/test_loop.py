@@ -157,8 +157,14 @@ def _vector_metric(params, batch):
     return (x @ params["w"] + params["b"] - y) ** 2
 
 
+def _mae_metric(params, batch):
+    x, y = batch
+    return {"mae": jnp.mean(jnp.abs(x @ params["w"] + params["b"] - y))}
+
+
 MISTAKES = {
     "epochs 0": ({"epochs": 0}, ValueError, "epochs"),
+    "epochs np.int64(0)": ({"epochs": np.int64(0)}, ValueError, "epochs"),
     "epochs -1": ({"epochs": -1}, ValueError, "epochs"),
     "epochs 2.0": ({"epochs": 2.0}, ValueError, "epochs"),
     "epochs True": ({"epochs": True}, ValueError, "epochs"),
@@ -175,6 +181,40 @@ MISTAKES = {
         "early_stopping must be an ema_jax.EarlyStopping",
     ),
     "not an EmaTrainState": ({"state": {"params": 1}}, TypeError, "state must be an ema_jax"),
+    "best_ema with a metric_fn without 'loss'": (
+        {
+            "metric_fn": _mae_metric,
+            "early_stopping": ema_jax.EarlyStopping(),
+            "monitor": "best_ema",
+        },
+        ValueError,
+        r"monitor='best_ema' reads history key 'val_loss_ema', which this run does not "
+        r"record; it records train_loss, val_mae, val_mae_ema",
+    ),
+    "a typo in the monitor": (
+        {"early_stopping": ema_jax.EarlyStopping(), "monitor": "val_los"},
+        ValueError,
+        "monitor='val_los' is not a monitored value; choose from best_ema",
+    ),
+    "an index past the one average": (
+        {"early_stopping": ema_jax.EarlyStopping(), "monitor": "val_loss_ema[3]"},
+        ValueError,
+        r"monitor='val_loss_ema\[3\]' does not name one value of this history",
+    ),
+    "the default monitor with two decays": (
+        {
+            "state": ema_jax.EmaTrainState.create(
+                apply_fn=None,
+                params=linear_params(jax.random.key(0)),
+                tx=TX,
+                ema=ema_jax.ema((0.8, 0.9)),
+            ),
+            "early_stopping": ema_jax.EarlyStopping(),
+        },
+        ValueError,
+        r"monitor='val_loss_ema' does not name one value of this history \(val_loss_ema is "
+        "a list of 2",
+    ),
 }
 
 
@@ -193,7 +233,75 @@ def test_mistakes_are_refused_before_anything_is_donated(change, error, match):
     }
     with pytest.raises(error, match=match):
         ema_jax.train_with_ema(**kwargs)
-    assert _alive(state)
+    assert _alive(kwargs["state"])
+
+
+def test_numpy_integer_epochs_are_accepted():
+    history, state = ema_jax.train_with_ema(
+        _fresh_state(), mse_loss, BATCHES[:2], BATCHES[2:3], epochs=np.int64(2)
+    )
+    assert len(history["train_loss"]) == 2 and int(state.step) == 4
+
+
+class _Passes:
+    """A re-iterable that serves ``batches`` for its first ``passes`` iterations, then
+    ``then`` (a data pipeline that runs dry, or turns bad)."""
+
+    def __init__(self, batches, passes, then=()):
+        self.batches, self.passes, self.then = batches, passes, list(then)
+
+    def __iter__(self):
+        self.passes -= 1
+        return iter(self.batches if self.passes >= 0 else self.then)
+
+
+_X, _Y = BATCHES[2]
+DRY = {
+    # train_data: checked for re-iterability (1 pass), then epochs 0 and 1
+    "train_data empty in epoch 1": (
+        {"train_data": _Passes(BATCHES[:2], 2)},
+        "train_data yielded no batches in epoch 1",
+    ),
+    "train_data(epoch) empty in epoch 2": (
+        {"train_data": lambda epoch: BATCHES[:2] if epoch < 2 else []},
+        "train_data yielded no batches in epoch 2",
+    ),
+    # val_data: checked (1 pass), its first batch read (1 pass), then epochs 0 and 1
+    "val_data empty in epoch 1": (
+        {"val_data": _Passes(BATCHES[2:3], 3)},
+        r"val_data yielded no batches .* in epoch 1",
+    ),
+    "val_data malformed in epoch 1": (
+        {"val_data": _Passes(BATCHES[2:3], 3, then=[(_X, _Y[:3])])},
+        r"in epoch 1 \(counting from 0\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "match"), DRY.values(), ids=DRY)
+def test_data_that_fails_after_training_began_hands_back_the_trained_state(change, match):
+    """A data set found empty (or malformed) only in a later epoch raises a ``DataError``
+    (a ``ValueError``) that carries the state trained so far and the finished epochs'
+    history: the donated state passed in is not lost."""
+    kwargs = {
+        "state": _fresh_state(),
+        "loss_fn": mse_loss,
+        "train_data": BATCHES[:2],
+        "val_data": BATCHES[2:3],
+        "epochs": 4,
+        **change,
+    }
+    with pytest.raises(ema_jax.loop.DataError, match=match) as caught:
+        ema_jax.train_with_ema(**kwargs)
+    assert isinstance(caught.value, ValueError)
+    result = caught.value.result
+    assert _alive(result.state) and int(result.state.step) >= 2
+    finished = len(result.history["train_loss"])
+    assert finished in (1, 2) and all(len(v) == finished for v in result.history.values())
+    history, _ = ema_jax.train_with_ema(
+        result.state, mse_loss, BATCHES[:2], BATCHES[2:3], epochs=1
+    )  # training continues from it
+    assert len(history["train_loss"]) == 1
 
 
 def test_a_donated_state_is_refused_naming_the_fix():

@@ -306,3 +306,16 @@ def test_nnx_checkpoint_mismatch_is_loud(tmp_path):
         with pytest.raises(TypeError, match=r"exactly one ema_jax\.nnx\.EMA, found 0"):
             checkpoint.save(mngr, 1, nnx.Dict(model=state["model"]))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["0"]
+
+
+def test_apply_to_view_shares_no_variable_with_the_model():
+    """Writing into the view (e.g. recalibrating its BatchNorm statistics) leaves the model
+    as it was: the view's Variables are its own."""
+    model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+    averager = ema_jax.nnx.EMA(model, 0.9)
+    averager.update(model)
+    view = averager.apply_to(model)
+    view.layers[1].mean[...] = jnp.ones(2)
+    view.layers[0].kernel[...] = jnp.zeros((2, 2))
+    np.testing.assert_array_equal(model.layers[1].mean[...], np.zeros(2))
+    assert np.any(np.asarray(model.layers[0].kernel[...]) != 0)

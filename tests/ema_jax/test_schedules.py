@@ -218,3 +218,64 @@ def test_half_life_is_a_deprecated_alias_of_from_half_life():
         old = schedules.half_life(37.0)
     assert old == schedules.from_half_life(37.0)
     assert ema_jax.half_life(float(old(jnp.int32(1)))) == pytest.approx(37.0, rel=1e-4)
+
+
+def _no_closed_form(t):
+    return 0.999 - 0.5 / (jnp.asarray(t, schedules.default_float()) + 2.0)
+
+
+def test_a_long_update_interval_costs_memory_independent_of_it():
+    """``update_every=k`` with a schedule without a closed form multiplies the decays of
+    the n <= k steps an update stands for: with k = 2**31 - 1 it compiles to a few KB of
+    scratch (not k evaluations at once), and a window of 300 steps (two chunks) equals the
+    float64 product of the schedule at those steps."""
+    from ema_jax import _kernel
+
+    k = 2**31 - 1
+    scratch = (
+        jax.jit(lambda t: _kernel.decays_at([_no_closed_form], t, k, start_step=k - 300))
+        .lower(jnp.int32(k))
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
+    assert scratch < 2**20
+    got = _kernel.decays_at([_no_closed_form], jnp.int32(k), k, start_step=k - 300)
+    steps = np.arange(k - 299, k + 1, dtype=np.float64)
+    np.testing.assert_allclose(got, [np.prod(0.999 - 0.5 / (steps + 2.0))], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (4, 3), (4, 4), (256, 200)])
+def test_short_update_intervals_multiply_the_decays_of_one_vectorised_call(k, n):
+    """For k up to the chunk size the product is bitwise that of one ``vmap`` over the k
+    steps ``t, ..., t-k+1`` with the first n kept (what ``update_every`` always computed)."""
+    from ema_jax import _kernel
+
+    t = jnp.int32(1000)
+    back = jnp.arange(k, dtype=jnp.int32)
+    betas = jax.vmap(_no_closed_form)(t - back)
+    want = jnp.prod(jnp.where(back < n, betas, 1.0))
+    got = jax.jit(_kernel.window_decay, static_argnums=(0, 3))(_no_closed_form, t, jnp.int32(n), k)
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def _two_decays(t):
+    return jnp.full((2,), 0.9)
+
+
+NON_SCALAR = {
+    "one schedule": (_two_decays, 1, "decay"),
+    "one schedule, update_every": (_two_decays, 3, "decay"),
+    "the second of two": ((0.9, _two_decays), 1, r"decay\[1\]"),
+    "the second of two, update_every": ((0.9, _two_decays), 3, r"decay\[1\]"),
+}
+
+
+@pytest.mark.parametrize(("decay", "update_every", "name"), NON_SCALAR.values(), ids=NON_SCALAR)
+def test_a_schedule_returning_several_numbers_is_refused_naming_the_decay(
+    decay, update_every, name
+):
+    rule = ema_jax.ema(decay, update_every=update_every)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=rf"^{name} is a schedule that returned shape \(2,\)"):
+        rule.update(params, rule.init(params))

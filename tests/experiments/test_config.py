@@ -199,6 +199,12 @@ def test_config_rejects_bad_values(kwargs, message):
         (["--cosine", "--lr-drop-epoch", "3"], "lr_drop_epoch and cosine are exclusive"),
         (["--subset", "FD005"], r"argument --subset: must be one of \['FD001'"),
         (["--data-dir", "/nonexistent"], r"argument --data-dir: C-MAPSS file \S+ not found"),
+        (
+            ["--ema-decay", "0.99999999"],
+            r"ema_decays \(--ema-decay\): 0.99999999 rounds to 1.0 in float32.*at most 0.99999994$",
+        ),
+        (["--monitor", "val_acc"], r"argument --monitor: must be best_ema, .*got 'val_acc'"),
+        (["--monitor", "val_acc_ema[0]"], r"argument --monitor: .*<metric> one of loss, mse"),
     ],
 )
 def test_cli_rejects_bad_values_in_one_argparse_line(argv, message, capsys):

@@ -211,3 +211,11 @@ def test_statistics_resemble_real_fd001():
     )
     for s, r in zip(syn_probe, real_probe, strict=True):
         assert s == pytest.approx(r, rel=0.3)
+
+
+def test_generate_takes_numpy_integer_counts():
+    """Counts computed with NumPy (``np.int64``) are integers too: the same fleet."""
+    numpy_counts = synthetic.generate(n_train=np.int64(5), n_test=np.int32(3), seed=11)
+    plain = synthetic.generate(n_train=5, n_test=3, seed=11)
+    for x, y in ((numpy_counts.train, plain.train), (numpy_counts.test, plain.test)):
+        np.testing.assert_array_equal(x, y)

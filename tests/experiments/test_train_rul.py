@@ -2,6 +2,7 @@
 (EMA smoother than raw, selection on validation only, the test split read once)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -207,3 +208,59 @@ def test_ensemble_run_trains_every_member(cli_run, tmp_path):
     pred = np.asarray(make_model("dcnn", members=2).apply({"params": params}, ds.x_test))
     rmse = cmapss.rmse(pred * ds.max_rul, ds.y_test)
     np.testing.assert_allclose(result["test"]["last"]["ema0.9-debiased"]["rmse"], rmse, rtol=1e-4)
+
+
+BEFORE_TRAINING = {
+    "batch larger than the data": (
+        ["--batch-size", "100000"],
+        r"argument --batch-size: 100000 is more than the \d+ training windows, so an epoch "
+        r"would have no full batch: use --batch-size <= \d+$",
+    ),
+    "window leaving fewer windows than a batch": (
+        ["--window", "400"],
+        r"argument --batch-size: 256 is more than the \d+ training windows that --window 400 "
+        r"leaves.* or a shorter --window$",
+    ),
+    "out is a file": (["--out", "{file}"], r"argument --out: \S+ is a file, not a directory$"),
+    "out under a file": (
+        ["--out", "{file}/run"],
+        r"argument --out: \S+ is under \S+, which is a file, not a directory$",
+    ),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), BEFORE_TRAINING.values(), ids=BEFORE_TRAINING)
+def test_data_and_out_mistakes_end_in_one_line_before_training(
+    argv, message, tiny_data_dir, tmp_path, capsys, monkeypatch
+):
+    """A batch larger than the data (also through a long ``--window``) and an ``--out``
+    that is (or is under) a file: usage, one line naming the flag, exit status 2, and no
+    training (``run`` is never called)."""
+    file = tmp_path / "a_file"
+    file.write_text("not a directory")
+    argv = [word.format(file=file) for word in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    trained = []
+    monkeypatch.setattr("experiments.train_rul.run", lambda *a: trained.append(a))
+    with pytest.raises(SystemExit) as exc:
+        main(["--data-dir", str(tiny_data_dir), "--no-progress", *argv])
+    assert exc.value.code == 2 and not trained
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: python -m experiments.train_rul")
+    assert re.fullmatch(r"python -m experiments\.train_rul: error: .*", err[-1])
+    assert re.search(message, err[-1])
+    assert file.read_text() == "not a directory"
+
+
+def test_the_monitors_config_accepts_are_the_metrics_a_run_validates(tiny_data_dir):
+    """``--monitor`` is checked without JAX against ``config.VALIDATION_METRICS``: those are
+    exactly the metrics ``Scoring.metrics`` computes each epoch."""
+    from experiments.config import VALIDATION_METRICS
+    from experiments.training import build
+
+    cfg = Config(data_dir=str(tiny_data_dir), model="dcnn")
+    ds = load_data(cfg)
+    scoring, state = build(cfg, ds, jax.random.key(0))
+    metrics = scoring.metrics(state.params, (ds.x_val[:2], ds.y_val[:2]))
+    assert tuple(metrics) == VALIDATION_METRICS

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,37 @@ def run_worker(*args: Any) -> None:
         timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def kill_worker_inside(args: list[str], marker: str, inside: Callable[[], bool]) -> int:
+    """Runs the worker with ``args``; once it printed ``marker`` and ``inside()`` holds
+    (polled every millisecond, 60 s at most), kills it with SIGKILL. Its return code."""
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, *args],
+        env=worker_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == marker:
+                break
+        else:
+            raise AssertionError(f"worker exited (rc={proc.wait()}) before {marker}")
+        deadline = time.monotonic() + 60
+        while not inside():
+            assert time.monotonic() < deadline, f"the worker never got there after {marker}"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def load_pickle(path: Path) -> dict[str, Any]:

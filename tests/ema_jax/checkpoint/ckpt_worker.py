@@ -9,6 +9,8 @@ Run as ``python tests/ema_jax/checkpoint/ckpt_worker.py MODE ...``:
 * ``crash DIR MODE``: save step 1 and wait, then start saving step 2 and stay inside that
   save (MODE ``write``: a large state, killed while Orbax writes; ``commit``: Orbax's
   atomic rename is held, so the kill lands after the writes and before the commit).
+* ``export PATH``: export a small state to PATH, then export a large one over it
+  (``force=True``), killed while it writes.
 * ``dp DIR OUT PROCESS_ID PORT STEPS``: one of 2 processes x 2 CPU devices; train
   data-parallel, save one checkpoint together, restore it, pickle the leaves to OUT.
 """
@@ -133,6 +135,13 @@ def crash(directory: str, mode: str) -> None:
     print("SAVED", flush=True)  # reached only if the parent was too late
 
 
+def export(path: str) -> None:
+    ckpt.export_ema_params(path, train(make_state(), 0, 1))
+    print("EXPORTING", flush=True)
+    ckpt.export_ema_params(path, train(make_state(extra=EXTRA), 0, 1), force=True)
+    print("EXPORTED", flush=True)  # reached only if the parent was too late
+
+
 def data_parallel(directory: str, out: str, process_id: int, port: int, steps: int) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     from jax.sharding import NamedSharding
@@ -169,6 +178,8 @@ if __name__ == "__main__":
         resume(args[0], args[1], int(args[2]))
     elif mode == "crash":
         crash(args[0], args[1])
+    elif mode == "export":
+        export(args[0])
     elif mode == "dp":
         data_parallel(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
     else:

@@ -211,8 +211,11 @@ def test_bad_arguments_are_named(tmp_path: Path, case: str) -> None:
 
 @pytest.fixture(scope="module")
 def three_kinds(tmp_path_factory: Any) -> Path:
-    """A training checkpoint ``ckpt``, an export ``export`` and post-hoc ``snapshots``."""
+    """A training checkpoint ``ckpt``, an export ``export``, post-hoc ``snapshots``, and
+    ``other``, a directory of something else."""
     root = tmp_path_factory.mktemp("kinds")
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("not a checkpoint")
     saved(root / "ckpt", small_state(), step=1)
     ckpt.export_ema_params(root / "export", small_state())
     with posthoc.snapshot_manager(root / "snapshots", async_save=False) as mngr:
@@ -245,7 +248,46 @@ WRONG_KINDS: dict[str, tuple[Callable[[Path], Any], str]] = {
         lambda d: posthoc.synthesize_from(d / "export", 0.1),
         r"is an export .*; it is not a post-hoc snapshot directory",
     ),
+    "load_exported of a step of a training checkpoint": (
+        lambda d: ckpt.load_exported(d / "ckpt" / "1"),
+        r"ckpt/1 is step 1 of .*ckpt, which is a training checkpoint: .*load_ema_params\(.*"
+        r"step=1 picks this step.*; it is not an export",
+    ),
+    "load_ema_params of a step of a training checkpoint": (
+        lambda d: ckpt.load_ema_params(d / "ckpt" / "1"),
+        r"is step 1 of .*, which is a training checkpoint: .*; it is not a training checkpoint",
+    ),
 }
+
+
+NOT_EMA_JAX: dict[str, Callable[[Path], Any]] = {
+    "load_exported": lambda d: ckpt.load_exported(d / "other"),
+    "load_ema_params": lambda d: ckpt.load_ema_params(d / "other"),
+    "synthesize_from": lambda d: posthoc.synthesize_from(d / "other", 0.1),
+}
+
+
+@pytest.mark.parametrize("reader", list(NOT_EMA_JAX))
+def test_a_directory_of_something_else_is_named_no_ema_jax_directory(
+    three_kinds: Path, reader: str
+) -> None:
+    """Nothing the reader wants is there (``FileNotFoundError``, as for an empty
+    directory), and the error says why: it holds something else, check the path."""
+    with pytest.raises(
+        FileNotFoundError, match=r"other: it is not an ema_jax directory: it holds no export, "
+        r"no training checkpoint and no post-hoc snapshots .*check the path$"
+    ) as caught:  # fmt: skip
+        NOT_EMA_JAX[reader](three_kinds)
+    assert "damaged" not in str(caught.value)
+
+
+def test_restore_from_an_export_says_what_it_is(three_kinds: Path) -> None:
+    with (
+        ckpt.manager(three_kinds / "export", read_only=True) as mngr,
+        pytest.raises(FileNotFoundError, match=r"no checkpoint in .*export: it is an export .*"
+                      r"load_exported\("),
+    ):  # fmt: skip
+        ckpt.restore(mngr, small_state())
 
 
 @pytest.mark.parametrize("case", list(WRONG_KINDS))

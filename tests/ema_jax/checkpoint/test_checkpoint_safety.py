@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ import orbax.checkpoint as ocp
 import pytest
 from ckpt_support import (
     ROOT,
-    WORKER,
     assert_trees_bitwise,
     flip_a_byte,
+    kill_worker_inside,
     small_state,
-    worker_env,
 )
 
 from ema_jax import checkpoint as ckpt
@@ -40,34 +38,14 @@ def tmp_dirs(directory: Path) -> list[Path]:
 @pytest.mark.parametrize("moment", ["write", "commit"])
 def test_sigkill_mid_save_leaves_previous_step(tmp_path: Path, moment: str) -> None:
     directory = tmp_path / "ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, "crash", str(directory), moment],
-        env=worker_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    marker = "SAVING" if moment == "write" else "COMMITTING"
+    # "write": killed once array data of step 2 is on disk, while the rest is being written.
+    returncode = kill_worker_inside(
+        ["crash", str(directory), moment],
+        marker,
+        lambda: any(f.is_file() for f in directory.glob("2.*/state*/**/*")),
     )
-    try:
-        marker = "SAVING" if moment == "write" else "COMMITTING"
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip() == marker:
-                break
-        else:
-            pytest.fail(f"worker exited (rc={proc.wait()}) before {marker}")
-        # "write": kill once array data of step 2 is on disk, while the rest is being written.
-        deadline = time.monotonic() + 60
-        while not any(f.is_file() for f in directory.glob("2.*/state*/**/*")):
-            assert time.monotonic() < deadline, "step 2 never started writing"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     # The kill landed inside the save: step 2 exists only as Orbax's temporary directory.
     assert not (directory / "2").exists()
     assert any(p.name.startswith("2.") for p in tmp_dirs(directory))
