@@ -15,7 +15,8 @@ command line are in ``docs/posthoc.md``; the profile of ``update_every = k`` in
   snapshots written with a checkpoint manager into their own directory (next to the
   training checkpoint, never inside it), all kept.
 * :func:`synthesize_from` (:mod:`~ema_jax.posthoc.streaming`): the same from that
-  directory, snapshot by snapshot, so memory stays at about one snapshot plus the output.
+  directory, in one pass for any number of widths, snapshot by snapshot, so memory stays
+  at about two snapshots plus the outputs.
 * ``python -m ema_jax.posthoc DIRECTORY --sigma-rel 0.08 --out PATH``
   (:mod:`ema_jax.posthoc.__main__`): an export that
   :func:`ema_jax.checkpoint.load_exported` reads.

@@ -1,6 +1,6 @@
 """Synthesis from a snapshot directory in one pass: each snapshot is read once and added,
-with its weight for each width, into every output; memory stays at about one snapshot plus
-the outputs, however many snapshots there are."""
+with its weight for each width, into every output; memory stays at about two snapshots (the
+one being added, the next one being read) plus the outputs, however many snapshots there are."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def synthesize_from(
 
     Only the snapshots' metadata is read to solve for the weights (one factorisation for
     every width); then each snapshot with a non-zero weight for some width is read once,
-    added into every output with its weight for that width, and dropped, so peak memory is
-    about one snapshot plus the outputs, however many snapshots there are. A snapshot's
-    checksums are verified before it is used.
+    added into every output with its weight for that width, and dropped (the next one is
+    read meanwhile), so peak memory is about two snapshots plus the outputs, however many
+    snapshots there are. A snapshot's checksums are verified before it is used.
 
     Args:
       directory: the snapshot directory.
