@@ -74,9 +74,9 @@ def _rss() -> int:
 
 def test_streaming_memory_stays_at_one_snapshot_plus_output(tmp_path: Path) -> None:
     """12 snapshots of 2 × 8 MB: synthesize_from's peak RSS rise stays under 5 snapshots'
-    worth (80 MB; measured 31-51 MB: one snapshot, Orbax's read buffers, the output; 238 MB
-    if every snapshot is read before summing) where
-    holding them all would take 192 MB. Peak RSS via VmHWM after
+    worth (80 MB; measured 55-59 MB: two snapshots, the one added and the next read
+    meanwhile, Orbax's read buffers, the output; 238 MB if every snapshot is read before
+    summing) where holding them all would take 192 MB. Peak RSS via VmHWM after
     resetting it (``/proc/self/clear_refs``)."""
     n = 2 * 1024 * 1024  # float32 values per average: 8 MB
     leaves = {f"l{i}": jnp.zeros((n // 4,), jnp.float32) for i in range(4)}
