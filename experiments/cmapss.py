@@ -226,11 +226,8 @@ def truncated_engines(raw: RawSubset, units: np.ndarray, min_cycles: int = 31) -
     validation set*: every window length is scored on the same endpoints, short prefixes
     front-padded exactly as short test engines are (31 is FD001's shortest test engine).
     """
-    if (
-        isinstance(min_cycles, bool)
-        or not isinstance(min_cycles, int | np.integer)
-        or min_cycles < 1
-    ):
+    is_int = isinstance(min_cycles, int | np.integer) and not isinstance(min_cycles, bool)
+    if not is_int or min_cycles < 1:
         raise ValueError(f"min_cycles must be an int >= 1, got {min_cycles!r}")
     pieces: list[np.ndarray] = []
     rul: list[int] = []
