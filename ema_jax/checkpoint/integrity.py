@@ -4,6 +4,7 @@ checksums of the arrays; and the errors that name what is wrong and where."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,11 +42,12 @@ MOMENTS = "word-moments"
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The bits of ``x`` as 32-bit words, one row per element: ``(n, k)``, ``k`` the
-    words of one element (1 up to 32 bits, 2 for complex64 and 64-bit types, 4 for
-    complex128); narrower elements zero-extended."""
+    """The bits of ``x`` as 32-bit words: ``(*x.shape, k)``, ``k`` the words of one element
+    (1 up to 32 bits, 2 for complex64 and 64-bit types, 4 for complex128); narrower
+    elements zero-extended. No axis of ``x`` is reshaped, so a sharded leaf (explicit mesh
+    axes included) keeps its layout."""
     x = jnp.asarray(x)
-    elements = x.size
+    shape = x.shape
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.stack([x.real, x.imag], axis=-1)
     if x.dtype == jnp.bool_:
@@ -55,42 +57,56 @@ def _words(x: jax.Array) -> jax.Array:
         words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
     else:
         words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return words.reshape(elements, -1) if elements else jnp.zeros((0, 1), jnp.uint32)
+    k = math.prod(words.shape[len(shape) :])
+    return words.reshape(*shape, k)  # only the word axes (never sharded) are merged
+
+
+def _flat_index(shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """The row-major position of every element of an array of ``shape``, without a reshape."""
+    index = jnp.zeros(shape, dtype)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(dtype, shape, axis) * jnp.asarray(stride, dtype)
+        stride *= shape[axis]
+    return index
 
 
 def _word_sum(x: jax.Array) -> jax.Array:
     """:data:`WORD_SUM`: ``Σ (2i+1)·u_i mod 2^32`` over the words ``u`` in order."""
-    words = _words(x).ravel()
-    odd = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    words = _words(x)
+    odd = 2 * _flat_index(words.shape, jnp.uint32) + 1
     return jnp.sum(words * odd, dtype=jnp.uint32)
 
 
 def _moments(x: jax.Array) -> jax.Array:
     """:data:`MOMENTS`, for each word plane ``j`` (the ``j``-th word of every element): the
-    exact integers ``A_j = Σ u_ij`` and ``B_j = Σ (i+1)·u_ij``, returned as ``[A, low,
-    high]`` with ``B = high·2^32 + low`` (each a uint64 sum that cannot overflow for
-    fewer than ``2^32`` elements).
+    exact integers ``A_j = Σ u_ij`` and ``B_j = Σ (i+1)·u_ij``, ``i`` the element's
+    row-major position, returned as ``[A, low, high]`` with ``B = high·2^32 + low`` (each a
+    uint64 sum that cannot overflow for fewer than ``2^32`` elements).
 
     A change of one or two elements changes some plane in at most two rows ``i != l``, by
     ``d_i, d_l`` not both zero. Unchanged ``A`` and ``B`` would need ``d_i + d_l = 0`` and
     ``(i+1)·d_i + (l+1)·d_l = 0``, so ``(i-l)·d_i = 0``: impossible. Needs 64-bit
     integers: run under ``jax.enable_x64``."""
     words = _words(x)
-    return jnp.stack([_plane_moments(words[:, j]) for j in range(words.shape[1])])
+    position = _flat_index(words.shape[:-1], jnp.uint64) + jnp.uint64(1)
+    return jnp.stack(
+        [_plane_moments(words[..., j], position) for j in range(words.shape[-1])]
+    ).reshape(-1, 3)
 
 
-def _plane_moments(words: jax.Array) -> jax.Array:
+def _plane_moments(words: jax.Array, position: jax.Array) -> jax.Array:
     """``[A, low, high]`` of one word plane, in one pass: a single variadic reduction, so
     nothing the size of the leaf is materialized (three ``jnp.sum`` calls would keep the
     64-bit products in memory, and run 40 times slower on CPU)."""
     u = words.astype(jnp.uint64)
-    weighted = u * jnp.arange(1, u.size + 1, dtype=jnp.uint64)  # < 2^64: factors < 2^32
+    weighted = u * position  # < 2^64: factors < 2^32
     zero = jnp.uint64(0)
     sums = jax.lax.reduce(
         (u, weighted & jnp.uint64(0xFFFFFFFF), weighted >> jnp.uint64(32)),
         (zero, zero, zero),
         lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
-        (0,),
+        tuple(range(u.ndim)),
     )
     return jnp.stack(sums)
 
