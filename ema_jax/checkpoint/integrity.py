@@ -23,12 +23,12 @@ CHECKSUMS = "checksums"
 
 def check_alive(tree: Any, name: str) -> None:
     """A ``ValueError`` naming the first leaf whose buffer was deleted (donated)."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} was deleted (donated to a jitted step, "
-                "e.g. make_train_step's): save the state that step returned, not its input"
-            )
+    deleted = _checks.deleted_leaf(tree)
+    if deleted is not None:
+        raise ValueError(
+            f"{name}{deleted} was deleted (donated to a jitted step, e.g. make_train_step's): "
+            "save the state that step returned, not its input"
+        )
 
 
 #: The key, in that entry, of the checksum function's name (absent: :data:`WORD_SUM`).
