@@ -1,6 +1,7 @@
 """ema_jax: exponential moving averages of JAX/Flax model weights.
 
 tx = ema_jax.ema(0.999)                      # a pure init / update pair over params
+                                             # (or ema_jax.bema(): the EMA without the lag)
 state = ema_jax.EmaTrainState.create(apply_fn=..., params=..., tx=optax.adam(1e-3), ema=tx)
 state = state.apply_gradients(grads=grads)   # optimizer step, then EMA update
 state.ema_params                             # the weights to evaluate and deploy
@@ -14,6 +15,7 @@ from typing import Any
 
 from ema_jax import monitors, schedules
 from ema_jax.accumulation import optimizer_stepped
+from ema_jax.bema_rule import BemaState, BemaTransform, bema
 from ema_jax.early_stopping import EarlyStopping, EarlyStoppingState
 from ema_jax.loop import DataError, TrainResult, train_with_ema
 from ema_jax.steps import (
@@ -45,6 +47,8 @@ from ema_jax.window import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BemaState",
+    "BemaTransform",
     "DataError",
     "Decay",
     "EarlyStopping",
@@ -54,6 +58,7 @@ __all__ = [
     "EmaTransform",
     "TrainResult",
     "accumulators",
+    "bema",
     "checkpoint",
     "decay_for_window",
     "effective_window",

@@ -6,7 +6,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -233,6 +233,39 @@ def first_difference(
     for path in got:
         if path not in expected:
             return f"{path} is in the {got_name} but not in the {expected_name}"
+    return None
+
+
+def params_difference(
+    averaged: Any,
+    params: Any,
+    param_dtypes: Sequence[Any],
+    *,
+    drop: int,
+    kind: Callable[[Any], str],
+) -> str | None:
+    """The first path where ``params`` differ from the ``averaged`` tree (whose leaves carry
+    ``drop`` trailing axes of averages) in tree, node types, shape or ``kind`` of dtype
+    (``param_dtypes`` are the averaged params' dtypes); ``None`` when they match."""
+    problem = first_difference(
+        shapes_by_path(averaged, "params", drop=drop),
+        shapes_by_path(params, "params"),
+        expected_name="EMA state",
+        got_name="params",
+    )
+    same_nodes = jax.tree.structure(averaged) == jax.tree.structure(params)  # type: ignore[operator]
+    if problem is None and not same_nodes:
+        return "the params tree's node types differ from the EMA state's"
+    if problem is not None:
+        return problem
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for (path, leaf), dtype in zip(leaves, param_dtypes, strict=True):
+        if kind(leaf.dtype) != kind(dtype):
+            return (
+                f"params{jax.tree_util.keystr(path)} has dtype {np.dtype(leaf.dtype).name} in "
+                f"the params, {np.dtype(dtype).name} in the EMA state ({kind(leaf.dtype)} vs "
+                f"{kind(dtype)} values cannot be averaged into each other)"
+            )
     return None
 
 

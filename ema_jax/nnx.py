@@ -10,16 +10,16 @@ results as the functional API, under ``nnx.jit`` (with or without donation) or e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import _dtypes, transform
+from ema_jax import _dtypes, bema_rule, nnx_tracking, transform
 from ema_jax.batch_stats import recompute_batch_stats
+from ema_jax.bema_rule import BemaState
+from ema_jax.nnx_tracking import path_changes, tracked_paths
 from ema_jax.transform import Decay, EmaState
 
 M = TypeVar("M")
@@ -102,18 +102,36 @@ class EMA(nnx.Pytree):
         if model is None or decay is None:
             missing = "the model" if model is None else "the decay"
             raise TypeError(f"EMA needs {missing}: EMA(model, decay, **options)")
-        self.transform = transform.ema(decay, **options)
+        self._track(model, transform.ema(decay, **options), only, graph)
+
+    def _track(self, model: Any, rule: Any, only: Any, graph: bool | None) -> Any:
+        """Tracks ``model``'s Variables selected by ``only`` with ``rule``; its initial
+        state's EMA fields become this object's Variables. Returns the initial state."""
+        self.transform = rule
         self.filter = only
         self.graph = graph
-        tracked = _tracked(model, only, graph)
+        tracked = nnx_tracking.tracked(model, only, graph)
         self.variables = jax.tree.structure(tracked)  # static: the Variables' types, metadata
-        self.tracked_paths, values = _paths_and_values(tracked)
-        initial = self.transform.init(values)
+        self.tracked_paths, values = nnx_tracking.paths_and_values(tracked)
+        initial = rule.init(values)
+        self._store(initial)
+        return initial
+
+    def _store(self, state: Any) -> None:
+        """Writes the fields of an :class:`~ema_jax.EmaState` into this object's Variables
+        (creating them on the first call)."""
         for name in _STATIC_FIELDS:
-            setattr(self, name, getattr(initial, name))
+            setattr(self, name, getattr(state, name))
         for name in _ARRAY_FIELDS:
-            setattr(self, name, EmaVariable(getattr(initial, name)))
-        setattr(self, _ACCUMULATORS, nnx.List([EmaVariable(a) for a in initial.ema]))
+            if hasattr(self, name):
+                getattr(self, name).set_value(getattr(state, name))
+            else:
+                setattr(self, name, EmaVariable(getattr(state, name)))
+        if hasattr(self, _ACCUMULATORS):
+            for variable, accumulator in zip(getattr(self, _ACCUMULATORS), state.ema, strict=True):
+                variable.set_value(accumulator)
+        else:
+            setattr(self, _ACCUMULATORS, nnx.List([EmaVariable(a) for a in state.ema]))
 
     @property
     def decay(self) -> Any:
@@ -142,6 +160,11 @@ class EMA(nnx.Pytree):
     @property
     def state(self) -> EmaState:
         """The functional state this object holds (see :class:`~ema_jax.EmaState`)."""
+        return self._average_state
+
+    @property
+    def _average_state(self) -> EmaState:
+        """The :class:`~ema_jax.EmaState` of the EMA held in this object's Variables."""
         return EmaState(
             **{name: getattr(self, name) for name in _STATIC_FIELDS},
             **{name: getattr(self, name).get_value() for name in _ARRAY_FIELDS},
@@ -156,12 +179,9 @@ class EMA(nnx.Pytree):
         ``ema_jax.optimizer_stepped(optimizer.opt_state)``, so micro-steps leave the
         average unchanged (as :meth:`ema_jax.EmaTransform.update`)."""
         _, new = self.transform.update(
-            self._values(model), self.state, optimizer_step=optimizer_step
+            self.tracked_values(model), self.state, optimizer_step=optimizer_step
         )
-        for name in _ARRAY_FIELDS:
-            getattr(self, name).set_value(getattr(new, name))
-        for variable, accumulator in zip(getattr(self, _ACCUMULATORS), new.ema, strict=True):
-            variable.set_value(accumulator)
+        self._store(new)
 
     @property
     def params(self) -> Any:
@@ -172,14 +192,17 @@ class EMA(nnx.Pytree):
             return self.shadow()
         return tuple(self.shadow(i) for i in range(self.transform.num_averages))
 
-    def shadow(self, ema_index: int | None = None) -> nnx.State:
+    def shadow(self, ema_index: int | None = None, *, model: Any = None) -> nnx.State:
         """One average's shadow as a pure ``nnx.State`` of arrays: average ``ema_index``
-        (``None``: the first, for a single decay the only one)."""
-        return nnx.State(nnx.to_pure_dict(self._shadow_variables(ema_index)))
+        (``None``: the first, for a single decay the only one). ``model`` is not read
+        (:class:`BEMA`'s shadow needs it)."""
+        return nnx.State(nnx.to_pure_dict(self._shadow_variables(ema_index, model)))
 
-    def _shadow_variables(self, ema_index: int | None) -> nnx.State:
+    def _shadow_variables(self, ema_index: int | None, model: Any = None) -> nnx.State:
         """The shadow in new Variables of the tracked Variables' types and metadata."""
-        return jax.tree.unflatten(self.variables, transform.shadow(self.state, ema_index))  # type: ignore[no-any-return]
+        values = None if model is None else self.tracked_values(model)
+        shadow = self.transform.shadow(self.state, values, ema_index)
+        return jax.tree.unflatten(self.variables, shadow)  # type: ignore[no-any-return]
 
     def apply_to(self, model: M, ema_index: int | None = None) -> M:
         """A new model like ``model`` whose tracked Variables hold the average at this call
@@ -204,24 +227,24 @@ class EMA(nnx.Pytree):
                 "view where you evaluate, after update (e.g. inside the eval step: "
                 "ema.apply_to(model)); before any update the average is the model itself"
             )
-        self._values(model)  # the same Variables, by path and shape
         graphdef, state = nnx.split(model, graph=self.graph)
-        merged = nnx.merge_state(state, self._shadow_variables(ema_index))
+        merged = nnx.merge_state(state, self._shadow_variables(ema_index, model))
         return nnx.merge(graphdef, merged, copy=True)  # type: ignore[no-any-return]
 
-    def _values(self, model: Any) -> list[Any]:
+    def tracked_values(self, model: Any) -> list[Any]:
         """The values of ``model``'s tracked Variables, checked against the averaged ones
         by path, shape and kind of dtype (static: at trace time under ``jit``)."""
-        paths, values = _paths_and_values(nnx.state(model, self.filter, graph=self.graph))
-        change = path_changes(self.tracked_paths, paths)
+        selected = nnx.state(model, self.filter, graph=self.graph)
+        paths, values = nnx_tracking.paths_and_values(selected)
+        change = nnx_tracking.path_changes(self.tracked_paths, paths)
         if change is not None:
             raise ValueError(
                 "the model does not match the EMA (which averages, by path, the Variables "
-                f"only={_name(self.filter)} selects): {change}. An EMA averages the Variables "
-                "it was built from: build a new EMA for a changed model"
+                f"only={nnx_tracking.filter_name(self.filter)} selects): {change}. An EMA "
+                "averages the Variables it was built from: build a new EMA for a changed model"
             )
         drop = 1 if self.transform.stacked else 0
-        state = self.state
+        state = self._average_state
         for path, value, accumulator, dtype in zip(
             paths, values, state.ema, state.param_dtypes, strict=True
         ):
@@ -243,75 +266,81 @@ class EMA(nnx.Pytree):
         return values
 
 
-def _tracked(model: Any, only: Any, graph: bool | None) -> nnx.State:
-    """``nnx.state(model, only)``, refused when it selects nothing or RNG state."""
-    tracked = nnx.state(model, only, graph=graph)
-    flat = nnx.to_flat_state(tracked)
-    if not flat:
-        raise ValueError(
-            f"only={only!r} selects no Variable of the model: pass a filter that matches "
-            "the Variables to average (the default, nnx.Param, selects the parameters)"
-        )
-    for path, variable in flat:
-        if isinstance(variable, nnx.RngState):
-            where = "/".join(str(k) for k in path)
-            raise ValueError(
-                f"only={only!r} selects RNG state at {where!r} ({type(variable).__name__}): RNG "
-                "keys and counts cannot be averaged; narrow the filter, e.g. only=nnx.Param or "
-                "only=(nnx.Param, nnx.BatchStat)"
-            )
-    return tracked
-
-
-def _paths_and_values(tracked: nnx.State) -> tuple[tuple[str, ...], list[Any]]:
-    """The tracked Variables' paths (``"encoder/kernel"``) and values, in the order of
-    ``jax.tree.leaves`` (that of the state's lists and of saved checkpoints); Python scalars
-    (``nnx.Param(1.0)``) as arrays."""
-    paths, values = [], []
-    for key_path, value in jax.tree_util.tree_flatten_with_path(tracked)[0]:
-        keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
-        path = "/".join(str(k) for k in keys)
-        if isinstance(value, (bool, int, float, complex)):
-            value = jnp.asarray(value)
-        elif not hasattr(value, "dtype"):
-            raise TypeError(
-                f"the model's Variable at {path!r} holds a {type(value).__name__}, not an "
-                "array or a number: exclude it with the only= filter"
-            )
-        paths.append(path)
-        values.append(value)
-    return tuple(paths), values
-
-
-def path_changes(averaged: Sequence[str], found: Sequence[str]) -> str | None:
-    """What differs between the averaged Variables' paths and ``found`` ("renamed (or
-    replaced): 'enc/kernel' -> 'dec/kernel'", "missing: ...", "added: ..."), or ``None``
-    when they are the same paths."""
-    missing = [p for p in averaged if p not in found]
-    added = [p for p in found if p not in averaged]
-    if missing and len(missing) == len(added):
-        return "renamed (or replaced): " + ", ".join(
-            f"{a!r} -> {b!r}" for a, b in zip(missing, added, strict=True)
-        )
-    parts = []
-    if missing:
-        parts.append("missing: " + ", ".join(map(repr, missing)))
-    if added:
-        parts.append("added: " + ", ".join(map(repr, added)))
-    if not parts and list(averaged) != list(found):
-        parts.append(f"in another order: {list(found)}")
-    return "; ".join(parts) or None
-
-
-def _name(only: Any) -> str:
-    """A filter as written in code: ``nnx.Param`` for a Variable type."""
-    return f"nnx.{only.__name__}" if isinstance(only, type) else repr(only)
-
-
 def _averages(tx: transform.EmaTransform) -> str:
     if tx.stacked:
         return f"{tx.num_averages} averages (a tuple of decays)"
     return "one average (one decay)"
 
 
-__all__ = ["EMA", "EmaVariable", "path_changes", "recompute_batch_stats"]
+class BEMA(EMA):
+    """BEMA (:func:`ema_jax.bema`, the EMA with its lag corrected) of an NNX model::
+
+        bema = ema_jax.nnx.BEMA(model)            # TRL's defaults: eta=0.2, kappa=0.5, ...
+        ...
+        optimizer.update(model, grads)
+        bema.update(model)
+        eval_model = bema.apply_to(model)         # the model with BEMA's weights
+
+    As :class:`EMA`, with BEMA's settings (``eta``, ``kappa``, ``rho``, ``gamma`` and
+    :func:`ema_jax.bema`'s other options) instead of a decay, and the anchor ``θ₀`` in the
+    list ``anchor`` of :class:`EmaVariable` s. BEMA's shadow depends on the current params:
+    :meth:`shadow` takes the model (``shadow(model=model)``) and ``params`` is refused.
+    """
+
+    def __init__(
+        self, model: Any, *, only: Any = nnx.Param, graph: bool | None = None, **options: Any
+    ) -> None:
+        self._track(model, bema_rule.bema(**options), only, graph)
+
+    anchor: nnx.List
+
+    @property
+    def decay(self) -> Any:
+        """BEMA's decay schedule (:class:`ema_jax.bema_rule.BemaDecay`)."""
+        return self.transform.decay
+
+    @decay.setter
+    def decay(self, decay: Any) -> None:
+        raise AttributeError(
+            "BEMA's decay follows from its settings (eta, kappa, rho, gamma): build a new BEMA"
+        )
+
+    @property
+    def state(self) -> BemaState:  # type: ignore[override]
+        """The functional state (:class:`~ema_jax.BemaState`)."""
+        anchor = [a.get_value() for a in self.anchor]
+        return BemaState(average=self._average_state, anchor=anchor)
+
+    def _store(self, state: Any) -> None:
+        super()._store(state.average)
+        if hasattr(self, "anchor"):
+            for variable, value in zip(self.anchor, state.anchor, strict=True):
+                variable.set_value(value)
+        else:
+            self.anchor = nnx.List([EmaVariable(a) for a in state.anchor])
+
+    @property
+    def params(self) -> Any:
+        raise TypeError(
+            "BEMA's shadow depends on the current params: use bema.shadow(model=model) or "
+            "bema.apply_to(model)"
+        )
+
+    def shadow(self, ema_index: int | None = None, *, model: Any = None) -> nnx.State:
+        """BEMA's shadow of ``model`` (required) as a pure ``nnx.State`` of arrays."""
+        if model is None:
+            raise TypeError(
+                "BEMA's shadow depends on the current params: pass the model, "
+                "bema.shadow(model=model)"
+            )
+        return super().shadow(ema_index, model=model)
+
+
+__all__ = [
+    "BEMA",
+    "EMA",
+    "EmaVariable",
+    "path_changes",
+    "recompute_batch_stats",
+    "tracked_paths",
+]

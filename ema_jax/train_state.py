@@ -21,15 +21,17 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from ema_jax import accumulation, transform
+from ema_jax import accumulation
+from ema_jax.bema_rule import BemaState, BemaTransform
 from ema_jax.transform import EmaState, EmaTransform, Params
 
 
 class EmaTrainState(train_state.TrainState):
-    """``TrainState`` + ``ema_state`` (a pytree) + ``ema`` (the static :class:`EmaTransform`)."""
+    """``TrainState`` + ``ema_state`` (a pytree) + ``ema`` (the static rule: an
+    :class:`EmaTransform`, or BEMA's :class:`~ema_jax.BemaTransform`)."""
 
-    ema_state: EmaState
-    ema: EmaTransform = struct.field(pytree_node=False)
+    ema_state: EmaState | BemaState
+    ema: EmaTransform | BemaTransform = struct.field(pytree_node=False)
     model_state: Any = None
     average_model_state: bool = struct.field(pytree_node=False, default=False)
 
@@ -40,7 +42,7 @@ class EmaTrainState(train_state.TrainState):
         apply_fn: Any,
         params: Params,
         tx: optax.GradientTransformation,
-        ema: EmaTransform,
+        ema: EmaTransform | BemaTransform,
         model_state: Any = None,
         average_model_state: bool = False,
         **kwargs: Any,
@@ -51,12 +53,13 @@ class EmaTrainState(train_state.TrainState):
         the same input type on its first call as on every later one and compiles once.
 
         Raises:
-          TypeError: ``ema`` is not an :class:`EmaTransform` (e.g. ``optax.ema(...)``).
+          TypeError: ``ema`` is not a rule of ema_jax (e.g. ``optax.ema(...)``).
           ValueError: ``average_model_state=True`` without a ``model_state``.
         """
-        if not isinstance(ema, EmaTransform):
+        if not isinstance(ema, (EmaTransform, BemaTransform)):
             raise TypeError(
-                "ema must be an ema_jax.EmaTransform, made by ema_jax.ema(...), got "
+                "ema must be an ema_jax.EmaTransform, made by ema_jax.ema(...) (or "
+                "ema_jax.bema(...)), got "
                 f"{type(ema).__name__}"
                 + (" (optax.ema averages updates, not params)" if hasattr(ema, "update") else "")
             )
@@ -82,23 +85,30 @@ class EmaTrainState(train_state.TrainState):
         new = super().apply_gradients(grads=grads, **kwargs)
         target = _averaged_tree(new.params, new.model_state, self.average_model_state)
         stepped = accumulation.optimizer_stepped(new.opt_state)
-        _, ema_state = self.ema.update(target, self.ema_state, optimizer_step=stepped)
+        _, ema_state = self.ema.update(target, self.ema_state, optimizer_step=stepped)  # type: ignore[arg-type]
         return new.replace(ema_state=ema_state)
 
     @property
     def num_averages(self) -> int:
         """K, the number of averages the EMA keeps: 1 for a single decay."""
-        return transform.num_averages(self.ema_state)
+        return self.ema.num_averages
 
     def _average(self, ema_index: int | None) -> tuple[Params, Any]:
         """``(params, model_state)`` of average ``ema_index`` (``None``: the first), in the
         params' dtypes; ``model_state`` is ``None`` unless it is averaged too."""
-        return _split(transform.shadow(self.ema_state, ema_index), self.average_model_state)
+        averaged = self.ema.shadow(self.ema_state, self._averaged, ema_index)  # type: ignore[arg-type]
+        return _split(averaged, self.average_model_state)
+
+    @property
+    def _averaged(self) -> Any:
+        """What the rule averages now (BEMA's shadow reads it)."""
+        return _averaged_tree(self.params, self.model_state, self.average_model_state)
 
     def accumulators(self, ema_index: int | None = None) -> Any:
         """The raw accumulators of one average (accumulator dtypes, e.g. fp32 for bf16
-        params), params-shaped: average ``ema_index`` (``None``: the first)."""
-        averaged = transform.accumulators(self.ema_state, ema_index)
+        params), params-shaped: average ``ema_index`` (``None``: the first). For BEMA, its
+        shadow before the cast back."""
+        averaged = self.ema.accumulators(self.ema_state, self._averaged, ema_index)  # type: ignore[arg-type]
         return _split(averaged, self.average_model_state)[0]
 
     @property

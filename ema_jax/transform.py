@@ -140,7 +140,7 @@ class EmaTransform:
             raise TypeError(
                 f"state must be the EmaState returned by init(params), got {type(state).__name__}"
             )
-        self._check_matches(params, state)
+        self.check_matches(params, state)
         stepped = _checks.traced_flag("optimizer_step", optimizer_step)  # None: True
         t = optax.safe_increment(state.count)  # saturates at 2^31 - 1 instead of wrapping
         betas = _kernel.decays_at(self.decays, t, self.update_every, self.start_step)
@@ -209,7 +209,7 @@ class EmaTransform:
         with this transform's ``accumulator_dtype``)."""
         return _dtypes.accumulator(dtype, self.accumulator_dtype)
 
-    def _check_matches(self, params: Params, state: EmaState) -> None:
+    def check_matches(self, params: Params, state: EmaState) -> None:
         """A ``ValueError`` naming the first path where ``params`` and the state differ
         (tree, shape, or kind of dtype: bool / integer / real / complex)."""
         if state.weight.ndim != int(self.stacked) or (
@@ -222,27 +222,21 @@ class EmaTransform:
                 f"the state holds {have} but this transform keeps {want}: pass the state "
                 "made by this transform's init"
             )
-        leaves_with_paths = _kernel.array_leaves(params)
-        trailing = state.weight.ndim  # the averages axis, if any
-        problem = _checks.first_difference(
-            _checks.shapes_by_path(state.ema, "params", drop=trailing),
-            _checks.shapes_by_path(params, "params"),
-            expected_name="EMA state",
-            got_name="params",
+        _kernel.array_leaves(params)  # a TypeError naming a leaf that is not an array
+        problem = _checks.params_difference(
+            state.ema, params, state.param_dtypes, drop=state.weight.ndim, kind=_dtypes.kind
         )
-        same_nodes = jax.tree.structure(state.ema) == jax.tree.structure(params)  # type: ignore[operator]
-        if problem is None and not same_nodes:
-            problem = "the params tree's node types differ from the EMA state's"
         if problem is not None:
             raise ValueError(f"params do not match the EMA state: {problem}")
-        for (path, leaf), dtype in zip(leaves_with_paths, state.param_dtypes, strict=True):
-            if _dtypes.kind(leaf.dtype) != _dtypes.kind(dtype):
-                raise ValueError(
-                    f"params do not match the EMA state: params{jax.tree_util.keystr(path)} "
-                    f"has dtype {np.dtype(leaf.dtype).name} in the params, {dtype.name} in the "
-                    f"EMA state ({_dtypes.kind(leaf.dtype)} vs {_dtypes.kind(dtype)} values "
-                    "cannot be averaged into each other)"
-                )
+
+    def shadow(self, state: EmaState, params: Params, ema_index: int | None = None) -> Params:
+        """:func:`shadow` of ``state``. ``params`` are not read: every rule takes them, as
+        BEMA's shadow depends on them (:class:`ema_jax.BemaTransform`)."""
+        return shadow(state, ema_index)
+
+    def accumulators(self, state: EmaState, params: Params, ema_index: int | None = None) -> Params:
+        """:func:`accumulators` of ``state`` (the shadow before the cast back)."""
+        return accumulators(state, ema_index)
 
 
 def ema(

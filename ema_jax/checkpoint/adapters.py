@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ema_jax import _checks, _dtypes, transform
+from ema_jax import _checks, _dtypes
+from ema_jax.bema_rule import BemaState, BemaTransform
 from ema_jax.checkpoint import items, layout
 from ema_jax.train_state import EmaTrainState
 from ema_jax.transform import EmaState, EmaTransform, Params
@@ -28,9 +29,9 @@ class Adapter(Protocol):
     #: The tree of arrays the ``state`` item holds.
     arrays: Any
     #: The rule, for the number and layout of the averages.
-    transform: EmaTransform
-    #: The EMA state, for the params' dtypes and the accumulators.
-    ema_state: EmaState
+    transform: EmaTransform | BemaTransform
+    #: The rule's state, for the params' dtypes and the accumulators.
+    ema_state: EmaState | BemaState
 
     def shadow(self, ema_index: int | None) -> Params:
         """One average in the params' dtypes (``None``: the first)."""
@@ -79,18 +80,22 @@ class NnxState:
     def __init__(self, state: Any, ema: Any) -> None:
         from flax import nnx
 
+        from ema_jax.nnx import BEMA
+
         self._graphdef, self.arrays = nnx.split(state)  # one walk of the graph
         self.transform = ema.transform
         self.ema_state = ema.state
         self._variables = ema.variables  # the tracked Variables' tree structure
         self._tracked_paths = ema.tracked_paths
+        # BEMA's shadow reads the current params: those of the model it tracks.
+        self._values = ema.tracked_values(_model(state, ema)) if isinstance(ema, BEMA) else None
 
     def shadow(self, ema_index: int | None) -> Params:
-        averaged = transform.accumulators(self.ema_state, ema_index)
+        averaged = self.transform.accumulators(self.ema_state, self._values, ema_index)  # type: ignore[arg-type]
         return self._pure(_dtypes.cast_back(averaged, self.ema_state.param_dtypes))
 
     def accumulators(self, ema_index: int | None) -> Params:
-        return self._pure(transform.accumulators(self.ema_state, ema_index))
+        return self._pure(self.transform.accumulators(self.ema_state, self._values, ema_index))  # type: ignore[arg-type]
 
     def _pure(self, leaves: list[Any]) -> Params:
         """The tracked Variables' values as a pure dict (``nnx.to_pure_dict``)."""
@@ -125,6 +130,27 @@ class NnxState:
                 f"the target's): {change}. Restore "
                 "into a target built like the saved run (same model, same only= filter)"
             )
+
+
+def _model(root: Any, ema: Any) -> Any:
+    """The one model in ``root`` whose Variables ``ema`` tracks (by their paths), for a
+    BEMA, whose shadow reads them; a ``TypeError`` when there is none or several."""
+    from flax import nnx
+
+    from ema_jax.nnx import EMA, tracked_paths
+
+    found = []
+    for _, node in nnx.iter_graph(root):
+        model = isinstance(node, nnx.Module) and not isinstance(node, EMA)
+        if model and tracked_paths(node, ema.filter, ema.graph) == ema.tracked_paths:
+            found.append(node)
+    if len(found) != 1:
+        raise TypeError(
+            "an NNX training state holding an ema_jax.nnx.BEMA must hold the one model it "
+            f"tracks (BEMA's shadow reads the current params), found {len(found)} models "
+            "with its Variables' paths"
+        )
+    return found[0]
 
 
 def adapt(state: Any) -> Adapter:
