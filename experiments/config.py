@@ -167,6 +167,12 @@ class Config:
         SWITCH,
         each="ema_decays",
     )
+    bema: bool = option(
+        False,
+        "average with BEMA (ema_jax.bema, TRL's defaults: the EMA with its lag corrected) "
+        "instead of the --ema-decay averages",
+        SWITCH,
+    )
     seed: int = option(
         0, "seed of the initialisation, dropout, data order and validation split", INDEX
     )
@@ -281,7 +287,10 @@ class Config:
 
     @property
     def variants(self) -> list[str]:
-        """``["raw", "ema0.999", "ema0.999-debiased", ...]`` in the order of the decays."""
+        """``["raw", "ema0.999", "ema0.999-debiased", ...]`` in the order of the decays;
+        ``["raw", "bema"]`` with ``bema``."""
+        if self.bema:
+            return ["raw", "bema"]
         return ["raw"] + [
             variant_name(d, b) for d, b in zip(self.ema_decays, self.ema_debias, strict=True)
         ]

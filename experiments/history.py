@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def variant_weights(state: ema_jax.EmaTrainState) -> list[Any]:
     """The raw weights, then each average, in the order of ``Config.variants``."""
-    return [state.params, *state.ema_params]
+    return [state.params, *(state.select_params(True, i) for i in range(state.num_averages))]
 
 
 def epoch_row(epoch: int, record: Mapping[str, Any], variants: Sequence[str]) -> dict[str, Any]:
@@ -26,12 +26,17 @@ def epoch_row(epoch: int, record: Mapping[str, Any], variants: Sequence[str]) ->
     (from 1), ``seconds``, ``train_loss``, then per variant ``val_loss_<variant>`` and
     ``val_rmse_<variant>`` (cycles)."""
     row = {"epoch": epoch + 1, "seconds": record["seconds"], "train_loss": record["train_loss"]}
-    losses = [record["val_loss"], *record["val_loss_ema"]]
-    mses = [record["val_mse"], *record["val_mse_ema"]]
+    losses = [record["val_loss"], *_each(record["val_loss_ema"])]
+    mses = [record["val_mse"], *_each(record["val_mse_ema"])]
     for name, loss, mse in zip(variants, losses, mses, strict=True):
         row[f"val_loss_{name}"] = loss
         row[f"val_rmse_{name}"] = float(np.sqrt(mse))
     return row
+
+
+def _each(averages: Any) -> tuple[Any, ...]:
+    """One value per average: a K-tuple as it is, one average's value as a 1-tuple."""
+    return tuple(averages) if isinstance(averages, (tuple, list)) else (averages,)
 
 
 def history_rows(history: Mapping[str, list[Any]], variants: Sequence[str]) -> list[dict[str, Any]]:

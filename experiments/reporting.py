@@ -91,6 +91,8 @@ def results_table(test: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
 def initial_weight_notes(cfg: Config, steps: int) -> list[str]:
     """A note for each plain average that, after ``steps`` updates, still gives the initial
     weights a share ``β^steps`` of more than 10 %: a run shorter than its window."""
+    if cfg.bema:  # no --ema-decay average is kept
+        return []
     return [
         f"note: {variant_name(decay, False)} is a plain average (--no-ema-debias) and this run "
         f"has {steps} steps, so {decay**steps:.0%} of its weight stays on the initial weights; "
@@ -105,8 +107,8 @@ def short_window_notes(cfg: Config, steps: int) -> list[str]:
     ``steps``: such an average stays close to the mean of every step's weights, the first
     epochs' too, and cannot show what an EMA of the end of training buys."""
     per_epoch = max(1, steps // cfg.epochs)
-    notes = []
-    for decay, debias in zip(cfg.ema_decays, cfg.ema_debias, strict=True):
+    notes: list[str] = []
+    for decay, debias in zip(() if cfg.bema else cfg.ema_decays, cfg.ema_debias, strict=False):
         window = effective_window(decay)
         if debias and window > steps:
             notes.append(

@@ -115,14 +115,15 @@ class Scoring:
 
 def build(cfg: Config, ds: Any, key: jax.Array) -> tuple[Scoring, ema_jax.EmaTrainState]:
     """The model of ``cfg`` initialised from ``key``, its :class:`Scoring`, and the train
-    state: :func:`optimizer` and one average per decay of ``cfg``, all in one state."""
+    state: :func:`optimizer` and one average per decay of ``cfg``, all in one state (or
+    BEMA, with ``cfg.bema``)."""
     model = make_model(cfg.model, members=cfg.members)
     params = model.init(key, jnp.asarray(ds.x_train[:1]))["params"]
     state = ema_jax.EmaTrainState.create(
         apply_fn=model.apply,
         params=params,
         tx=optimizer(cfg, steps_per_epoch=len(ds.x_train) // cfg.batch_size),
-        ema=ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias),
+        ema=ema_jax.bema() if cfg.bema else ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias),
     )
     return Scoring(model, float(ds.max_rul)), state
 

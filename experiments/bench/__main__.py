@@ -13,6 +13,7 @@ import jax
 
 import experiments.bench as package
 from experiments.bench.bandwidth import bench_bandwidth
+from experiments.bench.bema import bench_bema
 from experiments.bench.flags import FLAG_SETS, bench_flags
 from experiments.bench.memory import bench_memory
 from experiments.bench.multi_decay import bench_multi_decay
@@ -178,6 +179,8 @@ def measure_goals(args: argparse.Namespace, plan: Plan, repeats: int) -> dict[st
         for k in (leaves, 10)
         for chk in (True, False)
     ]
+    out["p7"] = bench_bema(n, leaves, repeats)
+    print("P7:", out["p7"]["ms"], flush=True)
     out["p5"] = bench_shard_over(n, leaves)
     print("P5:", out["p5"]["ratio"], out["p5"]["shard_over"]["collectives"], flush=True)
     out["leaf_overhead"] = bench_leaf_overhead((10, 100, 1000), repeats)

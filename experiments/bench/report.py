@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experiments.bench.bandwidth import UPDATE_BYTES_PER_PARAM
+from experiments.bench.bema import bema_section
 from experiments.bench.goals import GOALS, Goal
 from experiments.bench.placement import offload_section, shard_over_section
 from experiments.bench.update import SPEED_PEERS, best_torch
@@ -332,6 +333,7 @@ SECTIONS: dict[str, Callable[[Any], list[str]]] = {
     "flags": flags_section,
     "p5": shard_over_section,
     "p6": offload_section,
+    "p7": bema_section,
 }
 """The tables after the goals, each with its heading, for the sections that were run."""
 
