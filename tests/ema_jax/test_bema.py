@@ -85,12 +85,15 @@ def test_matches_a_float64_reference_of_the_formulas(settings):
 
 def test_the_anchor_is_the_params_at_the_end_of_the_burn_in():
     """With ``start_step=3`` the anchor is θ_3 and, through the burn-in, the shadow is the
-    params themselves."""
+    params themselves, also params read between updates."""
+    rule = ema_jax.bema(start_step=3)
     thetas = [jnp.full((2,), float(t) ** 2) for t in range(8)]
-    outs, state = _run(ema_jax.bema(start_step=3), thetas)
+    outs, state = _run(rule, thetas)
     np.testing.assert_array_equal(state.anchor, thetas[3])
     for t in (1, 2, 3):
         np.testing.assert_array_equal(outs[t - 1], thetas[t])
+    _, in_burn_in = _run(rule, thetas[:3])
+    np.testing.assert_array_equal(rule.shadow(in_burn_in, thetas[5]), thetas[5])
 
 
 def test_bf16_params_keep_fp32_accumulators_and_a_bf16_shadow():
