@@ -32,6 +32,7 @@ MODEL_SPECS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
         "gru": ("RNN", {}),
         "lstm": ("RNN", {"cell": "lstm"}),
         "cnn_gru": ("CNNGRU", {}),
+        "cnn_gru_bn": ("CNNGRU", {"batch_norm": True}),  # the BatchNorm study's
     }
 )
 

@@ -3,7 +3,8 @@
 All models predict the *normalised* RUL ``ŷ ≈ RUL / max_rul`` (targets in [0, 1]); the
 training code multiplies by ``max_rul`` to report cycles.
 
-Normalisation is LayerNorm, never BatchNorm, because this project averages weights:
+Normalisation is LayerNorm, not BatchNorm (except ``cnn_gru_bn``, the model of the BatchNorm
+study, ``experiments.batch_norm_study``), because this project averages weights:
 
 * an EMA of BatchNorm's scale/shift is paired with running statistics that were collected
   under *different* (raw, earlier) weights, so the averaged network sees mis-matched
@@ -127,7 +128,12 @@ class RNN(nn.Module):
 
 class CNNGRU(nn.Module):
     """A convolutional stem (``num_conv`` × ``Conv(filters, kernel)`` + tanh, as in the DCNN)
-    followed by one GRU layer over the convolved sequence and the RNN's dense head."""
+    followed by one GRU layer over the convolved sequence and the RNN's dense head.
+
+    ``batch_norm``: a BatchNorm after each convolution (statistics over batch and time); it
+    normalises with the batch's statistics, and updates its running ones (``batch_stats``),
+    when ``train`` or ``batch_stats=True`` (which leaves dropout off: BatchNorm
+    recalibration)."""
 
     filters: int = 16
     kernel: int = 5
@@ -135,13 +141,19 @@ class CNNGRU(nn.Module):
     units: int = 64
     hidden: int = 32
     dropout: float = 0.2
+    batch_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, batch_stats: bool = False
+    ) -> jax.Array:
         init = nn.initializers.glorot_normal()
         drop = nn.Dropout(self.dropout, deterministic=not train)
         for _ in range(self.num_conv):
-            x = jnp.tanh(nn.Conv(self.filters, (self.kernel,), padding="SAME", kernel_init=init)(x))
+            x = nn.Conv(self.filters, (self.kernel,), padding="SAME", kernel_init=init)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not (train or batch_stats), momentum=0.99)(x)
+            x = jnp.tanh(x)
         x = drop(nn.RNN(nn.GRUCell(features=self.units))(x))
         z = drop(nn.relu(nn.Dense(self.hidden)(x[:, -1])))
         return nn.Dense(1)(z)[:, 0]
