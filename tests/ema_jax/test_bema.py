@@ -272,3 +272,21 @@ def test_nnx_bema_resumes_bit_exactly_and_exports_its_shadow(tmp_path):
     np.testing.assert_array_equal(
         exported["dense"]["kernel"], run["ema"].shadow(model=run["model"])["dense"]["kernel"]
     )
+
+
+def test_shard_over_splits_the_anchor_like_the_accumulators_and_keeps_the_values():
+    """``shard_over="data"`` on 8 devices: the anchor is split like the accumulators (1/8
+    per device), and the shadow is the unsharded rule's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",))
+    thetas = [jnp.arange(32.0).reshape(8, 4) * (1 + 0.1 * t) for t in range(5)]
+    placed = [jax.device_put(x, NamedSharding(mesh, P())) for x in thetas]
+    rule = ema_jax.bema(shard_over="data", start_step=1)
+    sharded, state = _run(rule, placed)
+    assert state.anchor.sharding.spec == state.average.ema.sharding.spec == P("data", None)
+    assert state.anchor.addressable_shards[0].data.shape == (1, 4)
+    plain, _ = _run(ema_jax.bema(start_step=1), thetas)
+    for a, b in zip(sharded, plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
