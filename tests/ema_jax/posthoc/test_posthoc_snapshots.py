@@ -190,9 +190,9 @@ def test_several_widths_are_synthesized_in_one_pass(
     reads: list[int] = []
     original = snapshots.Snapshot.read
 
-    def counted(self: Any, target: Any) -> Any:
+    def counted(self: Any, target: Any, *args: Any) -> Any:
         reads.append(self.step)
-        return original(self, target)
+        return original(self, target, *args)
 
     monkeypatch.setattr(snapshots.Snapshot, "read", counted)
     together = posthoc.synthesize_from(tmp_path / "posthoc", widths, step=20)
