@@ -53,8 +53,9 @@ def synthesize_from(
         land sharded): gives the tree type and where each leaf goes, checked first (paths,
         shapes); NNX: ``nnx.state(model, nnx.Param)`` of snapshots of an
         :class:`ema_jax.nnx.EMA`, and an ``nnx.State`` comes back (``nnx.update(model,
-        it)``). Without it the saved tree (dicts, lists) lands on this process's first
-        device.
+        it)``). Without it the saved tree (dicts, lists) lands where a new array does
+        (JAX's default device, uncommitted, like a freshly created state's arrays); the
+        snapshots are then read to the host.
 
     Returns:
       The synthesized params, in the dtypes the params had when recorded; for a sequence
