@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ema_jax import _checks
+from ema_jax.checkpoint import items as item_io
 from ema_jax.checkpoint import layout
 from ema_jax.checkpoint.lock import WriterLock
 
@@ -105,11 +106,16 @@ class Manager:
         best: BestMetric | None = None,
         read_only: bool = False,
         save_interval_steps: int = 1,
+        compress: bool = True,
     ) -> None:
         self.orbax = orbax
         self.best = best
         self.read_only = read_only
         self.save_interval_steps = save_interval_steps
+        #: Whether its items' arrays are written compressed: the ``compress`` of the
+        #: :func:`~ema_jax.checkpoint.items.save_args` it takes (a plain Orbax manager held
+        #: as one: Orbax's standard, compressed).
+        self.compress = compress
         #: The step this manager last saved or restored: saving it again is a no-op.
         self.position: int | None = None
         self.closed = False
@@ -138,7 +144,7 @@ class Manager:
     def save_items(
         self,
         step: int,
-        items: Mapping[str, ocp.args.StandardSave],
+        items: Mapping[str, ocp.args.CheckpointArgs],
         *,
         force: bool = False,
         overwrite: bool = False,
@@ -240,8 +246,11 @@ def open_manager(
     async_save: bool = True,
     read_only: bool = False,
     best: BestMetric | None = None,
+    compress: bool = True,
 ) -> Manager:
-    """A :class:`Manager` of ``directory`` whose steps hold ``items`` (standard items).
+    """A :class:`Manager` of ``directory`` whose steps hold ``items``, written by
+    :func:`ema_jax.checkpoint.items.handler` (of ``compress``: save them with
+    ``items.save_args(..., compress=compress)``).
 
     With ``best``, the ``max_to_keep`` best steps are kept, and the latest (the one a
     crashed run resumes from) with them. A directory holding steps saved without the
@@ -251,6 +260,7 @@ def open_manager(
     _checks.integer("save_interval_steps", save_interval_steps, 1)
     _checks.flag("async_save", async_save)
     _checks.flag("read_only", read_only)
+    _checks.flag("compress", compress)
     policies = ocp.checkpoint_managers
     ranking: dict[str, Any] = {}  # Orbax writes a step's metrics only with a best_fn
     if best is None:
@@ -277,7 +287,7 @@ def open_manager(
     # Taken before Orbax starts: its clean-up of temporary directories would delete the
     # holder's save in progress.
     lock = None if read_only or jax.process_index() != 0 else WriterLock(directory)
-    handlers = {item: ocp.StandardCheckpointHandler() for item in items}
+    handlers = {item: item_io.handler(compress=compress) for item in items}
     try:
         orbax = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     except BaseException:
@@ -290,6 +300,7 @@ def open_manager(
         best=best,
         read_only=read_only,
         save_interval_steps=save_interval_steps,
+        compress=compress,
     )
 
 

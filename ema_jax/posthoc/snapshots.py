@@ -44,8 +44,13 @@ def snapshot_manager(directory: str | os.PathLike[str], *, async_save: bool = Tr
     and ``run/posthoc``): the training manager prunes old steps, this one must not. With
     ``async_save`` writes continue in the background; call ``mngr.wait_until_finished()``
     (or ``mngr.close()``) before reading.
+
+    The arrays are written uncompressed (:func:`ema_jax.checkpoint.items.handler`): the
+    synthesis reads every snapshot, and decompressing them took longer than reading the
+    files (recorded weights compress by ~10%). Compressed snapshots (as earlier versions
+    wrote them) are read the same way.
     """
-    return open_manager(directory, (ITEM,), max_to_keep=None, async_save=async_save)
+    return open_manager(directory, (ITEM,), max_to_keep=None, async_save=async_save, compress=False)
 
 
 def save_snapshot(
@@ -116,7 +121,7 @@ def save_snapshot(
         ),
     }
     stored = [_dtypes.cast_real(t, dtype) for t in trees]
-    saves = {ITEM: items.save_args(stored, {META_KEY: description})}
+    saves = {ITEM: items.save_args(stored, {META_KEY: description}, compress=mngr.compress)}
     mngr.check_writable()
     later = sorted(s for s in mngr.all_steps() if s >= step)
     if later and not overwrite:
@@ -165,10 +170,11 @@ class Snapshot:
     saved: Any  # the item's Orbax metadata; ``saved.tree``: the K trees' shapes and dtypes
     where: str  # "the snapshot of step S in DIRECTORY", for the errors
 
-    def read(self, target: list[Params]) -> list[Params]:
-        """The K averages, onto ``target`` (checked first, checksums verified after)."""
+    def read(self, target: list[Params], checkpointer: Any = None) -> list[Params]:
+        """The K averages, onto ``target`` (checked first, checksums verified after), with
+        ``checkpointer`` (:func:`ema_jax.checkpoint.items.reader`; ``None``: its own)."""
         return items.read(  # type: ignore[no-any-return]
-            self.path, target, ITEM, where=self.where, saved=self.saved
+            self.path, target, ITEM, where=self.where, saved=self.saved, checkpointer=checkpointer
         )
 
 

@@ -53,8 +53,9 @@ def synthesize_from(
         land sharded): gives the tree type and where each leaf goes, checked first (paths,
         shapes); NNX: ``nnx.state(model, nnx.Param)`` of snapshots of an
         :class:`ema_jax.nnx.EMA`, and an ``nnx.State`` comes back (``nnx.update(model,
-        it)``). Without it the saved tree (dicts, lists) lands on this process's first
-        device.
+        it)``). Without it the saved tree (dicts, lists) lands where a new array does
+        (JAX's default device, uncommitted, like a freshly created state's arrays); the
+        snapshots are then read to the host.
 
     Returns:
       The synthesized params, in the dtypes the params had when recorded; for a sequence
@@ -104,8 +105,8 @@ def synthesize_from(
     in_sigmas = [x for s in found for x in s.sigma_rels]
     weights = np.atleast_2d(solve_coefficients(in_steps, in_sigmas, out_step, widths))  # type: ignore[arg-type]
 
-    if target is None:
-        placed = items.local_target(first.saved.tree[0])
+    if target is None:  # read to the host, landing where a new array goes (items.read)
+        placed = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), first.saved.tree[0])
     else:
         problem = _checks.first_difference(
             integrity.flat(target, _AVERAGES),
@@ -136,11 +137,14 @@ def synthesize_from(
     totals = [zeros(one) for _ in widths]
     # Reads overlap (Orbax's fixed cost per restore is mostly waiting), at most READ_AHEAD
     # snapshots ahead of the one being added: memory stays bounded.
-    with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
+    with (
+        items.reader() as checkpointer,
+        concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool,
+    ):
         pending: collections.deque[tuple[concurrent.futures.Future[Any], np.ndarray]]
         pending = collections.deque()
         for snapshot, w in used:
-            pending.append((pool.submit(snapshot.read, [one] * w.shape[1]), w))
+            pending.append((pool.submit(snapshot.read, [one] * w.shape[1], checkpointer), w))
             if len(pending) > READ_AHEAD:
                 totals = _add(totals, *pending.popleft())
         while pending:

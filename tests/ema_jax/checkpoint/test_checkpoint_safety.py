@@ -148,13 +148,15 @@ class NoSpace:
 
 
 def fail_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every later ``StandardCheckpointHandler`` save fails in the background (ENOSPC)."""
-    write = ocp.StandardCheckpointHandler.async_save
+    """Every later item save fails in the background (ENOSPC): Orbax's
+    ``PyTreeCheckpointHandler`` writes them all (training items through the standard
+    handler, snapshots uncompressed directly)."""
+    write = ocp.PyTreeCheckpointHandler.async_save
 
     async def failing_write(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
         return [*(await write(self, *args, **kwargs) or []), NoSpace()]
 
-    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_write)
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", failing_write)
 
 
 def test_failed_save_keeps_the_previous_step(

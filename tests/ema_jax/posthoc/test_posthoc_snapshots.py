@@ -190,9 +190,9 @@ def test_several_widths_are_synthesized_in_one_pass(
     reads: list[int] = []
     original = snapshots.Snapshot.read
 
-    def counted(self: Any, target: Any) -> Any:
+    def counted(self: Any, target: Any, *args: Any) -> Any:
         reads.append(self.step)
-        return original(self, target)
+        return original(self, target, *args)
 
     monkeypatch.setattr(snapshots.Snapshot, "read", counted)
     together = posthoc.synthesize_from(tmp_path / "posthoc", widths, step=20)
@@ -202,3 +202,35 @@ def test_several_widths_are_synthesized_in_one_pass(
         tree_allclose(got, posthoc.synthesize_from(tmp_path / "posthoc", sigma, step=20), rtol=0)
         want = posthoc.synthesize(memory, sigma, step=20)
         tree_allclose(got, jax.tree.map(lambda w, g: w.astype(g.dtype), want, got), rtol=1e-6)
+
+
+def _bytes_under(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def test_snapshots_are_written_uncompressed_and_compressed_ones_still_synthesize(
+    tmp_path: Path,
+) -> None:
+    """``save_snapshot`` stores the arrays as they are (constant arrays take their full
+    size on disk, so reading them back is a copy, not a decompression); snapshots written
+    compressed, as earlier versions wrote them, synthesize to the same values."""
+    from ema_jax.posthoc import snapshots
+
+    raw = 2 * 3 * 4 * 256 * 256  # float32 bytes of 3 snapshots of 2 averages
+    written = {}
+    for name, compress in (("uncompressed", False), ("compressed", True)):
+        directory = tmp_path / name
+        mngr = snapshots.open_manager(
+            directory, (snapshots.ITEM,), async_save=False, compress=compress
+        )
+        with mngr:
+            for s in (10, 20, 30):
+                trees = [{"w": jnp.full((256, 256), s + j, jnp.float32)} for j in range(2)]
+                posthoc.save_snapshot(mngr, s, trees)
+        written[name] = _bytes_under(directory)
+    assert written["uncompressed"] >= raw > 10 * written["compressed"], written
+    tree_allclose(
+        posthoc.synthesize_from(tmp_path / "uncompressed", 0.08),
+        posthoc.synthesize_from(tmp_path / "compressed", 0.08),
+        rtol=0,
+    )
