@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 Params = Any
@@ -82,6 +83,18 @@ def to_device(tree: Params) -> Params:
 def to_host(tree: Params) -> Params:
     """``tree`` in pinned host memory, each leaf keeping its sharding."""
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), tree)
+
+
+def replacement(new: Params, old: Params) -> Params:
+    """``new`` in fresh buffers, to take the place of ``old`` in a state (same tree, shapes
+    and dtypes), e.g. the params replaced by a shadow.
+
+    Computed as a select between the two, so ``old`` stays an input of a jitted function
+    that donates it and jax pairs its buffers with these outputs. Unused, ``old`` would be
+    dropped and jax (up to 0.12 at least) would pair donated accumulators in host memory of
+    the same shape and dtype with these device outputs, which aborts the process: it
+    matches donated buffers to outputs ignoring memory kinds."""
+    return jax.tree.map(lambda n, o: jnp.where(True, n, o), new, old)
 
 
 def accumulator_sharding(
