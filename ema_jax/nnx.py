@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import _dtypes, transform
+from ema_jax import _dtypes, placement, transform
 from ema_jax.batch_stats import recompute_batch_stats
 from ema_jax.transform import Decay, EmaState
 
@@ -208,6 +208,22 @@ class EMA(nnx.Pytree):
         graphdef, state = nnx.split(model, graph=self.graph)
         merged = nnx.merge_state(state, self._shadow_variables(ema_index))
         return nnx.merge(graphdef, merged, copy=True)  # type: ignore[no-any-return]
+
+    def switch(self, model: Any, ema_index: int | None = None) -> None:
+        """Switch EMA (formula: :meth:`ema_jax.EmaTrainState.switch`): writes the shadow of
+        average ``ema_index`` (``None``: the first) into ``model``'s tracked Variables, in
+        place (``nnx.update``), in their dtypes and as fresh arrays; the EMA's state and
+        any optimizer's are left as they are. Eagerly or inside ``nnx.jit``.
+
+        Raises:
+          ValueError: as :meth:`apply_to`, for a model whose tracked Variables differ from
+            the averaged ones; ``ema_index`` is not an average of this EMA.
+        """
+        values = self._values(model)
+        averaged = transform.accumulators(self.state, ema_index)
+        shadow = _dtypes.cast_back(averaged, [v.dtype for v in values])
+        switched = placement.replacement(shadow, values)
+        nnx.update(model, jax.tree.unflatten(self.variables, switched))
 
     def _values(self, model: Any) -> list[Any]:
         """The values of ``model``'s tracked Variables, checked against the averaged ones
