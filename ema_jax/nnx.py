@@ -219,10 +219,12 @@ class EMA(nnx.Pytree):
           ValueError: as :meth:`apply_to`, for a model whose tracked Variables differ from
             the averaged ones; ``ema_index`` is not an average of this EMA.
         """
-        values = self._values(model)
-        averaged = transform.accumulators(self.state, ema_index)
+        values, state = self._values(model), self.state
+        averaged = transform.accumulators(state, ema_index)
         shadow = _dtypes.cast_back(averaged, [v.dtype for v in values])
-        switched = placement.replacement(shadow, values)
+        switched = placement.replacement(
+            shadow, values, state.shardings, self.transform.shard_over
+        )
         nnx.update(model, jax.tree.unflatten(self.variables, switched))
 
     def _values(self, model: Any) -> list[Any]:

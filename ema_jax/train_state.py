@@ -138,12 +138,15 @@ class EmaTrainState(train_state.TrainState):
         Raises:
           ValueError: ``ema_index`` is not an average of this state.
         """
-        params, model_state = self._average(ema_index)
-        switched = self.replace(params=placement.replacement(params, self.params))
-        if self.average_model_state:
-            model_state = placement.replacement(model_state, self.model_state)
-            switched = switched.replace(model_state=model_state)
-        return switched
+        averaged = _averaged_tree(*self._average(ema_index), self.average_model_state)
+        trained = _averaged_tree(self.params, self.model_state, self.average_model_state)
+        switched = placement.replacement(
+            averaged, trained, self.ema_state.shardings, self.ema.shard_over
+        )
+        params, model_state = _split(switched, self.average_model_state)
+        if not self.average_model_state:
+            model_state = self.model_state
+        return self.replace(params=params, model_state=model_state)
 
     def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:
         """``model_state``, or its average when ``average_model_state`` and ``use_ema``."""
