@@ -222,9 +222,7 @@ class EMA(nnx.Pytree):
         values, state = self._values(model), self.state
         averaged = transform.accumulators(state, ema_index)
         shadow = _dtypes.cast_back(averaged, [v.dtype for v in values])
-        switched = placement.replacement(
-            shadow, values, state.shardings, self.transform.shard_over
-        )
+        switched = placement.replacement(shadow, values, state.shardings, self.transform.shard_over)
         nnx.update(model, jax.tree.unflatten(self.variables, switched))
 
     def _values(self, model: Any) -> list[Any]:

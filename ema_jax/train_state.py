@@ -165,4 +165,3 @@ def _split(averaged: Any, average_model_state: bool) -> tuple[Params, Any]:
     if average_model_state:
         return averaged["params"], averaged["model_state"]
     return averaged, None
-

@@ -207,9 +207,7 @@ def test_switch_makes_the_shadow_the_params_and_keeps_optimizer_and_ema_state(sw
         return params, opt_state, switched.ema.update(params, ema_state)[1]
 
     grads = jax.grad(mse_loss)(shadow, SWITCH_BATCHES[3])
-    want_params, want_opt, want_ema = continued(
-        shadow, before.opt_state, before.ema_state, grads
-    )
+    want_params, want_opt, want_ema = continued(shadow, before.opt_state, before.ema_state, grads)
     # Donated, as a train step donates it: a params buffer shared with the accumulators
     # would be donated twice, which XLA refuses.
     after = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=0)(switched, grads)
