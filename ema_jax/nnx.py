@@ -220,8 +220,8 @@ class EMA(nnx.Pytree):
             the averaged ones; ``ema_index`` is not an average of this EMA.
         """
         values, state = self._values(model), self.state
-        averaged = transform.accumulators(state, ema_index)
-        shadow = _dtypes.cast_back(averaged, [v.dtype for v in values])
+        shadow = transform.shadow(state, ema_index)  # as shadow() and apply_to read it
+        shadow = _dtypes.cast_back(shadow, [v.dtype for v in values])
         switched = placement.replacement(shadow, values, state.shardings, self.transform.shard_over)
         nnx.update(model, jax.tree.unflatten(self.variables, switched))
 

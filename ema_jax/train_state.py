@@ -132,8 +132,9 @@ class EmaTrainState(train_state.TrainState):
 
         Pure and jit-able (``ema_index`` is static). The new params are fresh buffers, never
         the accumulators themselves (a float32 shadow otherwise is), so the switched state
-        can be donated to a train step, and they have the params' dtypes: a jitted step
-        compiled before the switch serves after it.
+        can be donated to a train step, and they have the params' dtypes and (with
+        ``shard_over``) their own layouts: a jitted step compiled before the switch serves
+        after it.
 
         Raises:
           ValueError: ``ema_index`` is not an average of this state.
