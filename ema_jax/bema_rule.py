@@ -82,6 +82,11 @@ class BemaState(struct.PyTreeNode):
         """The params' leaf dtypes, which the shadow is cast back to."""
         return self.average.param_dtypes
 
+    @property
+    def shardings(self) -> tuple[Any, ...] | None:
+        """The accumulators' (and the anchor's) shardings with ``shard_over``."""
+        return self.average.shardings
+
 
 @dataclasses.dataclass(frozen=True)
 class BemaTransform:
@@ -105,6 +110,11 @@ class BemaTransform:
     @property
     def decays(self) -> tuple[Any, ...]:
         return self.average.decays
+
+    @property
+    def shard_over(self) -> tuple[str, ...] | None:
+        """The mesh axes the accumulators and the anchor are split over."""
+        return self.average.shard_over
 
     def init(self, params: Params) -> BemaState:
         """A state whose EMA and anchor are copies of ``params``."""

@@ -94,6 +94,7 @@ def train_with_ema(
     with_model_state: bool = False,
     early_stopping: EarlyStopping | None = None,
     monitor: Monitor | str | Sequence[Monitor | str] = "val_loss_ema",
+    switch_every: int | None = None,
 ) -> TrainResult:
     """The seed's ``train_with_ema`` loop, functional: train, then evaluate raw and EMA.
 
@@ -122,6 +123,13 @@ def train_with_ema(
         average of a single decay; with K decays name one. A sequence of monitors runs one
         stopper state per monitor on the same training run (training uses only the raw
         params, so they cannot interact) and ends when all have stopped.
+      switch_every: Switch EMA: at the end of every ``switch_every``-th epoch (epochs
+        ``switch_every``, ``2·switch_every``, ... counting from 1) the state is switched,
+        ``state.switch()`` (:meth:`~ema_jax.EmaTrainState.switch`: the params become the
+        first average's shadow, the EMA and the optimizer going on). It happens after that
+        epoch's validation, early-stopping update and callback, so the history and the
+        callback see what the raw weights reached, and the next epoch trains from the
+        shadow. ``None`` (the default): never.
 
     Returns:
       A :class:`TrainResult`: ``history``, ``state`` and ``stopping``. It unpacks as
@@ -131,7 +139,8 @@ def train_with_ema(
       TypeError / ValueError: before the first step, for a bad ``epochs``, a one-shot
         iterator with ``epochs > 1``, an empty ``val_data``, a ``state`` that is no
         ``EmaTrainState`` or was donated already, a non-scalar metric, an
-        ``early_stopping`` that is no ``EarlyStopping``, or a ``monitor`` that does not name
+        ``early_stopping`` that is no ``EarlyStopping``, a ``switch_every`` that is not
+        ``None`` or an int >= 1, or a ``monitor`` that does not name
         one value of the history (a typo, an unindexed average with K decays, an index out
         of range; the message lists the choices).
       DataError: a ``ValueError`` for a data set found empty or malformed in an epoch (an
@@ -146,6 +155,7 @@ def train_with_ema(
         epochs = _checks.integer("epochs", epochs, 1)  # type: ignore[assignment]
     except TypeError:  # a ValueError, as epochs < 1
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}") from None
+    switch_every = _checks.integer("switch_every", switch_every, 1, allow_none=True)
     _check_reiterable("train_data", train_data, epochs)
     _check_reiterable("val_data", val_data, epochs)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
@@ -193,9 +203,16 @@ def train_with_ema(
             history.setdefault(key, []).append(value)
         if callback is not None:
             callback(epoch, record, state)
+        if switch_every is not None and (epoch + 1) % switch_every == 0:
+            state = _switch(state)
         if stoppers and all(es.stop for es in stoppers):
             break
     return TrainResult(history, state, dict(zip(watched, stoppers, strict=True)))
+
+
+#: ``state.switch()``, jitted (compiled once per state layout) and donating the state, so
+#: the switch holds no second copy of the params.
+_switch = jax.jit(EmaTrainState.switch, donate_argnums=0)
 
 
 def _update(

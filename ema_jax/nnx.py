@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ema_jax import _dtypes, bema_rule, nnx_tracking, transform
+from ema_jax import _dtypes, bema_rule, nnx_tracking, placement, transform
 from ema_jax.batch_stats import recompute_batch_stats
 from ema_jax.bema_rule import BemaState
 from ema_jax.nnx_tracking import path_changes, tracked_paths
@@ -230,6 +230,23 @@ class EMA(nnx.Pytree):
         graphdef, state = nnx.split(model, graph=self.graph)
         merged = nnx.merge_state(state, self._shadow_variables(ema_index, model))
         return nnx.merge(graphdef, merged, copy=True)  # type: ignore[no-any-return]
+
+    def switch(self, model: Any, ema_index: int | None = None) -> None:
+        """Switch EMA (formula: :meth:`ema_jax.EmaTrainState.switch`): writes the shadow of
+        average ``ema_index`` (``None``: the first) into ``model``'s tracked Variables, in
+        place (``nnx.update``), in their dtypes and as fresh arrays; the EMA's state and
+        any optimizer's are left as they are. Eagerly or inside ``nnx.jit``.
+
+        Raises:
+          ValueError: as :meth:`apply_to`, for a model whose tracked Variables differ from
+            the averaged ones; ``ema_index`` is not an average of this EMA.
+        """
+        values = self.tracked_values(model)
+        shadow = self.transform.shadow(self.state, values, ema_index)  # as shadow(), apply_to
+        shadow = _dtypes.cast_back(shadow, [v.dtype for v in values])
+        shardings, axes = self.state.shardings, self.transform.shard_over
+        switched = placement.replacement(shadow, values, shardings, axes)
+        nnx.update(model, jax.tree.unflatten(self.variables, switched))
 
     def tracked_values(self, model: Any) -> list[Any]:
         """The values of ``model``'s tracked Variables, checked against the averaged ones

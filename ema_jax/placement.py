@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 Params = Any
@@ -82,6 +83,32 @@ def to_device(tree: Params) -> Params:
 def to_host(tree: Params) -> Params:
     """``tree`` in pinned host memory, each leaf keeping its sharding."""
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), tree)
+
+
+def replacement(
+    new: Params,
+    old: Params,
+    shardings: Sequence[NamedSharding | None] | None = None,
+    axes: tuple[str, ...] | None = None,
+) -> Params:
+    """``new`` in fresh buffers, to take the place of ``old`` in a state (same tree, shapes
+    and dtypes), e.g. the params replaced by a shadow.
+
+    With ``shard_over`` (``axes`` and the ``shardings`` recorded at ``init``, one per leaf),
+    each leaf of an average split over ``axes`` is held to its param's own layout again.
+    Computed as a select between the two, so ``old`` stays an input of a jitted function
+    that donates it and jax pairs its buffers with these outputs. Unused, ``old`` would be
+    dropped and jax (up to 0.12 at least) would pair donated accumulators in host memory of
+    the same shape and dtype with these device outputs, which aborts the process: it
+    matches donated buffers to outputs ignoring memory kinds."""
+    if shardings is not None and axes is not None:
+        leaves, treedef = jax.tree.flatten(new)
+        held = [
+            x if s is None else _hold(x, _param_sharding(s, x.ndim, axes))
+            for x, s in zip(leaves, shardings, strict=True)
+        ]
+        new = jax.tree.unflatten(treedef, held)
+    return jax.tree.map(lambda n, o: jnp.where(True, n, o), new, old)
 
 
 def accumulator_sharding(
@@ -184,12 +211,19 @@ def local_slices(
     out = []
     for x, s in zip(leaves, shardings, strict=True):
         if s is not None:
+            x = _hold(x, _param_sharding(s, x.ndim, axes))
             spec = tuple(s.spec)[: x.ndim]  # without the averages axis of K decays
-            own = tuple(None if e is not None and set(_names(e)) == set(axes) else e for e in spec)
-            x = _hold(x, NamedSharding(s.mesh, PartitionSpec(*own)))
             x = _hold(x, NamedSharding(s.mesh, PartitionSpec(*spec)))
         out.append(x)
     return jax.tree.unflatten(treedef, out)
+
+
+def _param_sharding(accumulator: NamedSharding, ndim: int, axes: tuple[str, ...]) -> NamedSharding:
+    """The layout of the param whose accumulator ``shard_over=axes`` laid out as
+    ``accumulator``: its spec over the param's ``ndim`` dimensions without ``axes``."""
+    spec = tuple(accumulator.spec)[:ndim]  # without the averages axis of K decays
+    own = tuple(None if e is not None and set(_names(e)) == set(axes) else e for e in spec)
+    return NamedSharding(accumulator.mesh, PartitionSpec(*own))
 
 
 def _hold(x: Any, sharding: NamedSharding) -> Any:

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from ema_jax import accumulation
+from ema_jax import accumulation, placement
 from ema_jax.bema_rule import BemaState, BemaTransform
 from ema_jax.transform import EmaState, EmaTransform, Params
 
@@ -127,6 +127,37 @@ class EmaTrainState(train_state.TrainState):
     def select_params(self, use_ema: bool, ema_index: int | None = None) -> Params:
         """``params`` or the shadow of average ``ema_index`` (``None``: the first)."""
         return self._average(ema_index)[0] if use_ema else self.params
+
+    def switch(self, ema_index: int | None = None) -> EmaTrainState:
+        """Switch EMA (Li et al. 2024): the training params become the shadow of average
+        ``ema_index`` (``None``: the first), everything else goes on unchanged.
+
+        At a switch point ``s`` (e.g. the end of an epoch) the params ``θ_s`` are replaced by
+        the shadow ``θ̃_s`` (the average cast to the params' dtypes, as :meth:`select_params`
+        gives it), while the EMA keeps its accumulators, weights and count, and the
+        optimizer its state and step: the next step is ``θ_{s+1} = θ̃_s + u(∇L(θ̃_s),
+        opt_state_s)`` and the EMA continues from its own ``EMA_s`` towards ``θ_{s+1}``.
+        With ``average_model_state=True`` the averaged ``model_state`` (e.g. BatchNorm
+        statistics) is switched in too; otherwise ``model_state`` is kept.
+
+        Pure and jit-able (``ema_index`` is static). The new params are fresh buffers, never
+        the accumulators themselves (a float32 shadow otherwise is), so the switched state
+        can be donated to a train step, and they have the params' dtypes and (with
+        ``shard_over``) their own layouts: a jitted step compiled before the switch serves
+        after it.
+
+        Raises:
+          ValueError: ``ema_index`` is not an average of this state.
+        """
+        averaged = _averaged_tree(*self._average(ema_index), self.average_model_state)
+        trained = _averaged_tree(self.params, self.model_state, self.average_model_state)
+        switched = placement.replacement(
+            averaged, trained, self.ema_state.shardings, self.ema.shard_over
+        )
+        params, model_state = _split(switched, self.average_model_state)
+        if not self.average_model_state:
+            model_state = self.model_state
+        return self.replace(params=params, model_state=model_state)
 
     def select_model_state(self, use_ema: bool, ema_index: int | None = None) -> Any:
         """``model_state``, or its average when ``average_model_state`` and ``use_ema``."""

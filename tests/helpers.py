@@ -57,6 +57,26 @@ def np_debiased_closed_form(
     return np.stack(out)
 
 
+def np_sgd_ema_switch(
+    params: dict, epochs: Sequence[Sequence[Any]], lr: float, beta: float, switch_after: set[int]
+) -> tuple[dict, dict]:
+    """Float64 loop over ``epochs`` (lists of ``(x, y)`` batches) of SGD on :func:`mse_loss`,
+    then ``ema ← β·ema + (1-β)·θ`` (from ``ema = θ_0``), and at the end of each epoch in
+    ``switch_after`` (from 0) ``θ ← ema``: Switch EMA by hand. Returns ``(params, ema)``."""
+    theta = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    ema = {k: v.copy() for k, v in theta.items()}
+    for epoch, batches in enumerate(epochs):
+        for x, y in batches:
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            residual = 2.0 * (x @ theta["w"] + theta["b"] - y) / y.size
+            grads = {"w": x.T @ residual, "b": residual.sum(axis=0)}
+            theta = {k: theta[k] - lr * grads[k] for k in theta}
+            ema = {k: beta * ema[k] + (1.0 - beta) * theta[k] for k in theta}
+        if epoch in switch_after:
+            theta = {k: v.copy() for k, v in ema.items()}
+    return theta, ema
+
+
 def scan_runner(tx: ema_jax.EmaTransform) -> Any:
     """A jitted ``(init_params, seq) -> (shadows, final_state)``: ``tx.init(init_params)``,
     then ``tx.update`` on each slice of ``seq`` (leading axis). ``shadows`` stacks the shadow

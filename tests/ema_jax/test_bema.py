@@ -290,3 +290,22 @@ def test_shard_over_splits_the_anchor_like_the_accumulators_and_keeps_the_values
     plain, _ = _run(ema_jax.bema(start_step=1), thetas)
     for a, b in zip(sharded, plain, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_switch_makes_bema_of_the_params_the_new_params():
+    """Switch EMA with BEMA: the params become the shadow the state deployed, the rest of
+    the state goes on unchanged (Linen and NNX)."""
+    state = _train_state()
+    for i in range(4):
+        state = _STEP(state, _grads(i))
+    deployed = np.asarray(state.ema_params["w"])
+    switched = jax.jit(lambda s: s.switch())(state)
+    np.testing.assert_array_equal(switched.params["w"], deployed)
+    for a, b in zip(
+        jax.tree.leaves(switched.ema_state), jax.tree.leaves(state.ema_state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    run = _nnx_run(3)
+    expected = run["ema"].shadow(model=run["model"])["dense"]["kernel"]
+    run["ema"].switch(run["model"])
+    np.testing.assert_array_equal(run["model"].dense.kernel[...], expected)

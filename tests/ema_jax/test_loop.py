@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import linear_params, mse_loss, regression_batches, tree_allclose
+from helpers import (
+    host_copy,
+    linear_params,
+    mse_loss,
+    np_sgd_ema_switch,
+    regression_batches,
+    tree_allclose,
+)
 
 import ema_jax
 from ema_jax import monitors
@@ -181,6 +188,11 @@ MISTAKES = {
         "early_stopping must be an ema_jax.EarlyStopping",
     ),
     "not an EmaTrainState": ({"state": {"params": 1}}, TypeError, "state must be an ema_jax"),
+    "switch_every 0": ({"switch_every": 0}, ValueError, "switch_every must be >= 1"),
+    "switch_every -2": ({"switch_every": -2}, ValueError, "switch_every must be >= 1"),
+    "switch_every 1.0": ({"switch_every": 1.0}, TypeError, "switch_every must be None or an int"),
+    "switch_every True": ({"switch_every": True}, TypeError, "switch_every must be None or an"),
+    "switch_every '2'": ({"switch_every": "2"}, TypeError, "switch_every must be None or an int"),
     "best_ema with a metric_fn without 'loss'": (
         {
             "metric_fn": _mae_metric,
@@ -309,3 +321,45 @@ def test_a_donated_state_is_refused_naming_the_fix():
     ema_jax.make_train_step(mse_loss)(state, BATCHES[0])
     with pytest.raises(ValueError, match=r"was donated to an earlier train step.*donate=False"):
         ema_jax.train_with_ema(state, mse_loss, BATCHES[:1], BATCHES[1:2], epochs=1)
+
+
+def test_switch_every_switches_after_every_kth_epoch_once_it_is_evaluated():
+    """``switch_every=2`` over 5 epochs of SGD switches after epochs 2 and 4 (from 1): the
+    result matches a float64 loop switching there; the history and the callback up to the
+    first switch are those of a run without switching (validation sees the raw weights
+    before each switch), and the epoch after it differs."""
+    params0 = linear_params(jax.random.key(11))
+    epochs, lr, beta = 5, 0.1, 0.6
+    train = BATCHES[:2]
+
+    def run(**options):
+        seen = []
+        state = ema_jax.EmaTrainState.create(
+            apply_fn=None,
+            params=jax.tree.map(jnp.copy, params0),
+            tx=optax.sgd(lr),
+            ema=ema_jax.ema(beta),
+        )
+        result = ema_jax.train_with_ema(
+            state,
+            mse_loss,
+            train,
+            BATCHES[4:],
+            epochs=epochs,
+            callback=lambda epoch, record, s: seen.append(host_copy(s.params)),
+            **options,
+        )
+        return result, seen
+
+    (history, state), seen = run(switch_every=2)
+    want_params, want_ema = np_sgd_ema_switch(
+        host_copy(params0), [train] * epochs, lr, beta, switch_after={1, 3}
+    )
+    tree_allclose(state.params, want_params, rtol=1e-5, atol=1e-6)
+    tree_allclose(state.ema_params, want_ema, rtol=1e-5, atol=1e-6)
+
+    (plain, _), plain_seen = run()
+    for key in ("train_loss", "val_loss", "val_loss_ema"):
+        assert history[key][:2] == plain[key][:2], key
+        assert history[key][2] != plain[key][2], key
+    tree_allclose(seen[1], plain_seen[1], rtol=0, atol=0)  # the callback: before the switch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,3 +320,56 @@ def test_apply_to_view_shares_no_variable_with_the_model():
     view.layers[0].kernel[...] = jnp.zeros((2, 2))
     np.testing.assert_array_equal(model.layers[1].mean[...], np.zeros(2))
     assert np.any(np.asarray(model.layers[0].kernel[...]) != 0)
+
+
+def _switch(average, model):
+    average.switch(model)
+
+
+SWITCHES = {
+    "eager": _switch,
+    "nnx.jit": nnx.jit(_switch),
+    "nnx.jit donating both": nnx.jit(_switch, donate_argnums=(0, 1)),
+}
+
+
+@pytest.mark.parametrize("switch", SWITCHES.values(), ids=SWITCHES)
+def test_switch_writes_the_shadow_into_the_model_and_leaves_the_rest(switch):
+    """``switch(model)``: the model's Params become the shadow bit for bit, as fresh arrays
+    (not the fp32 accumulators: the next donating step runs); the EMA's state, the
+    optimizer's and the model's BatchStats are bitwise as they were."""
+    model = _net()
+    average = ema_jax.nnx.EMA(model, 0.8)
+    optimizer = _train([average], model, steps=4)
+    shadow = jax.tree.map(np.array, nnx.to_pure_dict(average.shadow()))
+    assert not np.array_equal(shadow["lin"]["kernel"], model.lin.kernel[...])
+    kept = jax.tree.map(
+        np.array, (nnx.state(average), nnx.state(optimizer), nnx.state(model, nnx.BatchStat))
+    )
+    switch(average, model)
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param))), shadow
+    )
+    after = (nnx.state(average), nnx.state(optimizer), nnx.state(model, nnx.BatchStat))
+    chex.assert_trees_all_equal(jax.tree.map(np.array, after), kept)
+    accumulators = {a[...].unsafe_buffer_pointer() for a in average.accumulators}
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert not accumulators & {p.unsafe_buffer_pointer() for p in params}
+    step = nnx.jit(_train_step.__wrapped__, donate_argnums=(0, 1, 2))
+    step(model, optimizer, [average], *_batches(1)[0])
+
+
+def test_switch_casts_to_the_variables_dtypes_and_picks_an_average():
+    """bf16 Params get average ``ema_index``'s fp32 accumulators cast to bf16 (bitwise);
+    ``None`` is the first average."""
+    model = _net(jnp.bfloat16)
+    average = ema_jax.nnx.EMA(model, (0.5, 0.9))
+    _train([average], model, steps=3)
+    for index, position in ((None, 0), (0, 0), (1, 1)):
+        want = [np.asarray(a[..., position].astype(jnp.bfloat16)) for a in average.accumulators]
+        nnx.jit(lambda a, m, i=index: a.switch(m, i))(average, model)
+        got = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert all(p.dtype == jnp.bfloat16 for p in got)
+        chex.assert_trees_all_equal([np.asarray(p) for p in got], want)
+    with pytest.raises(ValueError, match="ema_index"):
+        average.switch(model, 2)

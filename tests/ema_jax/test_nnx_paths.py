@@ -1,7 +1,7 @@
 """ema_jax.nnx.EMA keeps its average by the tracked Variables' paths: a model whose selected
 Variables have other paths, shapes or kinds of dtype is refused naming the model path, in
-``update`` (eagerly and under ``nnx.jit``) and in ``apply_to``; so is a checkpoint of an
-EMA over other Variables (see also test_nnx_checkpoint.py)."""
+``update`` and ``switch`` (eagerly and under ``nnx.jit``) and in ``apply_to``; so is a
+checkpoint of an EMA over other Variables (see also test_nnx_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,22 @@ def _apply_to(averager, model):
     averager.apply_to(model)
 
 
-WAYS = {"update": _update, "jitted update": _jitted_update, "apply_to": _apply_to}
+def _switch(averager, model):
+    averager.switch(model)
+
+
+@nnx.jit
+def _jitted_switch(averager, model):
+    averager.switch(model)
+
+
+WAYS = {
+    "update": _update,
+    "jitted update": _jitted_update,
+    "apply_to": _apply_to,
+    "switch": _switch,
+    "jitted switch": _jitted_switch,
+}
 
 # (the model the EMA was built from, the model given later, what the error names)
 MISMATCHES = {
@@ -93,8 +108,8 @@ MISMATCHES = {
 @pytest.mark.parametrize("case", MISMATCHES)
 def test_a_model_with_other_variables_is_refused_naming_the_path(case, way):
     """Built from one model, given another whose selected Variables differ by path, shape
-    or kind of dtype: ``update`` (eager or jitted) and ``apply_to`` raise naming the model
-    paths and what changed, and the average is left as it was."""
+    or kind of dtype: ``update`` and ``switch`` (eager or jitted) and ``apply_to`` raise
+    naming the model paths and what changed, and the average is left as it was."""
     built, other, match = MISMATCHES[case]
     model = built()
     averager = ema_jax.nnx.EMA(model, 0.5)

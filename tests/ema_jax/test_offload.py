@@ -178,3 +178,42 @@ def test_device_memory_kind_is_the_default():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ema_jax.ema(0.9, memory_kind="device") == ema_jax.ema(0.9)
+
+
+_SWITCH_DONATED = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+import ema_jax, ema_jax.nnx
+
+params = {"w": jnp.arange(4.0), "b": jnp.ones(())}
+tx = ema_jax.ema(0.5, memory_kind="pinned_host")
+state = ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1), ema=tx)
+state = state.apply_gradients(grads={"w": jnp.ones(4), "b": jnp.ones(())})
+shadow = jax.tree.map(np.array, state.ema_params)
+state = jax.jit(lambda s: s.switch(), donate_argnums=0)(state)
+assert all(np.array_equal(state.params[k], shadow[k]) for k in shadow)
+assert {x.sharding.memory_kind for x in jax.tree.leaves(state.ema_state.ema)} == {"pinned_host"}
+
+model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+ema = ema_jax.nnx.EMA(model, 0.5, memory_kind="pinned_host")
+model.kernel.set_value(model.kernel.get_value() + 1.0)
+ema.update(model)
+shadow = np.array(ema.shadow()["kernel"])
+nnx.jit(lambda m, e: e.switch(m), donate_argnums=(0, 1))(model, ema)
+assert np.array_equal(model.kernel.get_value(), shadow)
+"""
+
+
+def test_a_donated_jitted_switch_keeps_offloaded_accumulators_apart_from_the_params():
+    """``EmaTrainState.switch`` and ``nnx.EMA.switch`` jitted with the state donated give the
+    shadow as params and keep the accumulators in host memory. (jax matches donated buffers
+    to outputs ignoring memory kinds: were the old params dropped from the computation, a
+    host accumulator would be aliased to a device output and the process abort, hence a
+    process of its own.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _SWITCH_DONATED], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -4,6 +4,7 @@ no collective and leaves the params replicated, and every average is the replica
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -177,6 +178,43 @@ def test_nnx_ema_shard_over():
     assert {s.data.shape for s in accumulator.get_value().addressable_shards} == {(2, 4)}
     assert model.w.get_value().sharding.is_fully_replicated
     assert bits(split.params) == bits(reference.params)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["eager", "jit donating the state"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_switch_gives_the_params_their_own_layout_back(mesh_name, donate):
+    """``switch`` with split accumulators: each param keeps its layout (replicated, tensor-
+    or FSDP-sharded), holds the shadow bit for bit, and the donated train step after it is
+    not traced again (the same input shardings). ``nnx.EMA.switch`` likewise."""
+    state = _state(MESHES[mesh_name]())
+    param_shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    traces = []
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state):
+        traces.append(None)
+        return _step(state)
+
+    state = step(step(state))  # the second call: a step's own output as input
+    traced = len(traces)
+    shadow = bits(state.select_params(True, 1))
+    switch = jax.jit(lambda s: s.switch(1), donate_argnums=0) if donate else lambda s: s.switch(1)
+    state = switch(state)
+    assert bits(state.params) == shadow
+    for x, want in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(param_shardings), strict=True
+    ):
+        assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
+    step(state)
+    assert len(traces) == traced
+
+    model = _Model(MESHES[mesh_name]())
+    average = ema_jax.nnx.EMA(model, 0.9, shard_over="data")
+    train_nnx_pair(model, average, ema_jax.nnx.EMA(model, 0.5))
+    shadow = bits(average.params)
+    nnx.jit(lambda a, m: a.switch(m), donate_argnums=(0, 1))(average, model)
+    assert bits(nnx.state(model, nnx.Param)) == shadow
+    assert model.w.get_value().sharding.is_fully_replicated
 
 
 def _target(state, mesh):

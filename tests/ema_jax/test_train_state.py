@@ -3,12 +3,20 @@ new params, dtypes, the number of averages and ``ema_index`` checks."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import linear_params, mse_loss, regression_batches, tree_allclose
+from helpers import (
+    host_copy,
+    linear_params,
+    mse_loss,
+    np_sgd_ema_switch,
+    regression_batches,
+    tree_allclose,
+)
 
 import ema_jax
 from ema_jax import schedules
@@ -143,3 +151,154 @@ def test_a_rebuilt_state_with_an_equal_schedule_reuses_the_compiled_step():
     )
     step(ema_jax.EmaTrainState.create(apply_fn=None, params=params, tx=tx, ema=other), grads)
     assert len(traces) == 2
+
+
+# Switch EMA: ``switch`` puts the shadow into ``params``, everything else as it was.
+
+SWITCH_BATCHES = regression_batches(seed=5, num=6, batch_size=8)
+
+
+def _trained(params=None, *, decay=0.5, tx=None, steps=3, **kwargs):
+    """A state after ``steps`` SGD (or ``tx``) steps, so params, shadow and opt_state differ."""
+    params = linear_params(jax.random.key(6)) if params is None else params
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None,
+        params=params,
+        tx=optax.adam(0.1) if tx is None else tx,
+        ema=ema_jax.ema(decay),
+        **kwargs,
+    )
+    for batch in SWITCH_BATCHES[:steps]:
+        state = state.apply_gradients(grads=jax.grad(mse_loss)(state.params, batch))
+    return state
+
+
+SWITCHES = {
+    "eager": lambda s: s.switch(),
+    "jit": jax.jit(lambda s: s.switch()),
+    "jit donating the state": jax.jit(lambda s: s.switch(), donate_argnums=0),
+}
+
+
+@pytest.mark.parametrize("switch", SWITCHES.values(), ids=SWITCHES)
+def test_switch_makes_the_shadow_the_params_and_keeps_optimizer_and_ema_state(switch):
+    """After ``switch``: params are the shadow bit for bit, in fresh buffers (not the fp32
+    accumulators); ``opt_state``, ``ema_state`` and ``step`` are bitwise those before; the
+    next step is the optimizer's from the shadow with the old ``opt_state``, then the EMA's
+    from its unchanged state."""
+    state = _trained()
+    before = host_copy(state)
+    shadow = host_copy(state.ema_params)
+    assert not np.array_equal(before.params["w"], shadow["w"])  # a switch that changes
+    switched = switch(state)
+    chex.assert_trees_all_equal(host_copy(switched.params), shadow)
+    chex.assert_trees_all_equal(host_copy(switched.opt_state), before.opt_state)
+    chex.assert_trees_all_equal(host_copy(switched.ema_state), before.ema_state)
+    assert int(switched.step) == int(before.step)
+    for p, a in zip(
+        jax.tree.leaves(switched.params), jax.tree.leaves(switched.ema_state.ema), strict=True
+    ):
+        assert p.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
+
+    @jax.jit
+    def continued(params, opt_state, ema_state, grads):  # optimizer, then EMA, by hand
+        updates, opt_state = switched.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, switched.ema.update(params, ema_state)[1]
+
+    grads = jax.grad(mse_loss)(shadow, SWITCH_BATCHES[3])
+    want_params, want_opt, want_ema = continued(shadow, before.opt_state, before.ema_state, grads)
+    # Donated, as a train step donates it: a params buffer shared with the accumulators
+    # would be donated twice, which XLA refuses.
+    after = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=0)(switched, grads)
+    chex.assert_trees_all_equal(host_copy(after.params), host_copy(want_params))
+    chex.assert_trees_all_equal(host_copy(after.opt_state), host_copy(want_opt))
+    chex.assert_trees_all_equal(host_copy(after.ema_state), host_copy(want_ema))
+
+
+def test_switching_at_epoch_ends_matches_a_float64_reference():
+    """Three epochs of SGD + EMA on a linear model, switched at the end of epochs 0 and 2,
+    match a NumPy float64 loop doing the same by hand (and not one that never switches)."""
+    params = linear_params(jax.random.key(7))
+    epochs = [SWITCH_BATCHES[:2], SWITCH_BATCHES[2:4], SWITCH_BATCHES[4:]]
+    want_params, want_ema = np_sgd_ema_switch(host_copy(params), epochs, 0.1, 0.6, {0, 2})
+    state = ema_jax.EmaTrainState.create(
+        apply_fn=None, params=params, tx=optax.sgd(0.1), ema=ema_jax.ema(0.6)
+    )
+    step = jax.jit(lambda s, b: s.apply_gradients(grads=jax.grad(mse_loss)(s.params, b)))
+    for epoch, batches in enumerate(epochs):
+        for batch in batches:
+            state = step(state, batch)
+        if epoch in (0, 2):
+            state = state.switch()
+    tree_allclose(state.params, want_params, rtol=1e-5, atol=1e-6)
+    tree_allclose(state.ema_params, want_ema, rtol=1e-5, atol=1e-6)
+    unswitched, _ = np_sgd_ema_switch(host_copy(params), epochs, 0.1, 0.6, {2})
+    assert not np.allclose(np.asarray(state.params["w"]), unswitched["w"], rtol=1e-3)
+
+
+def test_switch_casts_fp32_accumulators_to_bf16_params():
+    """bf16 params get the fp32 average cast to bf16 (bitwise); the accumulators stay fp32
+    and unchanged."""
+    state = _trained(linear_params(jax.random.key(8), dtype=jnp.bfloat16), tx=optax.sgd(0.1))
+    accumulators = host_copy(state.ema_state.ema)
+    switched = jax.jit(lambda s: s.switch())(state)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(switched.params))
+    want = jax.tree.map(lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16)), accumulators)
+    chex.assert_trees_all_equal(host_copy(switched.params), want)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(switched.ema_state.ema))
+    chex.assert_trees_all_equal(host_copy(switched.ema_state.ema), accumulators)
+
+
+def test_switch_picks_one_of_k_averages_by_ema_index():
+    """With K decays ``switch(i)`` takes average i's shadow; ``None`` is the first."""
+    state = _trained(decay=(0.5, 0.9))
+    fast, slow = host_copy(state.ema_params)
+    assert not np.array_equal(fast["w"], slow["w"])
+    chex.assert_trees_all_equal(host_copy(state.switch().params), fast)
+    chex.assert_trees_all_equal(host_copy(state.switch(0).params), fast)
+    chex.assert_trees_all_equal(host_copy(state.switch(1).params), slow)
+
+
+def test_switch_takes_the_averaged_model_state_only_when_it_is_averaged():
+    """``average_model_state=True``: the averaged ``model_state`` is switched in too;
+    otherwise ``model_state`` is kept as it is."""
+    params = linear_params(jax.random.key(9))
+    for averaged in (True, False):
+        state = ema_jax.EmaTrainState.create(
+            apply_fn=None,
+            params=params,
+            tx=optax.sgd(0.1),
+            ema=ema_jax.ema(0.5),
+            model_state={"mean": jnp.zeros(2)},
+            average_model_state=averaged,
+        )
+        grads = jax.tree.map(jnp.ones_like, params)
+        state = state.apply_gradients(grads=grads, model_state={"mean": jnp.ones(2)})
+        switched = state.switch()
+        want = 0.5 if averaged else 1.0  # the EMA of 0 -> 1 with β = 0.5, or the raw state
+        np.testing.assert_array_equal(switched.model_state["mean"], np.full(2, want))
+        chex.assert_trees_all_equal(host_copy(switched.params), host_copy(state.ema_params))
+
+
+def test_a_jitted_switch_and_train_step_compile_once():
+    """Switched states keep the params' dtypes and tree: alternating a donated train step
+    and a donated switch compiles each once."""
+    state = _trained(linear_params(jax.random.key(10), dtype=jnp.bfloat16), steps=0)
+    train_step = ema_jax.make_train_step(mse_loss)
+    switch = jax.jit(lambda s: s.switch(), donate_argnums=0)
+    for batch in SWITCH_BATCHES:
+        state, _ = train_step(state, batch)
+        state = switch(state)
+    assert train_step._cache_size() == 1
+    assert switch._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    ("decay", "index"), [(0.9, 1), (0.9, True), ((0.9, 0.99), 2), ((0.9, 0.99), -1)]
+)
+def test_switch_refuses_an_ema_index_that_is_no_average(decay, index):
+    """An ``ema_index`` that names no average raises a ValueError naming it."""
+    state = _trained(decay=decay, steps=0)
+    with pytest.raises(ValueError, match="ema_index"):
+        state.switch(index)
