@@ -174,6 +174,12 @@ class Config:
         "instead of the --ema-decay averages",
         SWITCH,
     )
+    switch_ema: bool = option(
+        False,
+        "Switch EMA (Li et al. 2024): at the end of every epoch, after its validation, the "
+        "params become the first average's (ema_jax.train_with_ema's switch_every=1)",
+        SWITCH,
+    )
     seed: int = option(
         0, "seed of the initialisation, dropout, data order and validation split", INDEX
     )

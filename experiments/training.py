@@ -225,6 +225,7 @@ def train(
             callback=_each(callbacks),
             early_stopping=stopper,
             monitor=tuple(watched.values()),
+            switch_every=1 if cfg.switch_ema else None,
         )
     stopping = {
         name: (monitor, result.stopping[monitor])
