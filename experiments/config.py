@@ -174,6 +174,12 @@ class Config:
         "instead of the --ema-decay averages",
         SWITCH,
     )
+    bema_start_step: int = option(
+        0,
+        "with --bema: the burn-in, the optimizer step whose params are BEMA's θ0 (0: the "
+        "initial params, TRL's default)",
+        INDEX,
+    )
     switch_ema: bool = option(
         False,
         "Switch EMA (Li et al. 2024): at the end of every epoch, after its validation, the "
@@ -282,6 +288,8 @@ class Config:
                 )
         if self.lr_drop_epoch and self.cosine:
             raise ValueError("lr_drop_epoch and cosine are exclusive schedules: pick one")
+        if self.bema_start_step and not self.bema:
+            raise ValueError("bema_start_step (--bema-start-step) is BEMA's burn-in: add --bema")
 
     @classmethod
     def from_json(cls, stored: Mapping[str, Any]) -> Config:

@@ -123,7 +123,11 @@ def build(cfg: Config, ds: Any, key: jax.Array) -> tuple[Scoring, ema_jax.EmaTra
         apply_fn=model.apply,
         params=params,
         tx=optimizer(cfg, steps_per_epoch=len(ds.x_train) // cfg.batch_size),
-        ema=ema_jax.bema() if cfg.bema else ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias),
+        ema=(
+            ema_jax.bema(start_step=cfg.bema_start_step)
+            if cfg.bema
+            else ema_jax.ema(cfg.ema_decays, debias=cfg.ema_debias)
+        ),
     )
     return Scoring(model, float(ds.max_rul)), state
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ema_jax
 from experiments import cmapss
 from experiments.config import Config
 from experiments.training import batches, load_data, optimizer, show_progress
@@ -107,3 +108,19 @@ def test_exponential_smoothing_rejects_a_factor_of_one():
     rows = np.zeros((3, 2))
     with pytest.raises(ValueError, match=r"smooth must be a number in \[0, 1\)"):
         cmapss.exponential_smoothing(rows, 1.0)
+
+
+def test_bema_and_switch_runs_build_their_rules_and_name_their_variants():
+    """``--bema`` trains with BEMA (variants raw, bema; its burn-in from
+    ``bema_start_step``), ``--switch-ema`` keeps the decays' averages."""
+    from experiments import training
+    from experiments.config import Config
+
+    cfg = Config(bema=True, bema_start_step=7, epochs=1, progress=False)
+    assert cfg.variants == ["raw", "bema"]
+    ds = training.load_data(cfg)
+    _, state = training.build(cfg, ds, training.run_keys(0).init)
+    assert isinstance(state.ema, ema_jax.BemaTransform)
+    assert state.ema.decay.start_step == 7
+    switch = Config(switch_ema=True, epochs=1, progress=False)
+    assert switch.variants == ["raw", "ema0.999-debiased"]
