@@ -41,6 +41,10 @@ class StateStub:
 
     def __init__(self, params, ema_params):
         self.params, self.ema_params = params, tuple(ema_params)
+        self.num_averages = len(self.ema_params)
+
+    def select_params(self, use_ema, ema_index=None):
+        return self.ema_params[ema_index or 0] if use_ema else self.params
 
 
 @pytest.fixture

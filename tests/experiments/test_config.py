@@ -151,7 +151,7 @@ def test_stored_configs_read_back_with_defaults_for_later_settings():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"model": "mlp"}, r"model must be one of \['cnn_attn', 'cnn_gru', 'dcnn'"),
+        ({"model": "mlp"}, r"model must be one of \['cnn_attn', 'cnn_gru', 'cnn_gru_bn', 'dcnn'"),
         ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
         ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
         ({"epochs": True}, "epochs must be an integer >= 1, got True"),

@@ -37,7 +37,8 @@ def test_shapes_dropout_and_per_window_outputs(name):
 def test_unknown_model_names_the_choices():
     with pytest.raises(
         ValueError,
-        match=r"model must be one of \['cnn_attn', 'cnn_gru', 'dcnn', 'dcnn_li', 'dcnn_wide', "
+        match=r"model must be one of \['cnn_attn', 'cnn_gru', 'cnn_gru_bn', 'dcnn', 'dcnn_li', "
+        r"'dcnn_wide', "
         r"'gru', 'lstm'\]",
     ):
         make_model("transformer")
