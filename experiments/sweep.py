@@ -270,10 +270,11 @@ def train_missing(base: Config, models: Sequence[str], seeds: int, runs_dir: Pat
             # Validation only on the console: test figures go to the report, so nobody
             # picks a configuration by watching them scroll past.
             last = result["test"]["last"]
+            shown = [v for v in ("raw", "ema0.999", "bema") if v in last]  # --bema: no β
             print(
-                f"{model} seed {seed}: val RMSE raw {last['raw']['val_rmse']:.2f}  "
-                f"ema0.999 {last['ema0.999']['val_rmse']:.2f}  "
-                f"({result['epoch_seconds']:.1f} s/epoch)",
+                f"{model} seed {seed}: val RMSE "
+                + "  ".join(f"{v} {last[v]['val_rmse']:.2f}" for v in shown)
+                + f"  ({result['epoch_seconds']:.1f} s/epoch)",
                 flush=True,
             )
 
