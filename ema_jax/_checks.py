@@ -236,6 +236,16 @@ def first_difference(
     return None
 
 
+def not_an_optimizer(rule: str) -> TypeError:
+    """The error of a rule's ``update`` called as an optax transform's (with updates)."""
+    return TypeError(
+        f"{rule}.update(params, state) averages params, not updates: it is not an "
+        "optax.GradientTransformation, so it cannot go in optax.chain or serve as an "
+        "optimizer (tx=). Call it after the optimizer step with the new params, or "
+        "pass it as EmaTrainState.create(..., ema=...)"
+    )
+
+
 def params_difference(
     averaged: Any,
     params: Any,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from ema_jax import _checks, _dtypes, placement, schedules, transform
+from ema_jax import _checks, _dtypes, _kernel, placement, schedules, transform
 from ema_jax.transform import EmaState, EmaTransform, Params
 
 
@@ -109,6 +109,7 @@ class BemaTransform:
 
     @property
     def decays(self) -> tuple[Any, ...]:
+        """The EMA's decays: ``(decay,)``."""
         return self.average.decays
 
     @property
@@ -128,12 +129,14 @@ class BemaTransform:
         """One step: ``(shadow, new_state)`` from the params after the optimizer step, as
         :meth:`ema_jax.EmaTransform.update`; the anchor follows the params until the end of
         the burn-in (``count <= start_step``)."""
+        if misuse:  # optax.chain and TrainState call update(updates, state, params)
+            raise _checks.not_an_optimizer(type(self).__name__)
         if not isinstance(state, BemaState):
             raise TypeError(
                 f"state must be the BemaState returned by init(params), got {type(state).__name__}"
             )
         stepped = optimizer_step
-        _, average = self.average.update(params, state.average, *misuse, optimizer_step=stepped)
+        _, average = self.average.update(params, state.average, optimizer_step=stepped)
         # In the burn-in the EMA copies the params (or keeps them, on a skipped step): so
         # does the anchor. After it, the anchor is never read again for writing.
         anchor = lax.cond(
@@ -144,17 +147,16 @@ class BemaTransform:
         return (placement.to_host(out) if self.average.memory_kind else out), new_state
 
     def correction(self, count: jax.Array) -> jax.Array:
-        """``α_t = (ρ + γt)^(-η)`` at step ``count``; 1 during the burn-in (``t <= 0``), where
-        the shadow is the params."""
-        decay = self.decay
-        alpha = decay.horizon(count) ** -self.eta
-        return jnp.where(count > decay.start_step, alpha, 1.0)
+        """``α_t = (ρ + γt)^(-η)`` at step ``count`` (``t`` at least 1)."""
+        return self.decay.horizon(count) ** -self.eta
 
     def accumulators(
         self, state: BemaState, params: Params, ema_index: int | None = None
     ) -> Params:
         """``BEMA_t`` in the accumulator dtypes: ``α_t·(θ_t - θ₀) + EMA_t`` for floating
-        leaves (``θ_t``: ``params``); integer and bool leaves are the EMA's copies.
+        leaves (``θ_t``: ``params``); integer and bool leaves are the EMA's copies. During
+        the burn-in it is ``params`` exactly. With ``skip_nonfinite``, params holding a
+        NaN/Inf give ``EMA_t`` (the step they came from was skipped too).
 
         Raises:
           ValueError: ``params`` do not match the state; ``ema_index`` not ``None`` or 0.
@@ -163,12 +165,17 @@ class BemaTransform:
         ema = transform.accumulators(state.average, ema_index)
         anchor = placement.to_device(state.anchor)
         alpha = self.correction(state.count)
+        burn_in = state.count <= self.decay.start_step
+        usable = _kernel.all_finite(params) if self.average.skip_nonfinite else True
+        if state.shardings is not None and self.shard_over is not None:  # the state's layout
+            params = placement.local_slices(params, state.shardings, self.shard_over)
 
         def corrected(average: jax.Array, anchor: jax.Array, param: jax.Array) -> jax.Array:
             if not _dtypes.is_averaged(average.dtype):
                 return average
-            lag = param.astype(average.dtype) - anchor
-            return average + alpha.astype(average.real.dtype) * lag
+            param = param.astype(average.dtype)
+            bema = average + alpha.astype(average.real.dtype) * (param - anchor)
+            return jnp.where(burn_in, param, jnp.where(usable, bema, average))
 
         return jax.tree.map(corrected, ema, anchor, params)
 

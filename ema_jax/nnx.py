@@ -5,6 +5,8 @@ options are :func:`ema_jax.ema`'s (same names, meanings and defaults; formulas:
 ``docs/semantics.md``). The average itself is the pure :class:`~ema_jax.EmaState` of one
 :class:`~ema_jax.EmaTransform`, held as data of an ``nnx.Pytree``: the same code and
 results as the functional API, under ``nnx.jit`` (with or without donation) or eagerly.
+:class:`BEMA` is its sibling for :func:`ema_jax.bema` (a :class:`~ema_jax.BemaState`, whose
+shadow also reads the model's current Variables).
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ class EMA(nnx.Pytree):
 
     def shadow(self, ema_index: int | None = None, *, model: Any = None) -> nnx.State:
         """One average's shadow as a pure ``nnx.State`` of arrays: average ``ema_index``
-        (``None``: the first, for a single decay the only one). ``model`` is not read
-        (:class:`BEMA`'s shadow needs it)."""
+        (``None``: the first, for a single decay the only one). ``model``, when given, is
+        checked like :meth:`update`'s and passed to the rule (:class:`BEMA`'s shadow reads
+        its Variables; an EMA's does not)."""
         return nnx.State(nnx.to_pure_dict(self._shadow_variables(ema_index, model)))
 
     def _shadow_variables(self, ema_index: int | None, model: Any = None) -> nnx.State:
@@ -307,7 +310,18 @@ class BEMA(EMA):
     def __init__(
         self, model: Any, *, only: Any = nnx.Param, graph: bool | None = None, **options: Any
     ) -> None:
-        self._track(model, bema_rule.bema(**options), only, graph)
+        rule = bema_rule.bema(**options)  # the settings' own errors first
+        params = set(tracked_paths(model, nnx.Param, graph))
+        others = set(tracked_paths(model, only, graph)) - params
+        if others:
+            raise ValueError(
+                f"only={nnx_tracking.filter_name(only)} selects Variables that are not "
+                f"nnx.Param ({', '.join(map(repr, sorted(others)))}): BEMA's lag correction "
+                "would extrapolate them too (a BatchNorm variance can turn negative). Track "
+                "the params only (only=nnx.Param) and recompute BatchNorm statistics for "
+                "BEMA's weights (ema_jax.nnx.recompute_batch_stats)"
+            )
+        self._track(model, rule, only, graph)
 
     anchor: nnx.List
 

@@ -54,7 +54,7 @@ class EmaTrainState(train_state.TrainState):
 
         Raises:
           TypeError: ``ema`` is not a rule of ema_jax (e.g. ``optax.ema(...)``).
-          ValueError: ``average_model_state=True`` without a ``model_state``.
+          ValueError: ``average_model_state=True`` without a ``model_state``, or with BEMA.
         """
         if not isinstance(ema, (EmaTransform, BemaTransform)):
             raise TypeError(
@@ -65,6 +65,13 @@ class EmaTrainState(train_state.TrainState):
             )
         if average_model_state and model_state is None:
             raise ValueError("average_model_state=True needs a model_state to average")
+        if average_model_state and isinstance(ema, BemaTransform):
+            raise ValueError(
+                "average_model_state=True with BEMA would extrapolate the model_state too (its "
+                "lag correction α·(θ - θ0) can make a BatchNorm variance negative): keep "
+                "average_model_state=False and recompute the statistics for BEMA's weights "
+                "(ema_jax.batch_stats.recompute_linen_batch_stats)"
+            )
         state = super().create(
             apply_fn=apply_fn,
             params=params,

@@ -130,12 +130,7 @@ class EmaTransform:
         (:func:`ema_jax.optimizer_stepped` reads it off an ``optax.MultiSteps`` state).
         """
         if misuse:  # optax.chain and TrainState call update(updates, state, params)
-            raise TypeError(
-                "EmaTransform.update(params, state) averages params, not updates: it is not an "
-                "optax.GradientTransformation, so it cannot go in optax.chain or serve as an "
-                "optimizer (tx=). Call it after the optimizer step with the new params, or "
-                "pass it as EmaTrainState.create(..., ema=...)"
-            )
+            raise _checks.not_an_optimizer(type(self).__name__)
         if not isinstance(state, EmaState):
             raise TypeError(
                 f"state must be the EmaState returned by init(params), got {type(state).__name__}"
@@ -379,6 +374,11 @@ def _average_index(state: EmaState, ema_index: int | None) -> int:
 
 def num_averages(state: EmaState) -> int:
     """K, the number of averages ``state`` holds: 1 for a single decay."""
+    if not isinstance(state, EmaState):  # e.g. BEMA's, whose shadow also reads the params
+        raise TypeError(
+            f"expected an EmaState, got {type(state).__name__}: read another rule's shadow "
+            "with rule.shadow(state, params) (or EmaTrainState.ema_params)"
+        )
     return int(state.weight.shape[0]) if state.weight.ndim == 1 else 1
 
 

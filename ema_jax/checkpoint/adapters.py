@@ -87,15 +87,28 @@ class NnxState:
         self.ema_state = ema.state
         self._variables = ema.variables  # the tracked Variables' tree structure
         self._tracked_paths = ema.tracked_paths
-        # BEMA's shadow reads the current params: those of the model it tracks.
-        self._values = ema.tracked_values(_model(state, ema)) if isinstance(ema, BEMA) else None
+        self._bema = (state, ema) if isinstance(ema, BEMA) else None
+
+    def _params(self) -> list[Any] | None:
+        """The tracked Variables' current values for a BEMA, whose shadow reads them (found
+        only when a shadow is asked for: a restore needs none); ``None`` for an EMA."""
+        if self._bema is None:
+            return None
+        root, ema = self._bema
+        return ema.tracked_values(_model(root, ema))  # type: ignore[no-any-return]
 
     def shadow(self, ema_index: int | None) -> Params:
-        averaged = self.transform.accumulators(self.ema_state, self._values, ema_index)  # type: ignore[arg-type]
-        return self._pure(_dtypes.cast_back(averaged, self.ema_state.param_dtypes))
+        dtypes = self.ema_state.param_dtypes
+        return self._pure(_dtypes.cast_back(self._accumulators(ema_index), dtypes))
 
     def accumulators(self, ema_index: int | None) -> Params:
-        return self._pure(self.transform.accumulators(self.ema_state, self._values, ema_index))  # type: ignore[arg-type]
+        return self._pure(self._accumulators(ema_index))
+
+    def _accumulators(self, ema_index: int | None) -> list[Any]:
+        """One average's accumulators (BEMA's: its shadow before the cast), in the order of
+        the tracked Variables."""
+        rule, state = self.transform, self.ema_state
+        return rule.accumulators(state, self._params(), ema_index)  # type: ignore[arg-type,no-any-return]
 
     def _pure(self, leaves: list[Any]) -> Params:
         """The tracked Variables' values as a pure dict (``nnx.to_pure_dict``)."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ema_jax import _checks, _dtypes, window
+from ema_jax.bema_rule import BemaState
 from ema_jax.checkpoint import integrity, items, layout
 from ema_jax.checkpoint.managers import Manager, as_manager, open_manager
 from ema_jax.posthoc.solver import SIGMA_RELS
@@ -99,6 +100,12 @@ def save_snapshot(
         _checks.real(f"sigma_rels[{i}]", s, low=0.0, high=window.SIGMA_REL_MAX, low_open=True)
         for i, s in enumerate(sigma_rels)
     ]
+    if isinstance(averages, BemaState) or isinstance(getattr(averages, "state", None), BemaState):
+        raise TypeError(
+            "averages is BEMA's: post-hoc EMA synthesizes from snapshots of power-function EMAs "
+            "(ema_jax.ema((schedules.power_function(sigma_rel=a), "
+            "schedules.power_function(sigma_rel=b))))"
+        )
     if _is_nnx_ema(averages):
         trees = _nnx_averages(averages)
         param_dtypes = [np.dtype(d) for d in averages.state.param_dtypes]

@@ -115,13 +115,16 @@ def test_micro_steps_of_gradient_accumulation_change_nothing():
 
 
 def test_a_nonfinite_update_is_skipped_and_counted_and_the_anchor_kept():
+    """With ``skip_nonfinite`` a NaN step changes no state and deploys the EMA, not NaN."""
     rule = ema_jax.bema(start_step=1, skip_nonfinite=True)
     state = rule.init(jnp.zeros(3))
     _, state = rule.update(jnp.ones(3), state)
-    _, after = rule.update(jnp.full(3, jnp.nan), state)
+    _, state = rule.update(jnp.full(3, 2.0), state)
+    shadow, after = jax.jit(rule.update)(jnp.array([1.0, jnp.nan, 1.0]), state)
     assert int(after.num_skipped) == 1
     np.testing.assert_array_equal(after.anchor, jnp.ones(3))
     np.testing.assert_array_equal(after.average.ema, state.average.ema)
+    np.testing.assert_array_equal(shadow, state.average.ema)
 
 
 def test_offloaded_state_lives_in_host_memory_and_matches_the_device_path():
@@ -158,6 +161,32 @@ def test_a_state_of_another_rule_is_refused():
         ema_jax.bema().update(jnp.zeros(2), ema_jax.ema(0.9).init(jnp.zeros(2)))
 
 
+@pytest.mark.parametrize(
+    "read", [ema_jax.shadow, ema_jax.shadows, ema_jax.accumulators, ema_jax.num_averages]
+)
+def test_emastate_readers_refuse_a_bema_state_naming_the_rules_shadow(read):
+    state = ema_jax.bema().init(jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"rule\.shadow\(state, params\)"):
+        read(state)
+
+
+def test_used_as_an_optax_transform_it_says_it_averages_params():
+    rule = ema_jax.bema()
+    state = rule.init(jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"BemaTransform.update.*averages params, not updates"):
+        rule.update(jnp.zeros(2), state, jnp.zeros(2))
+
+
+def test_post_hoc_snapshots_of_bema_are_refused(tmp_path):
+    from ema_jax import posthoc
+
+    state = ema_jax.bema().init({"w": jnp.zeros(2)})
+    refused = pytest.raises(TypeError, match="BEMA's: post-hoc EMA synthesizes from")
+    with posthoc.snapshot_manager(tmp_path / "snapshots") as mngr, refused:
+        posthoc.save_snapshot(mngr, 1, state)
+    assert not list((tmp_path / "snapshots").glob("1*"))
+
+
 def _train_state(rule=None):
     return ema_jax.EmaTrainState.create(
         apply_fn=None,
@@ -189,6 +218,19 @@ def test_train_state_deploys_bema_of_its_params():
     np.testing.assert_allclose(np.stack(shadows), np.stack(expected), rtol=1e-5, atol=1e-6)
 
 
+def test_averaging_the_model_state_with_bema_is_refused():
+    """BEMA would extrapolate BatchNorm statistics (a variance can turn negative)."""
+    with pytest.raises(ValueError, match="average_model_state=True with BEMA"):
+        ema_jax.EmaTrainState.create(
+            apply_fn=None,
+            params={"w": jnp.zeros(2)},
+            tx=optax.sgd(0.1),
+            ema=ema_jax.bema(),
+            model_state={"var": jnp.ones(2)},
+            average_model_state=True,
+        )
+
+
 def test_train_state_resumes_bit_exactly_from_a_checkpoint(tmp_path):
     state = _train_state()
     for i in range(3):
@@ -214,7 +256,9 @@ class _Model(nnx.Module):
         return self.dense(x)
 
 
-def _nnx_run(steps):
+def _nnx_run(steps, kernels=None):
+    """``steps`` jitted NNX train steps with ``nnx.BEMA(start_step=1)``; the kernel after
+    each step (and the initial one) appended to ``kernels`` when given."""
     model = _Model(nnx.Rngs(0))
     run = nnx.Dict(
         model=model,
@@ -228,8 +272,12 @@ def _nnx_run(steps):
         run["optimizer"].update(run["model"], grads)
         run["ema"].update(run["model"])
 
+    if kernels is not None:
+        kernels.append(np.asarray(model.dense.kernel[...], np.float64))
     for i in range(steps):
         step(run, jnp.full((1, 3), 1.0 + i))
+        if kernels is not None:
+            kernels.append(np.asarray(model.dense.kernel[...], np.float64))
     return run
 
 
@@ -245,6 +293,21 @@ def test_nnx_bema_matches_the_functional_rule():
     view = bema.apply_to(model)
     np.testing.assert_array_equal(view.dense.kernel[...], expected[1])
     assert not np.array_equal(model.dense.kernel[...], view.dense.kernel[...])
+
+
+def test_nnx_bema_deploys_the_reference_of_its_model_trajectory():
+    """After 6 steps with a burn-in of 1, the NNX shadow is the float64 reference's of the
+    kernels the optimizer produced (θ₀ = the kernel after step 1)."""
+    kernels = []
+    run = _nnx_run(6, kernels)
+    shadow = run["ema"].shadow(model=run["model"])["dense"]["kernel"]
+    np.testing.assert_allclose(shadow, reference(kernels, start=1)[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_bema_refuses_to_track_variables_that_are_not_params():
+    model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"not nnx\.Param \('layers/1/mean', 'layers/1/var'\)"):
+        ema_jax.nnx.BEMA(model, only=(nnx.Param, nnx.BatchStat))
 
 
 @pytest.mark.parametrize("read", ["params", "shadow()"])
