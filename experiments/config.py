@@ -182,10 +182,12 @@ class Config:
     )
     switch_ema: bool = option(
         False,
-        "Switch EMA (Li et al. 2024): at the end of every epoch, after its validation, the "
-        "params become the first average's (ema_jax.train_with_ema's switch_every=1)",
+        "Switch EMA (Li et al. 2024): at the end of every --switch-every-th epoch, after its "
+        "validation, the params become the first average's (ema_jax.train_with_ema's "
+        "switch_every)",
         SWITCH,
     )
+    switch_every: int = option(1, "with --switch-ema: switch every this many epochs", COUNT)
     seed: int = option(
         0, "seed of the initialisation, dropout, data order and validation split", INDEX
     )
@@ -288,6 +290,8 @@ class Config:
                 )
         if self.lr_drop_epoch and self.cosine:
             raise ValueError("lr_drop_epoch and cosine are exclusive schedules: pick one")
+        if self.switch_every != 1 and not self.switch_ema:
+            raise ValueError("switch_every (--switch-every) is Switch EMA's: add --switch-ema")
         if self.bema_start_step and not self.bema:
             raise ValueError("bema_start_step (--bema-start-step) is BEMA's burn-in: add --bema")
 

@@ -229,7 +229,7 @@ def train(
             callback=_each(callbacks),
             early_stopping=stopper,
             monitor=tuple(watched.values()),
-            switch_every=1 if cfg.switch_ema else None,
+            switch_every=cfg.switch_every if cfg.switch_ema else None,
         )
     stopping = {
         name: (monitor, result.stopping[monitor])

@@ -197,6 +197,7 @@ def test_config_rejects_bad_values(kwargs, message):
         (["--lr-drop-factor", "2"], r"argument --lr-drop-factor: must be a number in \(0, 1\]"),
         (["--model", "mlp"], r"argument --model: must be one of \['cnn_attn'"),
         (["--cosine", "--lr-drop-epoch", "3"], "lr_drop_epoch and cosine are exclusive"),
+        (["--switch-every", "3"], r"--switch-every\) is Switch EMA's: add --switch-ema"),
         (["--bema-start-step", "100"], r"--bema-start-step\) is BEMA's burn-in: add --bema"),
         (["--subset", "FD005"], r"argument --subset: must be one of \['FD001'"),
         (["--data-dir", "/nonexistent"], r"argument --data-dir: C-MAPSS file \S+ not found"),
