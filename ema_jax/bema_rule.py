@@ -135,8 +135,7 @@ class BemaTransform:
             raise TypeError(
                 f"state must be the BemaState returned by init(params), got {type(state).__name__}"
             )
-        stepped = optimizer_step
-        _, average = self.average.update(params, state.average, optimizer_step=stepped)
+        _, average = self.average.update(params, state.average, optimizer_step=optimizer_step)
         # In the burn-in the EMA copies the params (or keeps them, on a skipped step): so
         # does the anchor. After it, the anchor is never read again for writing.
         anchor = lax.cond(
