@@ -106,18 +106,16 @@ class EMA(nnx.Pytree):
             raise TypeError(f"EMA needs {missing}: EMA(model, decay, **options)")
         self._track(model, transform.ema(decay, **options), only, graph)
 
-    def _track(self, model: Any, rule: Any, only: Any, graph: bool | None) -> Any:
+    def _track(self, model: Any, rule: Any, only: Any, graph: bool | None) -> None:
         """Tracks ``model``'s Variables selected by ``only`` with ``rule``; its initial
-        state's EMA fields become this object's Variables. Returns the initial state."""
+        state's fields become this object's Variables (:meth:`_store`)."""
         self.transform = rule
         self.filter = only
         self.graph = graph
         tracked = nnx_tracking.tracked(model, only, graph)
         self.variables = jax.tree.structure(tracked)  # static: the Variables' types, metadata
         self.tracked_paths, values = nnx_tracking.paths_and_values(tracked)
-        initial = rule.init(values)
-        self._store(initial)
-        return initial
+        self._store(rule.init(values))
 
     def _store(self, state: Any) -> None:
         """Writes the fields of an :class:`~ema_jax.EmaState` into this object's Variables
