@@ -5,6 +5,10 @@ written once; then, side by side in one run (paired, back to back in each round,
 in the page cache for all three): reading every file of the snapshot directory as plain
 bytes, ``synthesize_from`` of one width, and of K = 4 widths in its one pass. The goals
 judge one width / read (≤ 3) and K widths / one width (≤ 1.6).
+
+A fourth timing, *restores*, is the part of a synthesis that is Orbax's: every snapshot's
+metadata found and each snapshot restored (checksums verified), with no arithmetic. Its
+ratio to the read is the floor the one-width ratio cannot go under with Orbax snapshots.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def bench_posthoc(
     """Median ms of reading the files, one width and K widths, and the paired ratios
     one width / read and K widths / one width (with their quartiles)."""
     from ema_jax import posthoc
+    from ema_jax.checkpoint import items
+    from ema_jax.posthoc.snapshots import find
 
     with tempfile.TemporaryDirectory(prefix="bench-posthoc-") as directory:
         write_snapshots(directory, n, leaves, snapshots)
@@ -58,13 +64,22 @@ def bench_posthoc(
         def read() -> None:
             read_files(directory)
 
+        def restores() -> None:
+            found = find(directory)
+            like = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), found[0].saved.tree
+            )
+            with items.reader() as checkpointer:
+                for snapshot in found:
+                    jax.block_until_ready(snapshot.read(like, checkpointer))
+
         def one() -> None:
             jax.block_until_ready(posthoc.synthesize_from(directory, WIDTHS[0]))
 
         def widths() -> None:
             jax.block_until_ready(posthoc.synthesize_from(directory, list(WIDTHS)))
 
-        vs_read = paired_ratios(read, {"one width": one}, repeats, cold=False)
+        vs_read = paired_ratios(read, {"one width": one, "restores": restores}, repeats, cold=False)
         vs_one = paired_ratios(one, {"K widths": widths}, repeats, cold=False)
     return {
         "params": n,
@@ -75,9 +90,11 @@ def bench_posthoc(
         "repeats": repeats,
         "ms": {
             "read files": vs_read["ms"]["base"],
+            "restores": vs_read["ms"]["restores"],
             "one width": vs_one["ms"]["base"],
             "K widths": vs_one["ms"]["K widths"],
         },
         "one width / read": vs_read["one width"],
+        "restores / read": vs_read["restores"],
         "K widths / one width": vs_one["K widths"],
     }

@@ -165,16 +165,19 @@ def bandwidth_measured(rows: list[dict[str, Any]]) -> list[Measured]:
 
 
 def posthoc_measured(rows: list[dict[str, Any]]) -> list[Measured]:
-    """Per size: one width / reading the files, K widths / one width (paired medians)."""
+    """Per size: one width / reading the files (and the restores' share of it), K widths /
+    one width (paired medians)."""
     return [
         Measured(
             f"{r['snapshots']} snapshots of 2 averages of {r['params']:.0e} params "
             f"({r['bytes'] / 1e6:.0f} MB), paired over {r['repeats']} rounds, files in the page "
-            f"cache: one width / read {_quartiles(r['one width / read'])}, {r['K']} widths / one "
+            f"cache: one width / read {_quartiles(r['one width / read'])} (Orbax's restores alone "
+            f"{_quartiles(r['restores / read'])}), {r['K']} widths / one "
             f"{_quartiles(r['K widths / one width'])}; ms: "
             + ", ".join(f"{k} {v:.0f}" for k, v in r["ms"].items()),
             {
                 "one width / read": r["one width / read"]["ratio"],
+                "restores / read": r["restores / read"]["ratio"],
                 "K widths / one width": r["K widths / one width"]["ratio"],
             },
         )

@@ -241,15 +241,16 @@ def test_the_nnx_section_pairs_ema_jax_nnx_with_flax_and_the_functional_update()
 
 
 def test_the_posthoc_section_times_reading_one_width_and_k_widths_side_by_side() -> None:
-    """At a toy size (3 snapshots of 2 × 200 params): the three timings, the two paired
-    ratios within their quartiles, the bytes read, and one judged row per goal."""
+    """At a toy size (3 snapshots of 2 × 200 params): the four timings (Orbax's restores
+    alone among them), the three paired ratios within their quartiles, the bytes read, and
+    one judged row per goal."""
     from experiments.bench import posthoc
 
     row = posthoc.bench_posthoc(200, 2, leaves=2, snapshots=3)
-    assert set(row["ms"]) == {"read files", "one width", "K widths"}
+    assert set(row["ms"]) == {"read files", "restores", "one width", "K widths"}
     assert all(v > 0 for v in row["ms"].values()) and row["K"] == len(posthoc.WIDTHS) == 4
     assert row["bytes"] > 3 * 2 * 200 * 4  # at least the arrays themselves
-    for key in ("one width / read", "K widths / one width"):
+    for key in ("one width / read", "restores / read", "K widths / one width"):
         assert 0 < row[key]["q1"] <= row[key]["ratio"] <= row[key]["q3"]
     results = {"machine": "test", "load": "n/a", "load_after": "n/a", "repeats": 1}
     lines = report.report({**results, "posthoc": [row]}).splitlines()
