@@ -153,8 +153,9 @@ class Manager:
         """Orbax's save of ``items`` as step ``step``: whether a save was started.
 
         Everything is checked before anything is deleted or written: the manager is open
-        and writable, ``force``/``overwrite`` are bools, ``metrics`` are numbers (and hold
-        :attr:`best`'s metric). A step not due under ``save_interval_steps`` (and not
+        and writable, ``force``/``overwrite`` are bools, ``metrics`` are numbers and hold
+        :attr:`best`'s metric (a manager without one refuses ``metrics``: it would not
+        record them). A step not due under ``save_interval_steps`` (and not
         ``force``) returns ``False``; so does the step this manager last saved or restored
         (:attr:`position`), already on disk.
 
@@ -168,8 +169,16 @@ class Manager:
         _checks.flag("overwrite", overwrite)
         if self.best is not None:
             checked = self.best.checked(metrics)
+        elif metrics is not None:  # Orbax writes a step's metrics only when it ranks by them
+            checked_metrics(metrics)
+            raise ValueError(
+                f"metrics={metrics!r} would not be recorded: {self.directory} is managed "
+                "without best_metric, and only a manager with one stores a step's metrics. "
+                "Make the manager with best_metric=<one of these names> (and best_mode), or "
+                "save without metrics"
+            )
         else:
-            checked = None if metrics is None else checked_metrics(metrics)
+            checked = None
         saved = self.all_steps()
         later = [s for s in saved if s >= step]
         if later == [step] and step == self.position:

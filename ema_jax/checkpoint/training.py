@@ -87,8 +87,9 @@ def save(
     ``nnx.state`` is the ``"state"`` item, the EMA's shadow (pure dicts) ``"ema_params"``.
 
     ``metrics`` (``{name: number}``, e.g. ``{"val_loss_ema": 0.12}``) are stored with the
-    step (Orbax's step metrics); a manager made with ``best_metric`` needs that metric and
-    ranks the steps by it.
+    step (Orbax's step metrics) by a manager made with ``best_metric``, which needs that
+    metric and ranks the steps by it; a manager without one refuses them (Orbax would not
+    record them).
 
     Returns whether a save was started (``False`` when ``step`` is not due under
     ``save_interval_steps``, or is the step this manager last saved or restored, already

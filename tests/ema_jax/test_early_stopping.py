@@ -456,6 +456,6 @@ def test_best_step_needs_a_best_metric_manager(tmp_path):
     with pytest.raises(ValueError, match="best_mode must be 'min' or 'max'"):
         checkpoint.manager(tmp_path / "x", best_metric="val", best_mode="auto")
     with checkpoint.manager(tmp_path, async_save=False) as mngr:
-        checkpoint.save(mngr, 0, _states(1)[0], metrics={"val": 1.0})
+        checkpoint.save(mngr, 0, _states(1)[0])
     with pytest.raises(ValueError, match="not written by a manager with best_metric"):
         checkpoint.load_ema_params(tmp_path, step="best")

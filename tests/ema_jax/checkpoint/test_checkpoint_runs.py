@@ -61,9 +61,10 @@ def test_a_best_n_manager_refuses_steps_it_cannot_rank(tmp_path: Path, case: str
     just restored included) or break the ranking: opening refuses, naming the steps and
     the fix, and deletes nothing."""
     other, listed = UNRANKED[case]
+    metrics = None if other is None else {"acc": 0.5}
     with ckpt.manager(tmp_path, async_save=False, best_metric=other) as m:
         for step in (1, 2):
-            ckpt.save(m, step, small_state(step), metrics={"acc": 0.5})
+            ckpt.save(m, step, small_state(step), metrics=metrics)
     with pytest.raises(ValueError, match=rf"without the metric 'loss' .*{listed}.*new directory"):
         ckpt.manager(tmp_path, best_metric="loss", max_to_keep=1)
     with ckpt.manager(tmp_path, read_only=True) as m:
@@ -103,6 +104,9 @@ OVERWRITES_THAT_FAIL = {
     "the best metric missing": (
         dict(best_metric="loss"), 2, dict(metrics={"acc": 1.0}), (ValueError, "no 'loss'")
     ),
+    "metrics without a best metric": (
+        {}, 2, dict(metrics={"loss": 1.0}), (ValueError, "would not be recorded")
+    ),
     "a deleted state": ({}, 2, dict(state="deleted"), (ValueError, "was deleted")),
 }  # fmt: skip
 
@@ -112,7 +116,7 @@ def test_an_overwrite_that_cannot_save_deletes_nothing(tmp_path: Path, case: str
     """``save(..., overwrite=True)`` checks everything (and whether the step is due)
     before it deletes the later steps."""
     options, step, kwargs, error = OVERWRITES_THAT_FAIL[case]
-    metrics = {"loss": 1.0}
+    metrics = {"loss": 1.0} if "best_metric" in options else None
     with ckpt.manager(tmp_path, async_save=False, **options) as mngr:
         for s in (2, 4, 6):
             ckpt.save(mngr, s, small_state(s), metrics=metrics)
