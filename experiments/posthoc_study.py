@@ -242,20 +242,32 @@ def report(runs: list[dict], timing: dict | None, out: Path, name: str, command:
 
 
 def synthesis_cost(runs: list[dict]) -> str:
-    """The report's line on the synthesis time: the grid in one pass (``grid_seconds``), or
-    one pass per σ_rel for runs recorded before (``synthesis_seconds``, one per σ_rel)."""
+    """The report's line on the synthesis time: the grid in one pass (``grid_seconds``), and
+    one pass per σ_rel for runs recorded before (``synthesis_seconds``, one per σ_rel), each
+    naming its seeds when the runs mix the two."""
     n, size = runs[0]["snapshots"], len(runs[0]["grid"])
-    if all("grid_seconds" in r for r in runs):
-        return (
-            f"- Synthesis (`synthesize_from` of the grid of {size} σ_rel in one pass, each of "
-            f"the {n} snapshots read once): {fmt([r['grid_seconds'] for r in runs], 2)} s."
+    one_pass = [r for r in runs if "grid_seconds" in r]
+    per_width = [r for r in runs if "grid_seconds" not in r]
+    mixed = bool(one_pass and per_width)
+
+    def seeds(group: list[dict]) -> str:
+        return f" (seeds {', '.join(str(r['config']['seed']) for r in group)})" if mixed else ""
+
+    parts = []
+    if one_pass:
+        parts.append(
+            f"`synthesize_from` of the grid of {size} σ_rel in one pass, each of the {n} "
+            f"snapshots read once{seeds(one_pass)}: "
+            f"{fmt([r['grid_seconds'] for r in one_pass], 2)} s"
         )
-    per_sigma = [np.mean(r["synthesis_seconds"]) for r in runs]
-    return (
-        f"- Synthesis (`synthesize_from`, {n} snapshots read one by one): "
-        f"{fmt(per_sigma, 3)} s per σ_rel; the grid of {size}: "
-        f"{fmt([sum(r['synthesis_seconds']) for r in runs], 1)} s."
-    )
+    if per_width:
+        per_sigma = [np.mean(r["synthesis_seconds"]) for r in per_width]
+        parts.append(
+            f"`synthesize_from`, {n} snapshots read one by one, once per σ_rel"
+            f"{seeds(per_width)}: {fmt(per_sigma, 3)} s per σ_rel; the grid of {size}: "
+            f"{fmt([sum(r['synthesis_seconds']) for r in per_width], 1)} s"
+        )
+    return "- Synthesis (" + "; ".join(parts) + ")."
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -94,3 +94,15 @@ def test_the_cost_line_reports_the_grid_in_one_pass_and_reads_older_runs():
     assert "0.60 ± " in line
     older = posthoc_study.synthesis_cost([_run(0, [13.0, 12.5, 12.9], 0.1, {})])
     assert "0.250 ± " in older and "s per σ_rel; the grid of 3: 0.8 ± " in older
+    assert "seeds" not in line + older
+
+
+def test_the_cost_line_names_the_seeds_of_each_kind_when_runs_mix_them():
+    """Runs recorded before the one-pass synthesis (one pass per σ_rel) next to newer ones:
+    each kind's time over its own seeds."""
+    older = _run(0, [13.0, 12.5, 12.9], 0.1, {})
+    newer = {**_run(5, [13.0, 12.5, 12.9], 0.1, {}), "grid_seconds": 0.5}
+    del newer["synthesis_seconds"]
+    line = posthoc_study.synthesis_cost([older, newer])
+    assert "read once (seeds 5): 0.50" in line
+    assert "once per σ_rel (seeds 0): 0.250" in line and "the grid of 3: 0.8" in line
