@@ -37,7 +37,7 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy ema_jax experiments
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # Rebuilt from scratch whenever pyproject.toml or the pin script changes, so that it holds exactly
 # the floors (.ci/floors.py turns each `name>=X` into the constraint `name==X`); the extras
