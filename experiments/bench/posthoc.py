@@ -2,7 +2,7 @@
 
 20 snapshots of two recorded averages (``posthoc.SIGMA_RELS``) of ``n`` fp32 params are
 written once; then, side by side in one run (paired, back to back in each round, the files
-in the page cache for all three): reading every file of the snapshot directory as plain
+in the page cache for all): reading every file of the snapshot directory as plain
 bytes, ``synthesize_from`` of one width, and of K = 4 widths in its one pass. The goals
 judge one width / read (≤ 3) and K widths / one width (≤ 1.6).
 
@@ -51,8 +51,9 @@ def write_snapshots(directory: str, n: int, leaves: int, snapshots: int) -> None
 def bench_posthoc(
     n: int, repeats: int, *, leaves: int = 10, snapshots: int = SNAPSHOTS
 ) -> dict[str, Any]:
-    """Median ms of reading the files, one width and K widths, and the paired ratios
-    one width / read and K widths / one width (with their quartiles)."""
+    """Median ms of reading the files, the restores, one width and K widths, and the paired
+    ratios one width / read, restores / read and K widths / one width (with their
+    quartiles)."""
     from ema_jax import posthoc
     from ema_jax.checkpoint import items
     from ema_jax.posthoc.snapshots import find
