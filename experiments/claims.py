@@ -13,7 +13,9 @@
    ``TrainState``), with one EMA and with the sweep's eight EMAs, in one process,
    alternating epoch by epoch so load changes hit all three alike.
 
-Claims 1–3 read the sweep's per-run files; claim 4 trains for a few epochs itself.
+Claims 1–3 read the sweep's per-run files; claim 4 trains for a few epochs itself. Sections
+5 and 6 pair the other studies' results with the sweep's runs (post-hoc EMA, early stopping;
+BEMA, Switch EMA, BatchNorm statistics: :mod:`experiments.methods_claim`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import cmapss, early_stopping, extras
+from experiments import cmapss, early_stopping, extras, methods_claim
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, MODEL
 from experiments.runs import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, load_runs, summarise
@@ -295,6 +297,20 @@ def parser() -> argparse.ArgumentParser:
         "(default: none)",
     )
     p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="claim 6: directories of runs of the sweep's configuration with --bema or "
+        "--switch-ema (a sweep's --runs or train_rul's --out parents; default: none)",
+    )
+    p.add_argument(
+        "--batch-norm-results",
+        default=None,
+        help="claim 6: batch_norm_study's JSON (e.g. experiments/results/batch_norm.json) "
+        "(default: none)",
+    )
+    p.add_argument(
         "--out",
         default="experiments/results/claims.md",
         help="the report (default: experiments/results/claims.md)",
@@ -304,11 +320,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     extras.require(PROG)
-    args, cfg = FLAGS.parse(parser(), argv)
+    p = parser()
+    args, cfg = FLAGS.parse(p, argv)
 
     every = load_runs(Path(args.runs))
     # runs retrained on all engines (--refit-all) have no validation curves: claims 2-3 need them
     runs = {m: r for m, r in every.items() if not r[0]["config"].get("refit_all")}
+    try:  # read before the timing claim trains, so that a wrong directory fails at once
+        methods = methods_claim.claim_methods(
+            every,
+            [Path(d) for d in args.methods],
+            Path(args.batch_norm_results) if args.batch_norm_results else None,
+        )
+    except ValueError as err:
+        p.error(str(err))
     lines = ["# The seed's claims, measured", ""]
     if every:
         n = {m: len(r) for m, r in every.items()}
@@ -322,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(args.posthoc) if args.posthoc else None,
         Path(args.early_stopping_results) if args.early_stopping_results else None,
     )
+    lines += methods
     text = "\n".join(lines)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
