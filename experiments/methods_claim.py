@@ -1,4 +1,4 @@
-"""Section 6 of :mod:`experiments.claims`: the other averages on the headline configuration.
+"""Section 6 of :mod:`experiments.claims`: BEMA, Switch EMA and BatchNorm statistics.
 
 Each method's deployed weights (test RMSE, rule ``last``) against two references of the same
 seeds, paired by seed: the raw weights and the tracked EMA 0.999 debiased.
@@ -16,21 +16,21 @@ seeds, paired by seed: the raw weights and the tracked EMA 0.999 debiased.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from experiments.config import Config
-from experiments.runs import load_runs
+from experiments.batch_norm_study import VARIANTS as BATCH_NORM_ROWS
+from experiments.config import Config, variant_name
+from experiments.runs import REFIT_SUFFIX, config_differences
 from experiments.stats import differences, fmt
 
-HEADLINE_EMA = "ema0.999-debiased"
+HEADLINE_EMA = variant_name(0.999, True)
 """The tracked EMA every method is compared with (the headline's deployed weights)."""
 
 METHOD_FIELDS = frozenset(
     {
-        "data_dir",
         "seed",
         "ema_decays",
         "ema_debias",
@@ -38,38 +38,54 @@ METHOD_FIELDS = frozenset(
         "bema_start_step",
         "switch_ema",
         "switch_every",
-        "monitors",
         "perturb",
         "perturb_draws",
         "progress",
     }
 )
-"""The :class:`Config` fields a method's runs may set apart from the sweep's: the averages,
-the seed and what is only measured or shown. Every other field is the protocol, and must
+"""The :class:`Config` fields a method's runs may set apart from the sweep's: the averages
+(training does not read BEMA's; Switch EMA's are the method), the seed and what is only
+measured after training or shown. ``data_dir`` may differ as a path to the same real data,
+``monitors`` only when nothing stops early; every other field is the protocol, and must
 match for the pairing to mean anything."""
 
-BATCH_NORM_ROWS = ("raw", "ema + raw statistics", "ema + averaged statistics", "ema + recalibrated")
+
+def _read(path: Path, flag: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {path}: not a readable run file ({err})") from err
 
 
-def load_method_runs(directory: Path) -> list[dict[str, Any]]:
-    """The runs under ``directory``: ``train_rul``'s outputs (``seed<k>/history.json``) and
-    a sweep's runs (``<model>/seed<k>.json``)."""
+def load_method_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{sweep name: [run, ...]}`` of the runs under ``directory``: ``train_rul``'s outputs
+    (``seed<k>/history.json``, named by their config) and a sweep's (``<name>/seed<k>.json``).
+    """
     if not directory.is_dir():
         raise ValueError(f"--methods {directory}: no such directory")
-    files = sorted(directory.glob("seed*/history.json"), key=lambda p: int(p.parent.name[4:]))
-    runs = [json.loads(f.read_text()) for f in files]
-    for results in load_runs(directory).values():
-        runs += results
-    if not runs:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(directory.glob("seed*/history.json")):
+        if re.fullmatch(r"seed\d+", path.parent.name):
+            run = _read(path, "--methods")
+            out.setdefault(sweep_name(run), []).append(run)
+    for path in sorted(directory.glob("*/seed*.json")):  # the order of load_runs
+        if re.fullmatch(r"seed\d+", path.stem):
+            out.setdefault(path.parent.name, []).append(_read(path, "--methods"))
+    if not out:
         raise ValueError(
             f"--methods {directory}: no runs there (expected <model>/seed<k>.json from "
             "experiments.sweep or seed<k>/history.json from experiments.train_rul)"
         )
-    return runs
+    return out
 
 
-def method_label(cfg: Config) -> str:
-    """What the run averaged with, in words."""
+def sweep_name(run: dict[str, Any]) -> str:
+    """The name the sweep stores a run of this configuration under: ``cnn_gru-refit``."""
+    return run["config"]["model"] + (REFIT_SUFFIX if run["config"].get("refit_all") else "")
+
+
+def method_label(cfg: Config) -> str | None:
+    """What the run averaged with, in words; ``None`` for a plain EMA run (a sweep's)."""
     if cfg.bema:
         burn_in = f"θ₀ at step {cfg.bema_start_step}" if cfg.bema_start_step else "no burn-in"
         return f"BEMA (TRL's defaults, {burn_in})"
@@ -77,18 +93,19 @@ def method_label(cfg: Config) -> str:
         every = "every epoch" if cfg.switch_every == 1 else f"every {cfg.switch_every} epochs"
         debiased = " debiased" if cfg.ema_debias[0] else ""
         return f"Switch EMA {every}, its EMA {cfg.ema_decays[0]:g}{debiased}"
-    raise ValueError(
-        f"--methods: a run of seed {cfg.seed} uses neither --bema nor --switch-ema: "
-        "the sweep's own runs belong in --runs"
-    )
+    return None
 
 
 def protocol_differences(method: Config, sweep: Config) -> list[str]:
-    """``"name=... there, ... in the sweep"`` for each protocol field that differs."""
+    """``"name=... there, ... in the sweep"`` for each protocol setting that differs."""
+    ignore = set(METHOD_FIELDS)
+    if (method.data_dir is None) == (sweep.data_dir is None):  # both real data, or both not
+        ignore.add("data_dir")
+    if method.early_stopping is None and sweep.early_stopping is None:
+        ignore.add("monitors")
     return [
-        f"{f.name}={getattr(method, f.name)!r} there, {getattr(sweep, f.name)!r} in the sweep"
-        for f in fields(Config)
-        if f.name not in METHOD_FIELDS and getattr(method, f.name) != getattr(sweep, f.name)
+        f"{name}={a!r} there, {b!r} in the sweep"
+        for name, a, b in config_differences(method, sweep, ignore)
     ]
 
 
@@ -101,41 +118,90 @@ def _row(name: str, test: Sequence[float], raw: Sequence[float], ema: Sequence[f
     )
 
 
+def _references(sweep: dict[str, list[dict[str, Any]]], name: str) -> dict[int, dict[str, Any]]:
+    """The sweep's plain-EMA runs named ``name`` by seed, each checked to hold the headline EMA."""
+    reference = {}
+    for run in sweep.get(name, []):
+        cfg = Config.from_json(run["config"])
+        if method_label(cfg) is not None or HEADLINE_EMA not in cfg.variants:
+            raise ValueError(
+                f"--runs: {name} seed {cfg.seed} is not a sweep run with {HEADLINE_EMA} "
+                f"({method_label(cfg) or cfg.variants}): give --runs the β sweep's runs"
+            )
+        reference[cfg.seed] = run
+    return reference
+
+
 def _method_rows(
-    sweep: dict[str, list[dict[str, Any]]], directory: Path, runs: list[dict[str, Any]]
-) -> list[str]:
-    cfg = Config.from_json(runs[0]["config"])
-    name = f"{cfg.model}-refit" if cfg.refit_all else cfg.model
-    reference = {r["config"]["seed"]: r for r in sweep.get(name, [])}
-    if not reference:
-        raise ValueError(f"--methods {directory}: --runs has no {name} runs to pair with")
-    differ = protocol_differences(cfg, Config.from_json(next(iter(reference.values()))["config"]))
-    if differ:
-        raise ValueError(f"--methods {directory}: not the sweep's protocol: {'; '.join(differ)}")
-    mine = [r for r in runs if r["config"]["seed"] in reference]
-    if not mine:
-        return []
-    averaged = cfg.variants[1]  # the run's average ("bema", or Switch EMA's tracked EMA)
-    last = [reference[r["config"]["seed"]]["test"]["last"] for r in mine]
-    return [
-        _row(
-            f"{name}, {method_label(cfg)}",
-            [r["test"]["last"][averaged]["rmse"] for r in mine],
-            [t["raw"]["rmse"] for t in last],
-            [t[HEADLINE_EMA]["rmse"] for t in last],
-        )
-    ]
+    sweep: dict[str, list[dict[str, Any]]], directory: Path
+) -> tuple[list[str], list[str]]:
+    """Rows of the runs under ``directory``, one per sweep name and method, and notes on the
+    seeds left out (no sweep run of that seed)."""
+    rows, notes = [], []
+    for name, runs in load_method_runs(directory).items():
+        reference = _references(sweep, name)
+        if not reference:
+            raise ValueError(
+                f"--methods {directory}: --runs has no {name} runs to pair with; give --runs "
+                "the sweep's runs of the same configuration"
+            )
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            cfg = Config.from_json(run["config"])
+            label = method_label(cfg)
+            if label is None:
+                raise ValueError(
+                    f"--methods {directory}: {name} seed {cfg.seed} uses neither --bema nor "
+                    "--switch-ema: the sweep's own runs belong in --runs"
+                )
+            if cfg.seed not in reference:
+                notes.append(f"{directory} ({label}): seed {cfg.seed} has no {name} sweep run")
+                continue
+            base = Config.from_json(reference[cfg.seed]["config"])
+            differ = protocol_differences(cfg, base)
+            if differ:
+                raise ValueError(
+                    f"--methods {directory}: {name} seed {cfg.seed} is not the sweep's protocol "
+                    f"({'; '.join(differ)}): pair it with a sweep run of the same settings"
+                )
+            if any(r["config"]["seed"] == cfg.seed for r in groups.get(label, [])):
+                raise ValueError(f"--methods {directory}: {label}, seed {cfg.seed} twice")
+            groups.setdefault(label, []).append(run)
+        if not groups:
+            raise ValueError(
+                f"--methods {directory}: none of its {name} seeds has a sweep run in --runs"
+            )
+        for label, mine in groups.items():
+            averaged = Config.from_json(mine[0]["config"]).variants[1]  # its one average
+            last = [reference[r["config"]["seed"]]["test"]["last"] for r in mine]
+            rows.append(
+                _row(
+                    f"{name}, {label}",
+                    [r["test"]["last"][averaged]["rmse"] for r in mine],
+                    [t["raw"]["rmse"] for t in last],
+                    [t[HEADLINE_EMA]["rmse"] for t in last],
+                )
+            )
+    return rows, notes
 
 
 def _batch_norm_rows(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--batch-norm-results {path}: no such file")
-    stored = json.loads(path.read_text())["runs"]
-    model = stored[0]["config"]["model"] + ("-refit" if stored[0]["config"]["refit_all"] else "")
+    stored = _read(path, "--batch-norm-results").get("runs") or []
+    if not stored:
+        raise ValueError(f"--batch-norm-results {path}: no runs in it")
+    name = sweep_name(stored[0])
     raw = [r["test"]["raw"]["rmse"] for r in stored]
     ema = [r["test"]["ema + averaged statistics"]["rmse"] for r in stored]
+    references = {"raw": " (raw reference)", "ema + averaged statistics": " (EMA reference)"}
     return [
-        _row(f"{model}, {label}", [r["test"][label]["rmse"] for r in stored], raw, ema)
+        _row(
+            f"{name}, {label}{references.get(label, '')}",
+            [r["test"][label]["rmse"] for r in stored],
+            raw,
+            ema,
+        )
         for label in BATCH_NORM_ROWS
     ]
 
@@ -145,17 +211,27 @@ def claim_methods(
 ) -> list[str]:
     """Section 6's lines (none when neither ``methods`` nor ``batch_norm`` is given).
     ``sweep``: :func:`~experiments.runs.load_runs` of ``--runs``; ``methods``: directories
-    of one method's runs each; ``batch_norm``: ``batch_norm_study``'s JSON. A method's seeds
-    with no sweep run are left out (the seeds column counts the pairs)."""
+    of BEMA or Switch EMA runs; ``batch_norm``: ``batch_norm_study``'s JSON. Every method run
+    is checked against the sweep run of its seed; a seed with no sweep run is left out and
+    named under the table (the seeds column counts the pairs).
+
+    Raises:
+      ValueError naming the flag and path: unreadable input, a method run of another
+      protocol or none, a seed twice, no seed to pair, ``--runs`` without the plain sweep
+      runs to pair with.
+    """
     rows: list[str] = []
+    notes: list[str] = []
     for directory in methods:
-        rows += _method_rows(sweep, directory, load_method_runs(directory))
+        more, left_out = _method_rows(sweep, directory)
+        rows += more
+        notes += left_out
     if batch_norm is not None:
         rows += _batch_norm_rows(batch_norm)
     if not rows:
         return []
     return [
-        "## 6. Other averages on the headline configuration (test RMSE, rule `last`)",
+        "## 6. BEMA, Switch EMA and BatchNorm statistics (test RMSE, rule `last`)",
         "",
         "BEMA and Switch EMA against the raw weights and the EMA 0.999 debiased of the same "
         "seeds' sweep runs of the same configuration; the BatchNorm model (`cnn_gru_bn`) "
@@ -166,4 +242,6 @@ def claim_methods(
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *[f"Left out: {note}." for note in notes],
+        *([""] if notes else []),
     ]

@@ -11,7 +11,7 @@ was made with the same configuration (:func:`check_same_config`). JAX-free.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -54,15 +54,23 @@ def stored_config(results: list[dict[str, Any]]) -> Config:
     return Config.from_json(results[0]["config"])
 
 
+def config_differences(
+    a: Config, b: Config, ignore: Collection[str] = ("progress",)
+) -> list[tuple[str, Any, Any]]:
+    """``(field, a's value, b's value)`` for every :class:`Config` field outside ``ignore``
+    in which ``a`` and ``b`` differ."""
+    return [
+        (f.name, getattr(a, f.name), getattr(b, f.name))
+        for f in fields(Config)
+        if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
 def check_same_config(path: Path, cfg: Config) -> None:
     """Exit naming the settings in which the stored run at ``path`` differs from ``cfg``:
     a resumed sweep must not mix runs of different configurations in one table."""
     stored = Config.from_json(json.loads(path.read_text())["config"])
-    differ = [
-        f"{f.name}={getattr(stored, f.name)!r} there, {getattr(cfg, f.name)!r} now"
-        for f in fields(Config)
-        if f.name != "progress" and getattr(stored, f.name) != getattr(cfg, f.name)
-    ]
+    differ = [f"{n}={a!r} there, {b!r} now" for n, a, b in config_differences(stored, cfg)]
     if differ:
         raise SystemExit(
             f"{path} was run with other settings ({', '.join(differ)}); "
@@ -100,6 +108,7 @@ __all__ = [
     "SWEEP_DEBIAS",
     "SWEEP_DECAYS",
     "check_same_config",
+    "config_differences",
     "load_runs",
     "load_seeds",
     "run_path",
