@@ -303,7 +303,12 @@ def parser() -> argparse.ArgumentParser:
         f"<runs>/<model>{REFIT_SUFFIX}/ (default: runs/sweep)",
     )
     p.add_argument("--out", default="experiments/results", help="table and plot directory")
-    p.add_argument("--name", default="sweep", help="basename of the table and plot")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="basename of the table and plot (default: the --runs directory's name, so that "
+        "sweeps into different --runs never overwrite each other's report)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plot")
     return p
 
@@ -324,10 +329,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     typed = list(sys.argv[1:] if argv is None else argv)
     command = " ".join([PROG, *typed])
-    (out / f"{args.name}.md").write_text(markdown(runs, command))
+    name = args.name or runs_dir.resolve().name
+    (out / f"{name}.md").write_text(markdown(runs, command))
     split = {m: r for m, r in runs.items() if not r[0]["config"].get("refit_all")}
-    plot(split or runs, out / f"{args.name}.png")  # refit runs have no validation curves
-    print(f"wrote {out / (args.name + '.md')} and {out / (args.name + '.png')}")
+    plot(split or runs, out / f"{name}.png")  # refit runs have no validation curves
+    print(f"wrote {out / (name + '.md')} and {out / (name + '.png')}")
 
 
 if __name__ == "__main__":

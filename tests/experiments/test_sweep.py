@@ -58,23 +58,28 @@ def test_sweep_cli_runs_resumes_and_keeps_test_figures_off_the_console(
     tiny_data_dir, tmp_path, capsys
 ):
     """``sweep.main`` end to end (one seed, two epochs): the run JSON, table and plot are
-    written; the console names validation RMSE only; a second call trains nothing."""
+    written; the console names validation RMSE only; a second call trains nothing; the
+    report's default name is the runs directory's."""
     data = str(tiny_data_dir)
     argv = ["--data-dir", data, "--models", "dcnn", "--seeds", "1", "--epochs", "2"]
-    argv += ["--batch-size", "32", "--perturb", "--runs", str(tmp_path / "runs")]
+    argv += ["--batch-size", "32", "--perturb", "--runs", str(tmp_path / "tiny_runs")]
     argv += ["--out", str(tmp_path), "--name", "tiny"]
     sweep.main(argv)
     printed = capsys.readouterr().out
     assert re.search(r"dcnn seed 0: val RMSE raw \d+\.\d\d  ema0\.999 \d+\.\d\d", printed)
     progress = [line for line in printed.splitlines() if " seed " in line]
     assert len(progress) == 1 and "test" not in progress[0].lower()
-    stored = json.loads((tmp_path / "runs" / "dcnn" / "seed0.json").read_text())
+    stored = json.loads((tmp_path / "tiny_runs" / "dcnn" / "seed0.json").read_text())
     assert stored["config"]["epochs"] == 2 and set(stored["test"]) == {"last", "best"}
     table = (tmp_path / "tiny.md").read_text()
     assert "## dcnn: 1 seeds, 2 epochs" in table and "## Best configuration" in table
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep.main(argv)  # resumable: the stored run is reused, nothing is trained again
     assert "seed 0:" not in capsys.readouterr().out
+    # without --name the report is named after --runs: another sweep's report is left alone
+    sweep.main([a for a in argv if a not in ("--name", "tiny")] + ["--report-only"])
+    assert (tmp_path / "tiny_runs.md").read_text().startswith("# RUL β sweep")
+    assert not (tmp_path / "sweep.md").exists()
     other = [a if a != "2" else "3" for a in argv]  # --epochs 3 into the same --runs
     with pytest.raises(
         SystemExit, match=r"seed0\.json was run with other settings \(epochs=2 there, 3 now\)"
