@@ -34,7 +34,7 @@ from experiments import cmapss, early_stopping, extras, methods_claim
 from experiments.cli import ConfigFlags
 from experiments.config import COUNT, MODEL
 from experiments.runs import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, load_runs, summarise
-from experiments.stats import differences, fmt, percent_differences, ratios
+from experiments.stats import fmt, ratios
 
 PROG = "python -m experiments.claims"
 
@@ -126,13 +126,14 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _paired_row(name: str, test: Sequence[float], raw: Sequence[float]) -> str:
-    diff = differences(test, raw)
-    pct = percent_differences(test, raw)
-    lower = sum(d < 0 for d in diff)
-    return (
-        f"| {name} | {len(test)} | {fmt(test)} | {fmt(diff)} | {fmt(pct, 1)} % | "
-        f"{lower} of {len(test)} |"
+def _against(name: str, test: Sequence[float], references: Sequence[dict[str, Any]]) -> str:
+    """``test`` paired with the raw weights and the tracked EMA of ``references``, the sweep
+    runs' ``test["last"]`` of the same seeds in the same order."""
+    return methods_claim.paired_row(
+        name,
+        test,
+        [t["raw"]["rmse"] for t in references],
+        [t[methods_claim.HEADLINE_EMA]["rmse"] for t in references],
     )
 
 
@@ -140,51 +141,62 @@ def claim_selection(
     runs: dict[str, list[dict[str, Any]]], posthoc: Path | None, early: Path | None
 ) -> list[str]:
     """Post-hoc EMA (``posthoc_study``'s JSON) and early stopping (``early_stopping``'s
-    JSON) against the raw final weights of the same seeds' split runs. Training never
-    reads the averages, so a run of the same configuration and seed has the same raw
-    trajectory: the pairing is by seed. Rows only for the model those studies ran."""
-    lines = [
-        "## 5. Choosing the average: post-hoc EMA and early stopping (test RMSE, split runs)",
-        "",
-        "Each row against the raw final weights (rule `last`) of the same seeds' sweep runs; "
-        "Δ = row − raw, paired by seed. Post-hoc: σ_rel chosen on validation among 24 "
-        "synthesized; early stopping: Keras's rule, patience 10, on the validation loss of "
-        "the weights named, each stopper's best weights.",
-        "",
-        "| weights | seeds | test RMSE | Δ vs raw | Δ % | lower than raw |",
-        "|---|---|---|---|---|---|",
-    ]
+    JSON) against the raw final weights and the tracked EMA 0.999 debiased of the same
+    seeds' split runs. Training never reads the averages, so a run of the same configuration
+    and seed has the same raw trajectory: the pairing is by seed. Rows only for the model
+    those studies ran."""
     rows: list[str] = []
     for model, results in runs.items():
-        raw = {r["config"]["seed"]: r["test"]["last"]["raw"]["rmse"] for r in results}
-        tracked = {r["config"]["seed"]: r["test"]["last"] for r in results}
+        last = {r["config"]["seed"]: r["test"]["last"] for r in results}
+        studied: list[str] = []
         if posthoc is not None:
             stored = json.loads(posthoc.read_text())["runs"]
-            mine = [
-                r for r in stored if r["config"]["model"] == model and r["config"]["seed"] in raw
-            ]
+            mine = [r for r in stored if r["config"]["model"] == model]
+            mine = [r for r in mine if r["config"]["seed"] in last]
             if mine:
-                seeds = [r["config"]["seed"] for r in mine]
-                base = [raw[s] for s in seeds]
-                rows.append(_paired_row(f"{model}, raw (the reference)", base, base))
-                best = [tracked[s]["ema0.999-debiased"]["rmse"] for s in seeds]
-                rows.append(_paired_row(f"{model}, EMA 0.999 debiased, last", best, base))
-                rows.append(
-                    _paired_row(
+                studied.append(
+                    _against(
                         f"{model}, post-hoc EMA, σ_rel chosen on validation",
                         [r["test_rmse"]["posthoc"] for r in mine],
-                        base,
+                        [last[r["config"]["seed"]] for r in mine],
                     )
                 )
         if early is not None and model == STOPPED_MODEL:
             stored = json.loads(early.read_text())["seeds"]
-            mine = [r for r in stored if r["seed"] in raw]
-            base = [raw[r["seed"]] for r in mine]
+            mine = [r for r in stored if r["seed"] in last]
             for key, label in early_stopping.LABELS.items():
-                rows.append(
-                    _paired_row(f"{model}, {label}", [r[key]["test_rmse"] for r in mine], base)
+                studied.append(
+                    _against(
+                        f"{model}, {label}",
+                        [r[key]["test_rmse"] for r in mine],
+                        [last[r["seed"]] for r in mine],
+                    )
                 )
-    return lines + rows + [""] if rows else []
+        if studied:
+            every = [last[s] for s in sorted(last)]
+            rows += [
+                _against(f"{model}, raw (raw reference)", [t["raw"]["rmse"] for t in every], every),
+                _against(
+                    f"{model}, EMA 0.999 debiased, last (EMA reference)",
+                    [t[methods_claim.HEADLINE_EMA]["rmse"] for t in every],
+                    every,
+                ),
+                *studied,
+            ]
+    if not rows:
+        return []
+    return [
+        "## 5. Choosing the average: post-hoc EMA and early stopping (test RMSE, split runs)",
+        "",
+        "Each row against the raw final weights and the EMA 0.999 debiased (rule `last`) of "
+        "the same seeds' sweep runs; Δ = row − reference, paired by seed. Post-hoc: σ_rel "
+        "chosen on validation among 24 synthesized; early stopping: Keras's rule, patience 10, "
+        "on the validation loss of the weights named, each stopper's best weights.",
+        "",
+        *methods_claim.PAIRED_HEADER,
+        *rows,
+        "",
+    ]
 
 
 def time_epochs(ds: Any, model_name: str, rounds: int, batch_size: int) -> dict[str, list[float]]:

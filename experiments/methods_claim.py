@@ -109,7 +109,16 @@ def protocol_differences(method: Config, sweep: Config) -> list[str]:
     ]
 
 
-def _row(name: str, test: Sequence[float], raw: Sequence[float], ema: Sequence[float]) -> str:
+PAIRED_HEADER = (
+    "| weights | seeds | test RMSE | Δ vs raw | lower than raw | Δ vs EMA | lower than EMA |",
+    "|---|---|---|---|---|---|---|",
+)
+"""The header of :func:`paired_row`'s table (sections 5 and 6)."""
+
+
+def paired_row(name: str, test: Sequence[float], raw: Sequence[float], ema: Sequence[float]) -> str:
+    """A table row: ``test`` against the two references of the same seeds, ``raw`` and the
+    tracked ``ema``: each difference ``test − reference`` and how many seeds it is below."""
     d_raw, d_ema = differences(test, raw), differences(test, ema)
     n = len(test)
     return (
@@ -175,7 +184,7 @@ def _method_rows(
             averaged = Config.from_json(mine[0]["config"]).variants[1]  # its one average
             last = [reference[r["config"]["seed"]]["test"]["last"] for r in mine]
             rows.append(
-                _row(
+                paired_row(
                     f"{name}, {label}",
                     [r["test"]["last"][averaged]["rmse"] for r in mine],
                     [t["raw"]["rmse"] for t in last],
@@ -196,7 +205,7 @@ def _batch_norm_rows(path: Path) -> list[str]:
     ema = [r["test"]["ema + averaged statistics"]["rmse"] for r in stored]
     references = {"raw": " (raw reference)", "ema + averaged statistics": " (EMA reference)"}
     return [
-        _row(
+        paired_row(
             f"{name}, {label}{references.get(label, '')}",
             [r["test"][label]["rmse"] for r in stored],
             raw,
@@ -238,8 +247,7 @@ def claim_methods(
         "against its own runs' raw weights and EMA with averaged statistics. "
         "Δ = row − reference, paired by seed.",
         "",
-        "| weights | seeds | test RMSE | Δ vs raw | lower than raw | Δ vs EMA | lower than EMA |",
-        "|---|---|---|---|---|---|---|",
+        *PAIRED_HEADER,
         *rows,
         "",
         *[f"Left out: {note}." for note in notes],

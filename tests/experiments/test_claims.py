@@ -1,5 +1,5 @@
 """The claims report: RMSE rows for split and refit runs, and the selection rows (post-hoc
-EMA, early stopping) paired by seed with the sweep's raw weights."""
+EMA, early stopping) paired by seed with the sweep's raw weights and tracked EMA."""
 
 import dataclasses
 import json
@@ -54,13 +54,23 @@ def test_selection_rows_pair_each_study_with_the_same_seeds_raw_weights(tmp_path
     ]
     early.write_text(json.dumps({"seeds": seeds}))
     rows = {line.split(" | ")[0][2:]: line for line in claims.claim_selection(runs, posthoc, early)}
+    # against raw 13 + s and the EMA 12.5 + s of the same seed
     assert re.search(
-        r"\| 2 \| 13\.00 ± \S+ \| -1\.00 ± 0\.00 \| .* \| 2 of 2 \|$",
+        r"\| 2 \| 13\.00 ± \S+ \| -1\.00 ± 0\.00 \| 2 of 2 \| -0\.50 ± 0\.00 \| 2 of 2 \|$",
         rows["cnn_gru, post-hoc EMA, σ_rel chosen on validation"],
-    )  # seeds 0 and 2: 12 vs 13, 14 vs 15
-    assert rows["cnn_gru, raw + early stopping"].endswith("| 0 of 3 |")  # +0.5 each
-    assert "| 3 | 13.00 ± " in rows["cnn_gru, EMA + early stopping"]
-    assert "-1.00 ± 0.00" in rows["cnn_gru, EMA + early stopping"]
+    )  # seeds 0 and 2: 12 vs 13 and 12.5, 14 vs 15 and 14.5
+    assert rows["cnn_gru, raw + early stopping"].endswith(
+        "| 0.50 ± 0.00 | 0 of 3 | 1.00 ± 0.00 | 0 of 3 |"
+    )
+    assert rows["cnn_gru, EMA + early stopping"].endswith(
+        "| 3 | 13.00 ± 2.48 | -1.00 ± 0.00 | 3 of 3 | -0.50 ± 0.00 | 3 of 3 |"
+    )
+    assert rows["cnn_gru, raw (raw reference)"].endswith(
+        "| 3 | 14.00 ± 2.48 | 0.00 ± 0.00 | 0 of 3 | 0.50 ± 0.00 | 0 of 3 |"
+    )
+    assert rows["cnn_gru, EMA 0.999 debiased, last (EMA reference)"].endswith(
+        "| -0.50 ± 0.00 | 3 of 3 | 0.00 ± 0.00 | 0 of 3 |"
+    )
     assert claims.claim_selection(runs, None, None) == []
 
 
