@@ -1,7 +1,6 @@
 """BatchNorm statistics for the EMA's weights: recalibrated vs averaged, on FD001.
 
-    python -m experiments.batch_norm_study --data-dir ../shared/data/cmapss --seeds 10 \\
-        --runs runs/batch_norm
+    python -m experiments.batch_norm_study --data-dir ../shared/data/cmapss --runs runs/batch_norm
 
 The chosen configuration of the study (``chosen``: experiments/README.md, "Headline"),
 retrained on all training engines (refit), with ``cnn_gru_bn``: ``cnn_gru`` with a BatchNorm
@@ -15,8 +14,10 @@ read off the same trajectory and their differences are paired by construction:
 * ``ema + recalibrated``: statistics recomputed for the EMA's params over the training
   windows (``ema_jax.batch_stats.recompute_linen_batch_stats``, torch's ``update_bn``).
 
-Runs are stored per seed (``<runs>/seed<k>.json``) and reused; ``--report-only`` writes
-``experiments/results/batch_norm.{md,json}`` from the stored runs.
+``--seeds`` lists the seeds (default ``0 1 … 9``; unlike the sweep's count). Runs are stored
+per seed (``<runs>/seed<k>.json``) and reused; the report,
+``experiments/results/batch_norm.{md,json}``, covers the stored runs of the seeds given, and
+``--report-only`` writes it without training.
 """
 
 from __future__ import annotations
@@ -176,9 +177,17 @@ def markdown(results: Sequence[dict[str, Any]], command: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", default=None, help="C-MAPSS folder (default: synthetic)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="seeds to run")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(range(10)),
+        help="the seeds, a list (default: 0 1 ... 9)",
+    )
     p.add_argument("--epochs", type=int, default=150, help="training epochs (default: 150)")
     p.add_argument("--runs", default="runs/batch_norm", help="where the runs are stored")
     p.add_argument("--report-only", action="store_true", help="only write the report")
