@@ -23,7 +23,7 @@ from typing import Any
 
 from experiments.batch_norm_study import VARIANTS as BATCH_NORM_ROWS
 from experiments.config import Config, variant_name
-from experiments.runs import REFIT_SUFFIX, config_differences
+from experiments.runs import config_differences, run_name
 from experiments.stats import differences, fmt
 
 HEADLINE_EMA = variant_name(0.999, True)
@@ -81,7 +81,7 @@ def load_method_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
 
 def sweep_name(run: dict[str, Any]) -> str:
     """The name the sweep stores a run of this configuration under: ``cnn_gru-refit``."""
-    return run["config"]["model"] + (REFIT_SUFFIX if run["config"].get("refit_all") else "")
+    return run_name(run["config"]["model"], bool(run["config"].get("refit_all")))
 
 
 def method_label(cfg: Config) -> str | None:

@@ -28,9 +28,15 @@ RULES = ("last", "best")
 REFIT_SUFFIX = "-refit"  # runs directory of a model retrained on all training engines
 
 
+def run_name(model: str, refit_all: bool) -> str:
+    """``<model>[-refit]``: the directory the sweep stores a model's runs in, and its report's
+    name for them."""
+    return model + (REFIT_SUFFIX if refit_all else "")
+
+
 def run_path(runs_dir: Path, cfg: Config) -> Path:
     """``<runs>/<model>[-refit]/seed<k>.json``: where the sweep stores the run of ``cfg``."""
-    return runs_dir / (cfg.model + (REFIT_SUFFIX if cfg.refit_all else "")) / f"seed{cfg.seed}.json"
+    return runs_dir / run_name(cfg.model, cfg.refit_all) / f"seed{cfg.seed}.json"
 
 
 def load_runs(runs_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -111,6 +117,7 @@ __all__ = [
     "config_differences",
     "load_runs",
     "load_seeds",
+    "run_name",
     "run_path",
     "stored_config",
     "summarise",

@@ -38,6 +38,7 @@ from experiments.runs import (
     SWEEP_DECAYS,
     check_same_config,
     load_runs,
+    run_name,
     run_path,
     stored_config,
     summarise,
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs_dir = Path(args.runs)
     if not args.report_only:
         train_missing(base, args.models, args.seeds, runs_dir)
-    wanted = {m + (REFIT_SUFFIX if args.refit_all else "") for m in args.models}
+    wanted = {run_name(m, args.refit_all) for m in args.models}
     if args.report_only:
         wanted |= {m + REFIT_SUFFIX for m in args.models}
     runs = {m: r for m, r in load_runs(runs_dir).items() if m in wanted}
