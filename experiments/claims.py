@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments import cmapss, early_stopping, extras, methods_claim
 from experiments.cli import ConfigFlags
-from experiments.config import COUNT, MODEL
+from experiments.config import COUNT, MODEL, Config
 from experiments.runs import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, load_runs, summarise
 from experiments.stats import fmt, ratios
 
@@ -143,16 +143,34 @@ def claim_selection(
     """Post-hoc EMA (``posthoc_study``'s JSON) and early stopping (``early_stopping``'s
     JSON) against the raw final weights and the tracked EMA 0.999 debiased of the same
     seeds' split runs. Training never reads the averages, so a run of the same configuration
-    and seed has the same raw trajectory: the pairing is by seed. Rows only for the model
-    those studies ran."""
+    and seed has the same raw trajectory: the pairing is by seed, each post-hoc run checked to
+    have the sweep run's protocol (:func:`~experiments.methods_claim.protocol_differences`).
+    Rows only for the model those studies ran.
+
+    Raises:
+      ValueError naming the flag: an unreadable file, a post-hoc run of another protocol.
+    """
+    post = methods_claim.read_json(posthoc, "--posthoc")["runs"] if posthoc else None
+    stops = methods_claim.read_json(early, "--early-stopping-results")["seeds"] if early else None
     rows: list[str] = []
     for model, results in runs.items():
-        last = {r["config"]["seed"]: r["test"]["last"] for r in results}
+        by_seed = {r["config"]["seed"]: r for r in results}
+        last = {seed: r["test"]["last"] for seed, r in by_seed.items()}
         studied: list[str] = []
-        if posthoc is not None:
-            stored = json.loads(posthoc.read_text())["runs"]
-            mine = [r for r in stored if r["config"]["model"] == model]
+        if post is not None:
+            mine = [r for r in post if r["config"]["model"] == model]
             mine = [r for r in mine if r["config"]["seed"] in last]
+            for r in mine:
+                sweep_run = by_seed[r["config"]["seed"]]
+                differ = methods_claim.protocol_differences(
+                    Config.from_json(r["config"]), Config.from_json(sweep_run["config"])
+                )
+                if differ:
+                    raise ValueError(
+                        f"--posthoc {posthoc}: {model} seed {r['config']['seed']} is not the "
+                        f"sweep's protocol ({'; '.join(differ)}): give the post-hoc study of "
+                        "the --runs sweep's configuration"
+                    )
             if mine:
                 studied.append(
                     _against(
@@ -161,9 +179,8 @@ def claim_selection(
                         [last[r["config"]["seed"]] for r in mine],
                     )
                 )
-        if early is not None and model == STOPPED_MODEL:
-            stored = json.loads(early.read_text())["seeds"]
-            mine = [r for r in stored if r["seed"] in last]
+        if stops is not None and model == STOPPED_MODEL:
+            mine = [r for r in stops if r["seed"] in last]
             for key, label in early_stopping.LABELS.items():
                 studied.append(
                     _against(
@@ -338,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     every = load_runs(Path(args.runs))
     # runs retrained on all engines (--refit-all) have no validation curves: claims 2-3 need them
     runs = {m: r for m, r in every.items() if not r[0]["config"].get("refit_all")}
-    try:  # read before the timing claim trains, so that a wrong directory fails at once
+    try:  # read before the timing claim trains, so that a wrong input fails at once
+        selection = claim_selection(
+            runs,
+            Path(args.posthoc) if args.posthoc else None,
+            Path(args.early_stopping_results) if args.early_stopping_results else None,
+        )
         methods = methods_claim.claim_methods(
             every,
             [Path(d) for d in args.methods],
@@ -353,13 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines += claim_rmse(every) + claim_noise(runs, args.last_k) + claim_flatness(runs)
     ds = cmapss.load(data_dir=cfg.data_dir, subset=cfg.subset, seed=0, **cfg.preprocessing())
     times = time_epochs(ds, args.timing_model, args.timing_rounds, cfg.batch_size)
-    lines += claim_cost(times, args.timing_model, cfg.batch_size)
-    lines += claim_selection(
-        runs,
-        Path(args.posthoc) if args.posthoc else None,
-        Path(args.early_stopping_results) if args.early_stopping_results else None,
-    )
-    lines += methods
+    lines += claim_cost(times, args.timing_model, cfg.batch_size) + selection + methods
     text = "\n".join(lines)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

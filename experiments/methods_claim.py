@@ -50,11 +50,12 @@ measured after training or shown. ``data_dir`` may differ as a path to the same 
 match for the pairing to mean anything."""
 
 
-def _read(path: Path, flag: str) -> Any:
+def read_json(path: Path, flag: str) -> Any:
+    """The JSON file given as ``flag``; ``ValueError`` naming both if it cannot be read."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {path}: not a readable run file ({err})") from err
+        raise ValueError(f"{flag} {path}: not a readable JSON file ({err})") from err
 
 
 def load_method_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
@@ -66,11 +67,11 @@ def load_method_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(directory.glob("seed*/history.json")):
         if re.fullmatch(r"seed\d+", path.parent.name):
-            run = _read(path, "--methods")
+            run = read_json(path, "--methods")
             out.setdefault(sweep_name(run), []).append(run)
     for path in sorted(directory.glob("*/seed*.json")):  # the order of load_runs
         if re.fullmatch(r"seed\d+", path.stem):
-            out.setdefault(path.parent.name, []).append(_read(path, "--methods"))
+            out.setdefault(path.parent.name, []).append(read_json(path, "--methods"))
     if not out:
         raise ValueError(
             f"--methods {directory}: no runs there (expected <model>/seed<k>.json from "
@@ -197,7 +198,7 @@ def _method_rows(
 def _batch_norm_rows(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--batch-norm-results {path}: no such file")
-    stored = _read(path, "--batch-norm-results").get("runs") or []
+    stored = read_json(path, "--batch-norm-results").get("runs") or []
     if not stored:
         raise ValueError(f"--batch-norm-results {path}: no runs in it")
     name = sweep_name(stored[0])

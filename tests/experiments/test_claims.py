@@ -5,6 +5,8 @@ import dataclasses
 import json
 import re
 
+import pytest
+
 from experiments import claims
 from experiments.config import Config
 from experiments.runs import DECAYS
@@ -79,3 +81,12 @@ def test_early_stopping_rows_only_for_the_model_it_studied(tmp_path):
     early = tmp_path / "early.json"
     early.write_text(json.dumps({"seeds": [{"seed": 0, "val_loss": {"test_rmse": 1.0}}]}))
     assert claims.claim_selection(runs, None, early) == []
+
+
+def test_a_posthoc_run_of_another_protocol_is_refused_naming_the_seed_and_setting(tmp_path):
+    runs = {"cnn_gru": [_run(s, 13.0, 12.5) for s in range(2)]}
+    posthoc = tmp_path / "posthoc.json"
+    stored = [{"config": {"model": "cnn_gru", "seed": 1, "window": 99}, "test_rmse": {}}]
+    posthoc.write_text(json.dumps({"runs": stored}))
+    with pytest.raises(ValueError, match=r"--posthoc .*seed 1 is not .*window=99 there"):
+        claims.claim_selection(runs, posthoc, None)

@@ -139,7 +139,9 @@ def test_what_cannot_be_paired_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(ValueError, match="uses neither --bema nor --switch-ema"):
         methods_claim.claim_methods(_sweep((0,)), [tmp_path / "plain"], None)
     (plain / "seed0.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"plain/cnn_gru-refit/seed0\.json: not a readable run"):
+    with pytest.raises(
+        ValueError, match=r"plain/cnn_gru-refit/seed0\.json: not a readable JSON file"
+    ):
         methods_claim.claim_methods(_sweep((0,)), [tmp_path / "plain"], None)
 
 
@@ -169,6 +171,8 @@ def test_batch_norm_rows_pair_with_the_studys_own_raw_and_averaged_statistics(tm
     [
         ("--methods", "--methods .*missing: no such directory"),
         ("--batch-norm-results", "--batch-norm-results .*missing: no such file"),
+        ("--posthoc", "--posthoc .*missing: not a readable JSON file"),
+        ("--early-stopping-results", "--early-stopping-results .*missing: not a readable JSON"),
     ],
 )
 def test_a_wrong_path_is_a_usage_error_before_the_timing_claim_trains(
