@@ -14,8 +14,9 @@
    alternating epoch by epoch so load changes hit all three alike.
 
 Claims 1–3 read the sweep's per-run files; claim 4 trains for a few epochs itself. Sections
-5 and 6 pair the other studies' results with the sweep's runs (post-hoc EMA, early stopping;
-BEMA, Switch EMA, BatchNorm statistics: :mod:`experiments.methods_claim`).
+5 and 6 pair the other studies' results with the sweep's runs (post-hoc EMA, early stopping:
+:mod:`experiments.selection_claim`; BEMA, Switch EMA, BatchNorm statistics:
+:mod:`experiments.methods_claim`).
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from experiments import cmapss, early_stopping, extras, methods_claim
+from experiments import cmapss, extras, methods_claim, selection_claim
 from experiments.cli import ConfigFlags
-from experiments.config import COUNT, MODEL, Config
+from experiments.config import COUNT, MODEL
 from experiments.runs import DECAYS, RULES, SWEEP_DEBIAS, SWEEP_DECAYS, load_runs, summarise
 from experiments.stats import fmt, ratios
 
 PROG = "python -m experiments.claims"
-
-STOPPED_MODEL = early_stopping.chosen(None, patience=1, epochs=1).model
-"""The one model :mod:`experiments.early_stopping` trains."""
 
 FLAGS = ConfigFlags(("data_dir", "subset", "batch_size", "window", "cycle_feature"))
 """The :class:`~experiments.config.Config` flags of the timing claim's data and batches."""
@@ -124,96 +122,6 @@ def claim_flatness(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 )
     lines.append("")
     return lines
-
-
-def _against(name: str, test: Sequence[float], references: Sequence[dict[str, Any]]) -> str:
-    """``test`` paired with the raw weights and the tracked EMA of ``references``, the sweep
-    runs' ``test["last"]`` of the same seeds in the same order."""
-    return methods_claim.paired_row(
-        name,
-        test,
-        [t["raw"]["rmse"] for t in references],
-        [t[methods_claim.HEADLINE_EMA]["rmse"] for t in references],
-    )
-
-
-def claim_selection(
-    runs: dict[str, list[dict[str, Any]]], posthoc: Path | None, early: Path | None
-) -> list[str]:
-    """Post-hoc EMA (``posthoc_study``'s JSON) and early stopping (``early_stopping``'s
-    JSON) against the raw final weights and the tracked EMA 0.999 debiased of the same
-    seeds' split runs. Training never reads the averages, so a run of the same configuration
-    and seed has the same raw trajectory: the pairing is by seed, each post-hoc run checked to
-    have the sweep run's protocol (:func:`~experiments.methods_claim.protocol_differences`).
-    Rows only for the model those studies ran.
-
-    Raises:
-      ValueError naming the flag: an unreadable file, a post-hoc run of another protocol.
-    """
-    post = methods_claim.read_json(posthoc, "--posthoc")["runs"] if posthoc else None
-    stops = methods_claim.read_json(early, "--early-stopping-results")["seeds"] if early else None
-    rows: list[str] = []
-    for model, results in runs.items():
-        by_seed = {r["config"]["seed"]: r for r in results}
-        last = {seed: r["test"]["last"] for seed, r in by_seed.items()}
-        studied: list[str] = []
-        if post is not None:
-            mine = [r for r in post if r["config"]["model"] == model]
-            mine = [r for r in mine if r["config"]["seed"] in last]
-            for r in mine:
-                sweep_run = by_seed[r["config"]["seed"]]
-                differ = methods_claim.protocol_differences(
-                    Config.from_json(r["config"]), Config.from_json(sweep_run["config"])
-                )
-                if differ:
-                    raise ValueError(
-                        f"--posthoc {posthoc}: {model} seed {r['config']['seed']} is not the "
-                        f"sweep's protocol ({'; '.join(differ)}): give the post-hoc study of "
-                        "the --runs sweep's configuration"
-                    )
-            if mine:
-                studied.append(
-                    _against(
-                        f"{model}, post-hoc EMA, σ_rel chosen on validation",
-                        [r["test_rmse"]["posthoc"] for r in mine],
-                        [last[r["config"]["seed"]] for r in mine],
-                    )
-                )
-        if stops is not None and model == STOPPED_MODEL:
-            mine = [r for r in stops if r["seed"] in last]
-            for key, label in early_stopping.LABELS.items():
-                studied.append(
-                    _against(
-                        f"{model}, {label}",
-                        [r[key]["test_rmse"] for r in mine],
-                        [last[r["seed"]] for r in mine],
-                    )
-                )
-        if studied:
-            every = [last[s] for s in sorted(last)]
-            rows += [
-                _against(f"{model}, raw (raw reference)", [t["raw"]["rmse"] for t in every], every),
-                _against(
-                    f"{model}, EMA 0.999 debiased, last (EMA reference)",
-                    [t[methods_claim.HEADLINE_EMA]["rmse"] for t in every],
-                    every,
-                ),
-                *studied,
-            ]
-    if not rows:
-        return []
-    return [
-        "## 5. Choosing the average: post-hoc EMA and early stopping (test RMSE, split runs)",
-        "",
-        "Each row against the raw final weights and the EMA 0.999 debiased (rule `last`) of "
-        "the same seeds' sweep runs; Δ = row − reference, paired by seed. Post-hoc: σ_rel "
-        "chosen on validation among 24 synthesized; early stopping: Keras's rule, patience 10, "
-        "on the validation loss of the weights named, each stopper's best weights.",
-        "",
-        *methods_claim.PAIRED_HEADER,
-        *rows,
-        "",
-    ]
 
 
 def time_epochs(ds: Any, model_name: str, rounds: int, batch_size: int) -> dict[str, list[float]]:
@@ -356,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # runs retrained on all engines (--refit-all) have no validation curves: claims 2-3 need them
     runs = {m: r for m, r in every.items() if not r[0]["config"].get("refit_all")}
     try:  # read before the timing claim trains, so that a wrong input fails at once
-        selection = claim_selection(
+        selection = selection_claim.claim_selection(
             runs,
             Path(args.posthoc) if args.posthoc else None,
             Path(args.early_stopping_results) if args.early_stopping_results else None,

@@ -82,11 +82,16 @@ def train_missing(base: Config, seeds: int, runs: Path) -> None:
 
 
 def per_seed(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per seed: per monitor the test RMSE, PHM08, validation RMSE, best epoch and
-    epochs trained (the stopped epoch; the run's length if it never stopped)."""
+    """One row per seed: its run's configuration and, per monitor, the test RMSE, PHM08,
+    validation RMSE, best epoch and epochs trained (the stopped epoch; the run's length if it
+    never stopped)."""
     rows = []
     for r in results:
-        row: dict[str, Any] = {"seed": r["config"]["seed"], "epochs_run": len(r["rows"])}
+        row: dict[str, Any] = {
+            "seed": r["config"]["seed"],
+            "config": r["config"],
+            "epochs_run": len(r["rows"]),
+        }
         for m in MONITORS:
             stop, test = r["early_stopping"][m], r["test"]["early"][m]
             row[m] = {

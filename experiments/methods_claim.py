@@ -1,4 +1,5 @@
-"""Section 6 of :mod:`experiments.claims`: BEMA, Switch EMA and BatchNorm statistics.
+"""Section 6 of :mod:`experiments.claims`: BEMA, Switch EMA and BatchNorm statistics, and the
+pairing it shares with section 5 (:mod:`experiments.selection_claim`).
 
 Each method's deployed weights (test RMSE, rule ``last``) against two references of the same
 seeds, paired by seed: the raw weights and the tracked EMA 0.999 debiased.
@@ -110,6 +111,17 @@ def protocol_differences(method: Config, sweep: Config) -> list[str]:
     ]
 
 
+def check_protocol(flag: str, source: Path, name: str, method: Config, sweep: Config) -> None:
+    """Refuse, naming ``flag``, ``source`` and the settings, a run of ``name`` that is not
+    the protocol of the sweep run of its seed (:func:`protocol_differences`)."""
+    differ = protocol_differences(method, sweep)
+    if differ:
+        raise ValueError(
+            f"{flag} {source}: {name} seed {method.seed} is not the sweep's protocol "
+            f"({'; '.join(differ)}): pair it with --runs of the same settings"
+        )
+
+
 PAIRED_HEADER = (
     "| weights | seeds | test RMSE | Δ vs raw | lower than raw | Δ vs EMA | lower than EMA |",
     "|---|---|---|---|---|---|---|",
@@ -125,6 +137,15 @@ def paired_row(name: str, test: Sequence[float], raw: Sequence[float], ema: Sequ
     return (
         f"| {name} | {n} | {fmt(test)} | {fmt(d_raw)} | {sum(d < 0 for d in d_raw)} of {n} | "
         f"{fmt(d_ema)} | {sum(d < 0 for d in d_ema)} of {n} |"
+    )
+
+
+def against_sweep(name: str, test: Sequence[float], sweep: Sequence[dict[str, Any]]) -> str:
+    """:func:`paired_row` of ``test`` against ``sweep``, the sweep runs of the same seeds in
+    the same order: their raw weights and :data:`HEADLINE_EMA` (rule ``last``)."""
+    last = [run["test"]["last"] for run in sweep]
+    return paired_row(
+        name, test, [t["raw"]["rmse"] for t in last], [t[HEADLINE_EMA]["rmse"] for t in last]
     )
 
 
@@ -168,12 +189,7 @@ def _method_rows(
                 notes.append(f"{directory} ({label}): seed {cfg.seed} has no {name} sweep run")
                 continue
             base = Config.from_json(reference[cfg.seed]["config"])
-            differ = protocol_differences(cfg, base)
-            if differ:
-                raise ValueError(
-                    f"--methods {directory}: {name} seed {cfg.seed} is not the sweep's protocol "
-                    f"({'; '.join(differ)}): pair it with a sweep run of the same settings"
-                )
+            check_protocol("--methods", directory, name, cfg, base)
             if any(r["config"]["seed"] == cfg.seed for r in groups.get(label, [])):
                 raise ValueError(f"--methods {directory}: {label}, seed {cfg.seed} twice")
             groups.setdefault(label, []).append(run)
@@ -183,13 +199,11 @@ def _method_rows(
             )
         for label, mine in groups.items():
             averaged = Config.from_json(mine[0]["config"]).variants[1]  # its one average
-            last = [reference[r["config"]["seed"]]["test"]["last"] for r in mine]
             rows.append(
-                paired_row(
+                against_sweep(
                     f"{name}, {label}",
                     [r["test"]["last"][averaged]["rmse"] for r in mine],
-                    [t["raw"]["rmse"] for t in last],
-                    [t[HEADLINE_EMA]["rmse"] for t in last],
+                    [reference[r["config"]["seed"]] for r in mine],
                 )
             )
     return rows, notes

@@ -143,13 +143,13 @@ def markdown(runs: dict[str, list[dict[str, Any]]], command: str) -> str:
             ]
         lines.append("")
     for model, (val, variant) in best_last.items():
-        refit = runs.get(model + REFIT_SUFFIX)
+        refit = runs.get(run_name(model, True))
         if not refit:
             continue
         row = {r["variant"]: r for r in summarise(refit, "last")}[variant]
         epochs = refit[0]["config"]["epochs"]
         lines += [
-            f"## `{model}` retrained on all training engines ({model}{REFIT_SUFFIX})",
+            f"## `{model}` retrained on all training engines ({run_name(model, True)})",
             "",
             f"The variant with the lowest mean validation RMSE under rule `last` "
             f"(`{variant}`, {val:.2f}), retrained with the same configuration for {epochs} "
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_missing(base, args.models, args.seeds, runs_dir)
     wanted = {run_name(m, args.refit_all) for m in args.models}
     if args.report_only:
-        wanted |= {m + REFIT_SUFFIX for m in args.models}
+        wanted |= {run_name(m, True) for m in args.models}
     runs = {m: r for m, r in load_runs(runs_dir).items() if m in wanted}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

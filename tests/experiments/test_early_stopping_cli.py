@@ -53,14 +53,16 @@ def _fake_run(seed, raw_rmse, ema_rmse, raw_stop, ema_stop):
 
 
 def test_the_study_report_pairs_the_stoppers_by_seed():
-    """experiments.early_stopping: per seed, each stopper's test RMSE and epochs trained (the
-    stopped epoch, or the cap); the paired EMA − raw difference; a partial run says so."""
+    """experiments.early_stopping: per seed, its run's configuration, each stopper's test RMSE
+    and epochs trained (the stopped epoch, or the cap); the paired EMA − raw difference; a
+    partial run says so."""
     from experiments import early_stopping as study
 
     runs = [_fake_run(0, 13.0, 12.5, 80, None), _fake_run(1, 12.0, 11.9, 70, 120)]
     rows = study.per_seed(runs)
     assert [r["val_loss_ema[0]"]["epochs_trained"] for r in rows] == [150, 120]
     assert [r["val_loss"]["epochs_trained"] for r in rows] == [80, 70]
+    assert [r["config"] for r in rows] == [{"seed": 0}, {"seed": 1}]  # each run's own, for claims
     cfg = study.chosen(None, 10, 150)
     assert cfg.monitors == study.MONITORS and cfg.early_stopping == 10
     text = study.markdown(rows, cfg, "CMD", requested=10)
