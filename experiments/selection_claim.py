@@ -95,6 +95,16 @@ def claim_selection(
                 )
             )
             paired_any["--posthoc"] = True
+            own = [mine[s]["test_rmse"].get("raw") for s in seeds]
+            if None not in own:  # the premise of the pairing: the same raw trajectory
+                gap = max(
+                    abs(o - by_seed[s]["test"]["last"]["raw"]["rmse"])
+                    for o, s in zip(own, seeds, strict=True)
+                )
+                notes.append(
+                    f"The post-hoc runs' own raw weights are within {gap:.3f} test RMSE of "
+                    f"their {name} sweep runs' (the same raw trajectory, seed by seed)."
+                )
         if early and model == STOPPED_MODEL:
             by_stop = {r["seed"]: r for r in stops}
             seeds = _paired_seeds(flag_es, early, name, list(by_stop), by_seed, notes)

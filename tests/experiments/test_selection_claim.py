@@ -28,7 +28,10 @@ def _sweep(seeds=range(3)) -> dict:
 
 def _posthoc(path, seeds, **config) -> None:
     runs = [
-        {"config": {"model": "cnn_gru", "seed": s, **config}, "test_rmse": {"posthoc": 12.0 + s}}
+        {
+            "config": {"model": "cnn_gru", "seed": s, **config},
+            "test_rmse": {"posthoc": 12.0 + s, "raw": 13.0 + s + 0.001 * s},  # the sweep's + 0.001s
+        }
         for s in seeds
     ]
     path.write_text(json.dumps({"runs": runs}))
@@ -82,6 +85,7 @@ def test_each_study_pairs_with_the_raw_and_ema_of_its_own_seeds(tmp_path):
     assert not any(name.startswith("dcnn") for name in rows)  # no study ran it
     assert any("Left out: " in line and "seed 7 has no cnn_gru sweep run" in line for line in lines)
     assert any("Not checked: " in line and "early.json" in line for line in lines)
+    assert "raw weights are within 0.002 test RMSE of their cnn_gru sweep runs'" in "\n".join(lines)
 
 
 def test_no_study_no_section():
