@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import extras
+from experiments.cli import ConfigFlags
 from experiments.config import Config
 from experiments.early_stopping import chosen
 from experiments.stats import differences, fmt, mean_ci, percent_differences
@@ -38,6 +39,8 @@ from experiments.stats import differences, fmt, mean_ci, percent_differences
 VARIANTS = ("raw", "ema + raw statistics", "ema + averaged statistics", "ema + recalibrated")
 RESULTS = Path(__file__).parent / "results"
 PROG = "python -m experiments.batch_norm_study"
+FLAGS = ConfigFlags(("data_dir",))
+"""The one :class:`~experiments.config.Config` flag the study takes; it sets the others."""
 
 
 def config(data_dir: str | None, epochs: int, seed: int) -> Config:
@@ -180,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="C-MAPSS folder (default: synthetic)")
+    FLAGS.add_to(p)
     p.add_argument(
         "--seeds",
         type=int,
@@ -197,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     extras.require(PROG)
-    args = parser().parse_args(argv)
+    args, given = FLAGS.parse(parser(), argv)  # a bad --data-dir: one line, exit 2
     runs = Path(args.runs)
     results = []
     for seed in args.seeds:
@@ -213,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not results:
         raise SystemExit(f"no runs in {runs}")
     command = (
-        f"python -m experiments.batch_norm_study --data-dir {args.data_dir} --seeds "
-        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --runs {args.runs}"
+        f"{' '.join([PROG, *FLAGS.argv(given)])} --seeds {' '.join(map(str, args.seeds))} "
+        f"--epochs {args.epochs} --runs {args.runs}"
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(markdown(results, command))

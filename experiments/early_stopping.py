@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import extras
+from experiments.cli import ConfigFlags
 from experiments.config import Config
 from experiments.runs import check_same_config, load_seeds
 from experiments.stats import differences, fmt, mean_ci, percent_differences
@@ -32,6 +33,8 @@ MONITORS = ("val_loss", "val_loss_ema[0]")
 LABELS = {"val_loss": "raw + early stopping", "val_loss_ema[0]": "EMA + early stopping"}
 RESULTS = Path(__file__).parent / "results"
 PROG = "python -m experiments.early_stopping"
+FLAGS = ConfigFlags(("data_dir",))
+"""The one :class:`~experiments.config.Config` flag the study takes; it sets the others."""
 
 
 def chosen(data_dir: str | None, patience: int, epochs: int) -> Config:
@@ -173,8 +176,10 @@ def markdown(rows: Sequence[dict[str, Any]], cfg: Config, command: str, requeste
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--data-dir", default=None, help="C-MAPSS folder (default: synthetic)")
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    FLAGS.add_to(p)
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..SEEDS-1 (default: 10)")
     p.add_argument("--patience", type=int, default=10, help="EarlyStopping patience (default: 10)")
     p.add_argument("--epochs", type=int, default=150, help="at most this many (default: 150)")
@@ -186,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     extras.require(PROG)
-    args = parser().parse_args(argv)
+    args, given = FLAGS.parse(parser(), argv)  # a bad --data-dir: one line, exit 2
     cfg = chosen(args.data_dir, args.patience, args.epochs)
     runs = Path(args.runs)
     if not args.report_only:
@@ -196,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"no runs in {runs}")
     rows = per_seed(results)
     command = (
-        f"python -m experiments.early_stopping --data-dir {args.data_dir} --seeds {args.seeds} "
-        f"--patience {args.patience} --epochs {args.epochs} --runs {args.runs}"
+        f"{' '.join([PROG, *FLAGS.argv(given)])} --seeds {args.seeds} --patience "
+        f"{args.patience} --epochs {args.epochs} --runs {args.runs}"
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(markdown(rows, cfg, command, args.seeds))

@@ -1,5 +1,9 @@
 """experiments.batch_norm_study: the configuration it trains and its report's pairing."""
 
+import json
+
+import pytest
+
 from experiments import batch_norm_study as study
 
 
@@ -24,3 +28,25 @@ def test_the_report_pairs_the_variants_by_seed():
     # recalibrated - averaged: (-0.5, -0.2): mean -0.35 ± 12.706 * 0.15 = 1.91
     assert "**Recalibrated − averaged statistics, paired**: -0.35 ± 1.91" in text
     assert "| 1 | 12.00 | 13.00 | 11.90 | 11.70 | 1 |" in text
+
+
+def test_the_report_covers_the_seeds_given_and_names_its_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    for seed in (0, 1, 2):
+        run = _run(seed, (13.0, 14.0, 12.5, 12.0 + seed))
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(run))
+    study.main(["--seeds", "2", "0", "--runs", str(tmp_path), "--report-only"])
+    stored = json.loads((tmp_path / "results" / "batch_norm.json").read_text())
+    assert [r["config"]["seed"] for r in stored["runs"]] == [2, 0]
+    # synthetic data: no --data-dir in the command (was "--data-dir None", the string)
+    assert stored["command"] == (
+        f"python -m experiments.batch_norm_study --seeds 2 0 --epochs 150 --runs {tmp_path}"
+    )
+
+
+def test_a_bad_data_dir_is_a_usage_error_before_anything_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run", lambda cfg: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--data-dir", str(tmp_path / "missing"), "--runs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "batch_norm_study: error: argument --data-dir: C-MAPSS file" in capsys.readouterr().err

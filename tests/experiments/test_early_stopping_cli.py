@@ -1,6 +1,8 @@
 """``train_rul --early-stopping PATIENCE --monitor ...``: the flags (the run itself is
 ``test_train_rul.py``'s ``cli_run``, which sets them)."""
 
+import json
+
 import pytest
 
 from experiments import train_rul
@@ -71,3 +73,31 @@ def test_the_study_report_pairs_the_stoppers_by_seed():
     assert (
         "Partial: 2 of the 10 requested seeds" in text and "without stopping: raw 0, EMA 1" in text
     )
+
+
+def test_the_study_command_stores_its_runs_configs_and_a_command_without_a_fake_data_dir(
+    tmp_path, monkeypatch
+):
+    from experiments import early_stopping as study
+
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    for seed in (0, 1):
+        run = _fake_run(seed, 13.0, 12.5, 80, None)
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(run))
+    study.main(["--seeds", "2", "--runs", str(tmp_path), "--report-only"])
+    stored = json.loads((tmp_path / "results" / "early_stopping.json").read_text())
+    assert [r["config"] for r in stored["seeds"]] == [{"seed": 0}, {"seed": 1}]
+    assert stored["command"] == (
+        f"python -m experiments.early_stopping --seeds 2 --patience 10 --epochs 150 "
+        f"--runs {tmp_path}"
+    )
+
+
+def test_the_study_refuses_a_bad_data_dir_before_anything_trains(tmp_path, monkeypatch, capsys):
+    from experiments import early_stopping as study
+
+    monkeypatch.setattr(study, "train_missing", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--data-dir", str(tmp_path / "missing"), "--runs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "early_stopping: error: argument --data-dir: C-MAPSS file" in capsys.readouterr().err
