@@ -54,6 +54,16 @@ def _paired_seeds(
     return kept
 
 
+def _check_protocols(
+    flag: str, path: Path, name: str, stored: dict[int, Any], sweep: dict[int, Any]
+) -> None:
+    """:func:`check_protocol` of each seed's ``stored`` config against its sweep run's,
+    without early stopping (the stoppers only cut a run short)."""
+    for seed, config in stored.items():
+        method = replace(Config.from_json(config), early_stopping=None)
+        check_protocol(flag, path, name, method, Config.from_json(sweep[seed]["config"]))
+
+
 def claim_selection(
     runs: dict[str, list[dict[str, Any]]], posthoc: Path | None, early: Path | None
 ) -> list[str]:
@@ -82,11 +92,9 @@ def claim_selection(
         mine = {r["config"]["seed"]: r for r in post if r["config"]["model"] == model}
         if posthoc and mine:
             seeds = _paired_seeds("--posthoc", posthoc, name, list(mine), by_seed, notes)
-            for s in seeds:
-                base = Config.from_json(by_seed[s]["config"])
-                check_protocol(
-                    "--posthoc", posthoc, name, Config.from_json(mine[s]["config"]), base
-                )
+            _check_protocols(
+                "--posthoc", posthoc, name, {s: mine[s]["config"] for s in seeds}, by_seed
+            )
             studied.append(
                 against_sweep(
                     f"{name}, post-hoc EMA, σ_rel chosen on validation",
@@ -108,13 +116,8 @@ def claim_selection(
         if early and model == STOPPED_MODEL:
             by_stop = {r["seed"]: r for r in stops}
             seeds = _paired_seeds(flag_es, early, name, list(by_stop), by_seed, notes)
-            for s in seeds:
-                if "config" in by_stop[s]:  # written since early_stopping stores it
-                    stopped = Config.from_json(by_stop[s]["config"])
-                    method = replace(stopped, early_stopping=None)  # stoppers only cut it short
-                    check_protocol(
-                        flag_es, early, name, method, Config.from_json(by_seed[s]["config"])
-                    )
+            stored = {s: by_stop[s]["config"] for s in seeds if "config" in by_stop[s]}
+            _check_protocols(flag_es, early, name, stored, by_seed)  # files since it stores them
             for key, label in early_stopping.LABELS.items():
                 studied.append(
                     against_sweep(
